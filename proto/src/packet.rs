@@ -1,0 +1,240 @@
+//! Bounds-checked access to packet bytes in a mapped pool.
+//!
+//! The pool is shared with other processes and with guests, which may write
+//! any buffer at any time. So nothing here hands out `&[u8]` into the pool:
+//! bytes move with raw-pointer copies and volatile scalar accesses, and every
+//! offset is checked against the buffer's capacity first.
+
+use crate::buffer::{BufferHandle, HEADROOM};
+use crate::layout::PoolLayout;
+use std::marker::PhantomData;
+use std::ptr;
+
+/// A mapped pool: base address plus validated geometry.
+#[derive(Clone, Copy, Debug)]
+pub struct PoolView {
+    base: *mut u8,
+    layout: PoolLayout,
+}
+
+// SAFETY: PoolView is an address plus geometry; all access through it is by
+// raw pointer within the mapping, which is valid from any thread.
+unsafe impl Send for PoolView {}
+// SAFETY: as above; shared access performs no unsynchronised Rust-level mutation.
+unsafe impl Sync for PoolView {}
+
+impl PoolView {
+    /// # Safety
+    /// `base` must point to a mapping of at least `layout.pool_size` bytes
+    /// that stays mapped for as long as this view or a copy of it is used.
+    pub unsafe fn new(base: *mut u8, layout: PoolLayout) -> Self {
+        PoolView { base, layout }
+    }
+
+    pub fn layout(&self) -> &PoolLayout {
+        &self.layout
+    }
+
+    pub fn base(&self) -> *mut u8 {
+        self.base
+    }
+
+    #[inline(always)]
+    fn packet_ptr(&self, h: &BufferHandle) -> *mut u8 {
+        let off = self
+            .layout
+            .packet_offset(h.index())
+            .unwrap_or_else(|| panic!("buffer {} does not belong to this pool", h.index()));
+        // SAFETY: packet_offset returned Some, so the offset lies inside the
+        // mapping of pool_size bytes that `new`'s contract guarantees.
+        unsafe { self.base.add(off as usize) }
+    }
+
+    /// Read access to the packet a handle holds. Panics if the handle belongs
+    /// to a different pool (a programming error, like an out-of-range index).
+    #[inline(always)]
+    pub fn packet<'a>(&self, h: &'a BufferHandle) -> PacketRef<'a> {
+        let len = h.len().min(self.layout.max_packet()) as usize;
+        PacketRef { ptr: self.packet_ptr(h), len, _h: PhantomData }
+    }
+
+    /// Write access to the buffer a handle holds.
+    #[inline(always)]
+    pub fn packet_mut<'a>(&self, h: &'a mut BufferHandle) -> PacketMut<'a> {
+        let ptr = self.packet_ptr(h);
+        PacketMut { ptr, cap: self.layout.max_packet() as usize, handle: h }
+    }
+}
+
+/// The bytes of a received packet.
+pub struct PacketRef<'a> {
+    ptr: *const u8,
+    len: usize,
+    _h: PhantomData<&'a BufferHandle>,
+}
+
+impl PacketRef<'_> {
+    #[inline(always)]
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    #[inline(always)]
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Copies packet bytes from `offset` into `out`; returns how many were copied.
+    #[inline]
+    pub fn read_at(&self, offset: usize, out: &mut [u8]) -> usize {
+        let n = self.len.saturating_sub(offset).min(out.len());
+        if n > 0 {
+            // SAFETY: offset + n <= len <= buffer capacity, so the source is
+            // inside this buffer; `out` is a distinct local slice of >= n bytes.
+            unsafe { ptr::copy_nonoverlapping(self.ptr.add(offset), out.as_mut_ptr(), n) };
+        }
+        n
+    }
+
+    /// The little-endian u64 at `offset`, if the packet is long enough.
+    #[inline(always)]
+    pub fn read_u64_le(&self, offset: usize) -> Option<u64> {
+        (offset.checked_add(8)? <= self.len).then(|| {
+            // SAFETY: offset + 8 <= len, inside the buffer; unaligned volatile
+            // read because another process may write the buffer concurrently.
+            u64::from_le_bytes(unsafe { ptr::read_volatile(self.ptr.add(offset).cast::<[u8; 8]>()) })
+        })
+    }
+
+    /// The little-endian u32 at `offset`, if the packet is long enough.
+    #[inline(always)]
+    pub fn read_u32_le(&self, offset: usize) -> Option<u32> {
+        (offset.checked_add(4)? <= self.len).then(|| {
+            // SAFETY: offset + 4 <= len, inside the buffer.
+            u32::from_le_bytes(unsafe { ptr::read_volatile(self.ptr.add(offset).cast::<[u8; 4]>()) })
+        })
+    }
+
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut v = vec![0; self.len];
+        self.read_at(0, &mut v);
+        v
+    }
+}
+
+/// Error from [`PacketMut`] when a write or length exceeds the buffer.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{wanted} bytes do not fit in a buffer of {capacity} bytes")]
+pub struct CapacityError {
+    pub wanted: usize,
+    pub capacity: usize,
+}
+
+/// The writable buffer behind a handle the caller owns.
+pub struct PacketMut<'a> {
+    ptr: *mut u8,
+    cap: usize,
+    handle: &'a mut BufferHandle,
+}
+
+impl PacketMut<'_> {
+    /// Bytes a packet in this buffer may have.
+    #[inline(always)]
+    pub fn capacity(&self) -> usize {
+        self.cap
+    }
+
+    #[inline(always)]
+    pub fn set_len(&mut self, len: usize) -> Result<(), CapacityError> {
+        if len > self.cap {
+            return Err(CapacityError { wanted: len, capacity: self.cap });
+        }
+        self.handle.set_len_checked(len as u32);
+        Ok(())
+    }
+
+    #[inline(always)]
+    pub fn write_at(&mut self, offset: usize, bytes: &[u8]) -> Result<(), CapacityError> {
+        let end = offset.saturating_add(bytes.len());
+        if end > self.cap {
+            return Err(CapacityError { wanted: end, capacity: self.cap });
+        }
+        // SAFETY: offset + len <= capacity, so the destination lies in this
+        // buffer, which the caller owns through the handle; `bytes` is local.
+        unsafe { ptr::copy_nonoverlapping(bytes.as_ptr(), self.ptr.add(offset), bytes.len()) };
+        Ok(())
+    }
+
+    #[inline(always)]
+    pub fn write_u64_le(&mut self, offset: usize, v: u64) -> Result<(), CapacityError> {
+        self.write_at(offset, &v.to_le_bytes())
+    }
+
+    #[inline(always)]
+    pub fn write_u32_le(&mut self, offset: usize, v: u32) -> Result<(), CapacityError> {
+        self.write_at(offset, &v.to_le_bytes())
+    }
+
+    /// The u64 at `offset` of the buffer (not bounded by the packet length).
+    #[inline(always)]
+    pub fn read_u64_le(&self, offset: usize) -> Option<u64> {
+        (offset.checked_add(8)? <= self.cap).then(|| {
+            // SAFETY: offset + 8 <= capacity, inside the buffer.
+            u64::from_le_bytes(unsafe { ptr::read_volatile(self.ptr.add(offset).cast::<[u8; 8]>()) })
+        })
+    }
+
+    /// Writes `bytes` as the whole packet.
+    pub fn fill(&mut self, bytes: &[u8]) -> Result<(), CapacityError> {
+        self.write_at(0, bytes)?;
+        self.set_len(bytes.len())
+    }
+}
+
+/// Where packet data starts relative to the buffer, for transports.
+pub const PACKET_HEADROOM: u32 = HEADROOM;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::buffer::BufferIndex;
+
+    fn with_pool(f: impl FnOnce(PoolView)) {
+        let layout = PoolLayout::new(1, 256, 4).unwrap();
+        let mut mem = vec![0u8; layout.pool_size as usize];
+        // SAFETY: `mem` holds pool_size bytes and outlives the view.
+        let view = unsafe { PoolView::new(mem.as_mut_ptr(), layout) };
+        f(view);
+        drop(mem);
+    }
+
+    #[test]
+    fn writes_and_reads_stay_inside_the_buffer() {
+        with_pool(|pool| {
+            let mut h = BufferHandle::from_raw(BufferIndex::new(3), 0);
+            let mut p = pool.packet_mut(&mut h);
+            assert_eq!(p.capacity(), 192);
+            p.fill(&[7u8; 100]).unwrap();
+            p.write_u64_le(8, 0x1122334455667788).unwrap();
+            assert_eq!(p.write_at(190, &[0; 3]), Err(CapacityError { wanted: 193, capacity: 192 }));
+            assert_eq!(p.set_len(193), Err(CapacityError { wanted: 193, capacity: 192 }));
+            assert_eq!(h.len(), 100);
+            let r = pool.packet(&h);
+            assert_eq!(r.read_u64_le(8), Some(0x1122334455667788));
+            assert_eq!(r.read_u64_le(93), None);
+            assert_eq!(r.read_u64_le(usize::MAX), None);
+            let mut out = [0u8; 16];
+            assert_eq!(r.read_at(96, &mut out), 4);
+            assert_eq!(r.to_vec().len(), 100);
+        });
+    }
+
+    #[test]
+    #[should_panic(expected = "does not belong to this pool")]
+    fn foreign_handle_is_caught() {
+        with_pool(|pool| {
+            let h = BufferHandle::from_raw(BufferIndex::new(4), 0);
+            let _ = pool.packet(&h);
+        });
+    }
+}
