@@ -1,1 +1,15 @@
-//! zc-host
+//! zc-host: the host side of zc.
+//!
+//! The pool (`pool`), the shared queues (`ring`, `queues`), the control
+//! protocol between zc-hostd and the processes that attach (`control`), the
+//! daemon itself (`daemon`) and the client end a host application uses
+//! (`client`).
+
+pub mod client;
+pub mod control;
+pub mod daemon;
+pub mod futex;
+pub mod pool;
+pub mod queues;
+pub mod ring;
+pub mod shm;

@@ -18,7 +18,7 @@ pub const MIN_BUF_SIZE: u32 = 256;
 pub const MAX_BUF_SIZE: u32 = 65536 + HEADROOM;
 
 const _: () = assert!(HEADROOM >= VIRTIO_NET_HDR_LEN);
-const _: () = assert!(HEADROOM % 64 == 0);
+const _: () = assert!(HEADROOM.is_multiple_of(64));
 
 /// The index of a buffer in its pool. Only meaningful together with the pool
 /// it came from; transports check it against the pool's buffer count before

@@ -126,24 +126,37 @@ impl PoolLayout {
         if !(MIN_BUF_SIZE..=MAX_BUF_SIZE).contains(&buf_size) {
             return Err(LayoutError::BufSize(buf_size));
         }
-        if buf_size % 64 != 0 {
+        if !buf_size.is_multiple_of(64) {
             return Err(LayoutError::BufAlign(buf_size));
         }
         if buf_count == 0 {
             return Err(LayoutError::NoBuffers);
         }
-        let too_large = LayoutError::TooLarge { count: buf_count, size: buf_size };
+        let too_large = LayoutError::TooLarge {
+            count: buf_count,
+            size: buf_size,
+        };
         let data = u64::from(buf_count) * u64::from(buf_size);
         let used = BUFFERS_OFFSET.checked_add(data).ok_or(too_large)?;
         // ivshmem exposes the pool as a PCI BAR, and BARs are powers of two.
-        let pool_size = used.checked_next_power_of_two().ok_or(LayoutError::TooLarge {
-            count: buf_count,
-            size: buf_size,
-        })?;
+        let pool_size = used
+            .checked_next_power_of_two()
+            .ok_or(LayoutError::TooLarge {
+                count: buf_count,
+                size: buf_size,
+            })?;
         if pool_size > 1 << 40 {
-            return Err(LayoutError::TooLarge { count: buf_count, size: buf_size });
+            return Err(LayoutError::TooLarge {
+                count: buf_count,
+                size: buf_size,
+            });
         }
-        Ok(PoolLayout { cluster_id, buf_size, buf_count, pool_size })
+        Ok(PoolLayout {
+            cluster_id,
+            buf_size,
+            buf_count,
+            pool_size,
+        })
     }
 
     /// Largest packet a buffer holds.
@@ -221,7 +234,9 @@ impl PoolLayout {
         }
         let layout = PoolLayout::new(h.cluster_id, h.buf_size, h.buf_count)?;
         if layout.pool_size != h.pool_size {
-            return Err(LayoutError::Inconsistent("pool size does not match the buffers"));
+            return Err(LayoutError::Inconsistent(
+                "pool size does not match the buffers",
+            ));
         }
         if h.pool_size > mapped_len {
             return Err(LayoutError::Inconsistent("pool is larger than the mapping"));
@@ -254,7 +269,10 @@ mod tests {
     #[test]
     fn rejects_bad_geometry() {
         assert_eq!(PoolLayout::new(1, 100, 10), Err(LayoutError::BufSize(100)));
-        assert_eq!(PoolLayout::new(1, 2000, 10), Err(LayoutError::BufAlign(2000)));
+        assert_eq!(
+            PoolLayout::new(1, 2000, 10),
+            Err(LayoutError::BufAlign(2000))
+        );
         assert_eq!(PoolLayout::new(1, 2048, 0), Err(LayoutError::NoBuffers));
         assert!(matches!(
             PoolLayout::new(1, MAX_BUF_SIZE - 64, u32::MAX),
@@ -267,7 +285,10 @@ mod tests {
         let l = PoolLayout::new(1, 2048, 100).unwrap();
         let off = l.packet_offset(BufferIndex::new(7)).unwrap();
         assert_eq!(off, BUFFERS_OFFSET + 7 * 2048 + 64);
-        assert_eq!(l.buffer_at_packet_offset(off - 12, 12), Some(BufferIndex::new(7)));
+        assert_eq!(
+            l.buffer_at_packet_offset(off - 12, 12),
+            Some(BufferIndex::new(7))
+        );
         assert_eq!(l.buffer_at_packet_offset(off - 11, 12), None);
         assert_eq!(l.buffer_at_packet_offset(off, 12), None);
         assert_eq!(l.buffer_at_packet_offset(0, 12), None);
@@ -284,10 +305,16 @@ mod tests {
         assert!(PoolLayout::from_header(&h, l.pool_size - 1).is_err());
         let mut bad = h;
         bad.magic[0] = b'X';
-        assert_eq!(PoolLayout::from_header(&bad, l.pool_size), Err(LayoutError::Magic));
+        assert_eq!(
+            PoolLayout::from_header(&bad, l.pool_size),
+            Err(LayoutError::Magic)
+        );
         let mut bad = h;
         bad.version = 2;
-        assert_eq!(PoolLayout::from_header(&bad, l.pool_size), Err(LayoutError::Version(2)));
+        assert_eq!(
+            PoolLayout::from_header(&bad, l.pool_size),
+            Err(LayoutError::Version(2))
+        );
         let mut bad = h;
         bad.buf_count = 4_000_000;
         assert!(PoolLayout::from_header(&bad, l.pool_size).is_err());

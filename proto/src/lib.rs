@@ -11,7 +11,7 @@ pub mod layout;
 pub mod name;
 pub mod packet;
 
-pub use api::PacketQueue;
+pub use api::{QueueEnd, Receiver, Sender};
 pub use buffer::{BufferHandle, BufferIndex};
 pub use layout::{ExportEntry, LayoutError, PoolHeader, PoolLayout};
 pub use name::{ClusterId, Name, NameError, QueueId};

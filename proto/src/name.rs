@@ -64,13 +64,19 @@ impl FromStr for Name {
     type Err = NameError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let rest = s.strip_prefix("zc:").ok_or_else(|| NameError::Prefix(s.to_string()))?;
+        let rest = s
+            .strip_prefix("zc:")
+            .ok_or_else(|| NameError::Prefix(s.to_string()))?;
         if rest.is_empty() {
             return Err(NameError::Empty(s.to_string()));
         }
         if let Some((cluster, queue)) = rest.split_once('@') {
-            let cluster = if is_decimal(cluster) { cluster.parse::<u32>().ok() } else { None }
-                .ok_or_else(|| NameError::BadCluster(s.to_string(), cluster.to_string()))?;
+            let cluster = if is_decimal(cluster) {
+                cluster.parse::<u32>().ok()
+            } else {
+                None
+            }
+            .ok_or_else(|| NameError::BadCluster(s.to_string(), cluster.to_string()))?;
             if !is_decimal(queue) {
                 return Err(NameError::BadQueue(s.to_string(), queue.to_string()));
             }
@@ -78,7 +84,10 @@ impl FromStr for Name {
             if q >= u64::from(MAX_QUEUES) {
                 return Err(NameError::QueueRange(s.to_string(), q));
             }
-            return Ok(Name::Queue { cluster: ClusterId(cluster), queue: QueueId(q as u16) });
+            return Ok(Name::Queue {
+                cluster: ClusterId(cluster),
+                queue: QueueId(q as u16),
+            });
         }
         if is_decimal(rest) {
             return Err(NameError::MissingQueue(s.to_string(), rest.to_string()));
@@ -86,7 +95,9 @@ impl FromStr for Name {
         let valid = rest.len() <= MAX_IFNAME
             && rest != "."
             && rest != ".."
-            && !rest.chars().any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control());
+            && !rest
+                .chars()
+                .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control());
         if !valid {
             return Err(NameError::BadInterface(s.to_string(), rest.to_string()));
         }
@@ -115,15 +126,27 @@ mod tests {
     fn accepts_queues_and_interfaces() {
         assert_eq!(
             parse("zc:99@0"),
-            Ok(Name::Queue { cluster: ClusterId(99), queue: QueueId(0) })
+            Ok(Name::Queue {
+                cluster: ClusterId(99),
+                queue: QueueId(0)
+            })
         );
         assert_eq!(
             parse("zc:4294967295@1023"),
-            Ok(Name::Queue { cluster: ClusterId(u32::MAX), queue: QueueId(1023) })
+            Ok(Name::Queue {
+                cluster: ClusterId(u32::MAX),
+                queue: QueueId(1023)
+            })
         );
         assert_eq!(parse("zc:eth1"), Ok(Name::Interface("eth1".into())));
-        assert_eq!(parse("zc:enp0s3.100"), Ok(Name::Interface("enp0s3.100".into())));
-        assert_eq!(parse("zc:abcdefghijklmno"), Ok(Name::Interface("abcdefghijklmno".into())));
+        assert_eq!(
+            parse("zc:enp0s3.100"),
+            Ok(Name::Interface("enp0s3.100".into()))
+        );
+        assert_eq!(
+            parse("zc:abcdefghijklmno"),
+            Ok(Name::Interface("abcdefghijklmno".into()))
+        );
     }
 
     #[test]
@@ -141,23 +164,62 @@ mod tests {
             ("ZC:99@0", NameError::Prefix("ZC:99@0".into())),
             ("", NameError::Prefix("".into())),
             ("zc:", NameError::Empty("zc:".into())),
-            ("zc:99", NameError::MissingQueue("zc:99".into(), "99".into())),
+            (
+                "zc:99",
+                NameError::MissingQueue("zc:99".into(), "99".into()),
+            ),
             ("zc:@0", NameError::BadCluster("zc:@0".into(), "".into())),
             ("zc:x@0", NameError::BadCluster("zc:x@0".into(), "x".into())),
-            ("zc:-1@0", NameError::BadCluster("zc:-1@0".into(), "-1".into())),
-            ("zc:+1@0", NameError::BadCluster("zc:+1@0".into(), "+1".into())),
-            ("zc:4294967296@0", NameError::BadCluster("zc:4294967296@0".into(), "4294967296".into())),
+            (
+                "zc:-1@0",
+                NameError::BadCluster("zc:-1@0".into(), "-1".into()),
+            ),
+            (
+                "zc:+1@0",
+                NameError::BadCluster("zc:+1@0".into(), "+1".into()),
+            ),
+            (
+                "zc:4294967296@0",
+                NameError::BadCluster("zc:4294967296@0".into(), "4294967296".into()),
+            ),
             ("zc:99@", NameError::BadQueue("zc:99@".into(), "".into())),
             ("zc:99@q", NameError::BadQueue("zc:99@q".into(), "q".into())),
-            ("zc:99@1@2", NameError::BadQueue("zc:99@1@2".into(), "1@2".into())),
-            ("zc:99@ 1", NameError::BadQueue("zc:99@ 1".into(), " 1".into())),
-            ("zc:99@1024", NameError::QueueRange("zc:99@1024".into(), 1024)),
-            ("zc:99@99999999999999999999999", NameError::QueueRange("zc:99@99999999999999999999999".into(), u64::MAX)),
-            ("zc:eth 1", NameError::BadInterface("zc:eth 1".into(), "eth 1".into())),
-            ("zc:a/b", NameError::BadInterface("zc:a/b".into(), "a/b".into())),
-            ("zc:a:b", NameError::BadInterface("zc:a:b".into(), "a:b".into())),
-            ("zc:..", NameError::BadInterface("zc:..".into(), "..".into())),
-            ("zc:abcdefghijklmnop", NameError::BadInterface("zc:abcdefghijklmnop".into(), "abcdefghijklmnop".into())),
+            (
+                "zc:99@1@2",
+                NameError::BadQueue("zc:99@1@2".into(), "1@2".into()),
+            ),
+            (
+                "zc:99@ 1",
+                NameError::BadQueue("zc:99@ 1".into(), " 1".into()),
+            ),
+            (
+                "zc:99@1024",
+                NameError::QueueRange("zc:99@1024".into(), 1024),
+            ),
+            (
+                "zc:99@99999999999999999999999",
+                NameError::QueueRange("zc:99@99999999999999999999999".into(), u64::MAX),
+            ),
+            (
+                "zc:eth 1",
+                NameError::BadInterface("zc:eth 1".into(), "eth 1".into()),
+            ),
+            (
+                "zc:a/b",
+                NameError::BadInterface("zc:a/b".into(), "a/b".into()),
+            ),
+            (
+                "zc:a:b",
+                NameError::BadInterface("zc:a:b".into(), "a:b".into()),
+            ),
+            (
+                "zc:..",
+                NameError::BadInterface("zc:..".into(), "..".into()),
+            ),
+            (
+                "zc:abcdefghijklmnop",
+                NameError::BadInterface("zc:abcdefghijklmnop".into(), "abcdefghijklmnop".into()),
+            ),
         ];
         for (input, want) in cases {
             assert_eq!(parse(input).as_ref(), Err(want), "input {input:?}");
@@ -167,8 +229,14 @@ mod tests {
     #[test]
     fn errors_read_as_one_line_with_an_example() {
         let e = parse("zc:99").unwrap_err().to_string();
-        assert_eq!(e, "'zc:99' has no queue: expected zc:<cluster>@<queue>, e.g. zc:99@0");
+        assert_eq!(
+            e,
+            "'zc:99' has no queue: expected zc:<cluster>@<queue>, e.g. zc:99@0"
+        );
         let e = parse("eth0").unwrap_err().to_string();
-        assert!(e.contains("zc:99@0") && e.contains("zc:eth1") && !e.contains('\n'), "{e}");
+        assert!(
+            e.contains("zc:99@0") && e.contains("zc:eth1") && !e.contains('\n'),
+            "{e}"
+        );
     }
 }

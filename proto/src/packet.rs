@@ -55,14 +55,22 @@ impl PoolView {
     #[inline(always)]
     pub fn packet<'a>(&self, h: &'a BufferHandle) -> PacketRef<'a> {
         let len = h.len().min(self.layout.max_packet()) as usize;
-        PacketRef { ptr: self.packet_ptr(h), len, _h: PhantomData }
+        PacketRef {
+            ptr: self.packet_ptr(h),
+            len,
+            _h: PhantomData,
+        }
     }
 
     /// Write access to the buffer a handle holds.
     #[inline(always)]
     pub fn packet_mut<'a>(&self, h: &'a mut BufferHandle) -> PacketMut<'a> {
         let ptr = self.packet_ptr(h);
-        PacketMut { ptr, cap: self.layout.max_packet() as usize, handle: h }
+        PacketMut {
+            ptr,
+            cap: self.layout.max_packet() as usize,
+            handle: h,
+        }
     }
 }
 
@@ -102,7 +110,9 @@ impl PacketRef<'_> {
         (offset.checked_add(8)? <= self.len).then(|| {
             // SAFETY: offset + 8 <= len, inside the buffer; unaligned volatile
             // read because another process may write the buffer concurrently.
-            u64::from_le_bytes(unsafe { ptr::read_volatile(self.ptr.add(offset).cast::<[u8; 8]>()) })
+            u64::from_le_bytes(unsafe {
+                ptr::read_volatile(self.ptr.add(offset).cast::<[u8; 8]>())
+            })
         })
     }
 
@@ -111,7 +121,9 @@ impl PacketRef<'_> {
     pub fn read_u32_le(&self, offset: usize) -> Option<u32> {
         (offset.checked_add(4)? <= self.len).then(|| {
             // SAFETY: offset + 4 <= len, inside the buffer.
-            u32::from_le_bytes(unsafe { ptr::read_volatile(self.ptr.add(offset).cast::<[u8; 4]>()) })
+            u32::from_le_bytes(unsafe {
+                ptr::read_volatile(self.ptr.add(offset).cast::<[u8; 4]>())
+            })
         })
     }
 
@@ -147,7 +159,10 @@ impl PacketMut<'_> {
     #[inline(always)]
     pub fn set_len(&mut self, len: usize) -> Result<(), CapacityError> {
         if len > self.cap {
-            return Err(CapacityError { wanted: len, capacity: self.cap });
+            return Err(CapacityError {
+                wanted: len,
+                capacity: self.cap,
+            });
         }
         self.handle.set_len_checked(len as u32);
         Ok(())
@@ -157,7 +172,10 @@ impl PacketMut<'_> {
     pub fn write_at(&mut self, offset: usize, bytes: &[u8]) -> Result<(), CapacityError> {
         let end = offset.saturating_add(bytes.len());
         if end > self.cap {
-            return Err(CapacityError { wanted: end, capacity: self.cap });
+            return Err(CapacityError {
+                wanted: end,
+                capacity: self.cap,
+            });
         }
         // SAFETY: offset + len <= capacity, so the destination lies in this
         // buffer, which the caller owns through the handle; `bytes` is local.
@@ -180,7 +198,9 @@ impl PacketMut<'_> {
     pub fn read_u64_le(&self, offset: usize) -> Option<u64> {
         (offset.checked_add(8)? <= self.cap).then(|| {
             // SAFETY: offset + 8 <= capacity, inside the buffer.
-            u64::from_le_bytes(unsafe { ptr::read_volatile(self.ptr.add(offset).cast::<[u8; 8]>()) })
+            u64::from_le_bytes(unsafe {
+                ptr::read_volatile(self.ptr.add(offset).cast::<[u8; 8]>())
+            })
         })
     }
 
@@ -216,8 +236,20 @@ mod tests {
             assert_eq!(p.capacity(), 192);
             p.fill(&[7u8; 100]).unwrap();
             p.write_u64_le(8, 0x1122334455667788).unwrap();
-            assert_eq!(p.write_at(190, &[0; 3]), Err(CapacityError { wanted: 193, capacity: 192 }));
-            assert_eq!(p.set_len(193), Err(CapacityError { wanted: 193, capacity: 192 }));
+            assert_eq!(
+                p.write_at(190, &[0; 3]),
+                Err(CapacityError {
+                    wanted: 193,
+                    capacity: 192
+                })
+            );
+            assert_eq!(
+                p.set_len(193),
+                Err(CapacityError {
+                    wanted: 193,
+                    capacity: 192
+                })
+            );
             assert_eq!(h.len(), 100);
             let r = pool.packet(&h);
             assert_eq!(r.read_u64_le(8), Some(0x1122334455667788));

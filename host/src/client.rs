@@ -1,0 +1,225 @@
+//! The host application's end of a cluster queue: connect to zc-hostd, take
+//! a role, map pool and queues, then move packets without the daemon.
+
+use crate::control::{self, ClusterInfo, Reply, Request, Role};
+use crate::daemon::server::control_path;
+use crate::queues::{QueueArea, QueueError};
+use crate::ring::{Consumer, Producer};
+use crate::shm::{self, Mapping};
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use thiserror::Error;
+use zc_proto::{
+    BufferHandle, BufferIndex, PoolHeader, PoolLayout, PoolView, QueueEnd, Receiver, Sender,
+};
+
+/// Default directory of the control sockets (`<run-dir>/<cluster>/ctl`).
+pub const DEFAULT_RUN_DIR: &str = "/run/zc";
+
+/// The run directory: `$ZC_RUN_DIR` if set, else /run/zc.
+pub fn run_dir_from_env() -> PathBuf {
+    std::env::var_os("ZC_RUN_DIR").map_or_else(|| PathBuf::from(DEFAULT_RUN_DIR), PathBuf::from)
+}
+
+#[derive(Debug, Error)]
+pub enum ClientError {
+    #[error("cluster {cluster} is not running: no zc-hostd control socket at {} (start it with: zc-hostd -c {cluster})", path.display())]
+    NotRunning { cluster: u32, path: PathBuf },
+    #[error("cluster {cluster} is not running: {} is left over from a zc-hostd that exited (start it again with: zc-hostd -c {cluster})", path.display())]
+    Stale { cluster: u32, path: PathBuf },
+    #[error("permission denied on {}: run as root or as a member of the socket's group", path.display())]
+    Permission { path: PathBuf },
+    #[error("cannot reach zc-hostd at {}: {source}", path.display())]
+    Connect { path: PathBuf, source: io::Error },
+    #[error("{0}")]
+    Refused(String),
+    #[error("zc-hostd control connection failed: {0}")]
+    Protocol(io::Error),
+    #[error("the pool from zc-hostd is unusable: {0}")]
+    Pool(String),
+    #[error(transparent)]
+    Queues(#[from] QueueError),
+}
+
+/// Connects to the control socket of `cluster`.
+pub fn connect(run_dir: &Path, cluster: u32) -> Result<UnixStream, ClientError> {
+    let path = control_path(run_dir, cluster);
+    UnixStream::connect(&path).map_err(|source| match source.kind() {
+        io::ErrorKind::NotFound => ClientError::NotRunning { cluster, path },
+        io::ErrorKind::ConnectionRefused => ClientError::Stale { cluster, path },
+        io::ErrorKind::PermissionDenied => ClientError::Permission { path },
+        _ => ClientError::Connect { path, source },
+    })
+}
+
+/// One request, one reply.
+pub fn call(sock: &UnixStream, req: &Request) -> Result<(Reply, Vec<OwnedFd>), ClientError> {
+    control::send(sock, req, &[]).map_err(ClientError::Protocol)?;
+    match control::recv::<Reply>(sock).map_err(ClientError::Protocol)? {
+        Some((Reply::Error { message }, _)) => Err(ClientError::Refused(message)),
+        Some(r) => Ok(r),
+        None => Err(ClientError::Protocol(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "zc-hostd closed the connection",
+        ))),
+    }
+}
+
+/// Asks the daemon of `cluster` to describe it.
+pub fn cluster_info(run_dir: &Path, cluster: u32) -> Result<ClusterInfo, ClientError> {
+    let sock = connect(run_dir, cluster)?;
+    match call(&sock, &Request::Info)? {
+        (Reply::Info(info), _) => Ok(info),
+        _ => Err(ClientError::Protocol(io::Error::other(
+            "unexpected reply to info",
+        ))),
+    }
+}
+
+/// An attached queue end: owns the connection (closing it releases the
+/// role), the mappings, and the ring end.
+pub struct HostQueue<E> {
+    conn: UnixStream,
+    // Field order matters: the ring end points into `queues`, the view into
+    // `pool_map`; both are dropped after `end`.
+    end: E,
+    queues: QueueArea,
+    view: PoolView,
+    _pool_map: Mapping,
+    info: ClusterInfo,
+    queue: u16,
+}
+
+pub type HostRx = HostQueue<Consumer>;
+pub type HostTx = HostQueue<Producer>;
+
+fn attach(
+    run_dir: &Path,
+    cluster: u32,
+    queue: u16,
+    role: Role,
+) -> Result<(UnixStream, ClusterInfo, QueueArea, Mapping, PoolView), ClientError> {
+    let conn = connect(run_dir, cluster)?;
+    let (reply, fds) = call(&conn, &Request::Attach { queue, role })?;
+    let Reply::Attached(info) = reply else {
+        return Err(ClientError::Protocol(io::Error::other(
+            "unexpected reply to attach",
+        )));
+    };
+    let [pool_fd, queue_fd]: [OwnedFd; 2] = fds
+        .try_into()
+        .map_err(|_| ClientError::Pool("expected two descriptors".into()))?;
+    let size = shm::file_size(pool_fd.as_fd()).map_err(|e| ClientError::Pool(e.to_string()))?;
+    let pool_map = Mapping::map(pool_fd.as_fd(), size as usize, true)
+        .map_err(|e| ClientError::Pool(e.to_string()))?;
+    if size < zc_proto::layout::HEADER_SIZE {
+        return Err(ClientError::Pool("smaller than its header".into()));
+    }
+    // SAFETY: size >= HEADER_SIZE, so the header lies inside the mapping.
+    let header = unsafe { std::ptr::read_volatile(pool_map.as_ptr().cast::<PoolHeader>()) };
+    let layout =
+        PoolLayout::from_header(&header, size).map_err(|e| ClientError::Pool(e.to_string()))?;
+    // SAFETY: the mapping holds pool_size bytes (from_header checked) and
+    // lives in the HostQueue next to every copy of this view.
+    let view = unsafe { PoolView::new(pool_map.as_ptr(), layout) };
+    let queues = QueueArea::open(queue_fd, &layout)?;
+    Ok((conn, info, queues, pool_map, view))
+}
+
+impl HostRx {
+    /// Attaches as the consumer of `queue` of `cluster`.
+    pub fn open(run_dir: &Path, cluster: u32, queue: u16) -> Result<Self, ClientError> {
+        let (conn, info, queues, _pool_map, view) =
+            attach(run_dir, cluster, queue, Role::Consumer)?;
+        let end = queues.consumer(queue);
+        Ok(HostQueue {
+            conn,
+            end,
+            queues,
+            view,
+            _pool_map,
+            info,
+            queue,
+        })
+    }
+}
+
+impl HostTx {
+    /// Attaches as the producer of `queue` of `cluster`.
+    pub fn open(run_dir: &Path, cluster: u32, queue: u16) -> Result<Self, ClientError> {
+        let (conn, info, queues, _pool_map, view) =
+            attach(run_dir, cluster, queue, Role::Producer)?;
+        let end = queues.producer(queue);
+        Ok(HostQueue {
+            conn,
+            end,
+            queues,
+            view,
+            _pool_map,
+            info,
+            queue,
+        })
+    }
+}
+
+impl<E> HostQueue<E> {
+    pub fn info(&self) -> &ClusterInfo {
+        &self.info
+    }
+
+    pub fn queue(&self) -> u16 {
+        self.queue
+    }
+
+    /// (produced, consumed) counters of this queue's ring.
+    pub fn ring_indices(&self) -> (u32, u32) {
+        self.queues.indices(self.queue)
+    }
+}
+
+impl<E> QueueEnd for HostQueue<E> {
+    fn take_buffers(&mut self, n: usize) -> io::Result<Vec<BufferHandle>> {
+        let count = u32::try_from(n).map_err(|_| io::Error::other("too many buffers"))?;
+        let (reply, _) = call(&self.conn, &Request::Alloc { count }).map_err(io::Error::other)?;
+        let Reply::Buffers { indices } = reply else {
+            return Err(io::Error::other("unexpected reply to alloc"));
+        };
+        let limit = self.view.layout().buf_count;
+        if indices.len() != n || indices.iter().any(|&i| i >= limit) {
+            return Err(io::Error::other("zc-hostd returned invalid buffers"));
+        }
+        Ok(indices
+            .into_iter()
+            .map(|i| BufferHandle::from_raw(BufferIndex::new(i), 0))
+            .collect())
+    }
+
+    fn pool(&self) -> &PoolView {
+        &self.view
+    }
+}
+
+impl Receiver for HostRx {
+    #[inline]
+    fn recv_burst(&mut self, bufs: &mut [BufferHandle]) -> usize {
+        self.end.recv_burst(bufs)
+    }
+
+    fn wait_recv(&mut self, timeout: Duration) {
+        self.end.wait(timeout)
+    }
+}
+
+impl Sender for HostTx {
+    #[inline]
+    fn send_burst(&mut self, bufs: &mut [BufferHandle]) -> usize {
+        self.end.send_burst(bufs)
+    }
+
+    fn wait_send(&mut self, timeout: Duration) {
+        self.end.wait(timeout)
+    }
+}

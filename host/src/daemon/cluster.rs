@@ -1,0 +1,363 @@
+//! A cluster's state in the daemon: the pool, the queues, who holds which
+//! queue role, and the buffers nobody holds.
+
+use crate::control::{ClusterInfo, Role};
+use crate::pool::{Backing, Pool, PoolError, PoolOptions};
+use crate::queues::{QueueArea, QueueError, QueueGeometry};
+use thiserror::Error;
+use zc_proto::{BufferIndex, PoolLayout};
+
+/// Most buffers one connection may take at start-up.
+pub const MAX_ALLOC: u32 = 65536;
+
+/// Identifies one control connection.
+pub type ConnId = u64;
+
+#[derive(Debug, Error)]
+pub enum CreateError {
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+    #[error(transparent)]
+    Queues(#[from] QueueError),
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum AttachError {
+    #[error("queue {queue} does not exist: cluster {cluster} has queues 0..{}", queues - 1)]
+    QueueRange {
+        cluster: u32,
+        queue: u16,
+        queues: u16,
+    },
+    #[error("queue {queue} of cluster {cluster} already has a {role} (pid {pid}); stop it first or use another queue")]
+    RoleTaken {
+        cluster: u32,
+        queue: u16,
+        role: Role,
+        pid: u32,
+    },
+    #[error("cannot hand out {wanted} buffers: at most {MAX_ALLOC} per process")]
+    AllocTooLarge { wanted: u32 },
+    #[error(
+        "cluster {cluster} has only {spare} spare buffers for the {wanted} asked; buffers held by processes \
+         that exited return when every process has detached (or start zc-hostd with more --buffers)"
+    )]
+    NoSpare {
+        cluster: u32,
+        wanted: u32,
+        spare: u32,
+    },
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Holder {
+    conn: ConnId,
+    pid: u32,
+}
+
+pub struct Cluster {
+    pool: Pool,
+    queues: QueueArea,
+    spare: Vec<BufferIndex>,
+    holders: Vec<[Option<Holder>; 2]>,
+    /// Connections that took buffers or a role and have not closed.
+    active: std::collections::BTreeMap<ConnId, u32>,
+    /// Buffers that left with processes that exited while others stayed.
+    stranded: u64,
+}
+
+fn role_slot(role: Role) -> usize {
+    match role {
+        Role::Producer => 0,
+        Role::Consumer => 1,
+    }
+}
+
+impl Cluster {
+    pub fn create(pool_opts: &PoolOptions, geometry: QueueGeometry) -> Result<Self, CreateError> {
+        let layout: PoolLayout = pool_opts.layout;
+        geometry.check(&layout)?;
+        let pool = Pool::create(pool_opts)?;
+        let in_rings = usize::from(geometry.queue_count) * geometry.ring_size as usize;
+        let all: Vec<BufferIndex> = (0..layout.buf_count).map(BufferIndex::new).collect();
+        let queues = match QueueArea::create(geometry, &layout, &all[..in_rings]) {
+            Ok(q) => q,
+            Err(e) => {
+                pool.remove();
+                return Err(e.into());
+            }
+        };
+        // Popped from the end: hand out low indices first.
+        let spare = all[in_rings..].iter().rev().copied().collect();
+        Ok(Cluster {
+            pool,
+            queues,
+            spare,
+            holders: vec![[None, None]; usize::from(geometry.queue_count)],
+            active: Default::default(),
+            stranded: 0,
+        })
+    }
+
+    pub fn id(&self) -> u32 {
+        self.pool.layout().cluster_id
+    }
+
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    pub fn queues(&self) -> &QueueArea {
+        &self.queues
+    }
+
+    pub fn info(&self) -> ClusterInfo {
+        let l = self.pool.layout();
+        let g = self.queues.geometry();
+        ClusterInfo {
+            cluster: l.cluster_id,
+            queues: g.queue_count,
+            ring_size: g.ring_size,
+            buf_size: l.buf_size,
+            buf_count: l.buf_count,
+            pool_size: l.pool_size,
+            pool_path: self.pool.path().display().to_string(),
+            hugepages: matches!(self.pool.backing(), Backing::Hugepages),
+            daemon_pid: std::process::id(),
+            spare_buffers: self.spare.len() as u32,
+        }
+    }
+
+    pub fn attach(
+        &mut self,
+        conn: ConnId,
+        pid: u32,
+        queue: u16,
+        role: Role,
+    ) -> Result<(), AttachError> {
+        let cluster = self.id();
+        let queues = self.queues.geometry().queue_count;
+        let slot = self
+            .holders
+            .get_mut(usize::from(queue))
+            .ok_or(AttachError::QueueRange {
+                cluster,
+                queue,
+                queues,
+            })?;
+        if let Some(h) = slot[role_slot(role)] {
+            return Err(AttachError::RoleTaken {
+                cluster,
+                queue,
+                role,
+                pid: h.pid,
+            });
+        }
+        slot[role_slot(role)] = Some(Holder { conn, pid });
+        self.active.entry(conn).or_insert(0);
+        log::info!("pid {pid} attached to queue {queue} as {role}");
+        Ok(())
+    }
+
+    pub fn alloc(&mut self, conn: ConnId, count: u32) -> Result<Vec<u32>, AttachError> {
+        if count > MAX_ALLOC {
+            return Err(AttachError::AllocTooLarge { wanted: count });
+        }
+        if count as usize > self.spare.len() {
+            return Err(AttachError::NoSpare {
+                cluster: self.id(),
+                wanted: count,
+                spare: self.spare.len() as u32,
+            });
+        }
+        let at = self.spare.len() - count as usize;
+        let out = self
+            .spare
+            .split_off(at)
+            .into_iter()
+            .rev()
+            .map(BufferIndex::get)
+            .collect();
+        *self.active.entry(conn).or_insert(0) += count;
+        Ok(out)
+    }
+
+    /// A connection closed: release its roles; when nothing is attached any
+    /// more, take back every buffer that is not in a ring.
+    pub fn release(&mut self, conn: ConnId) {
+        for (q, slot) in self.holders.iter_mut().enumerate() {
+            for (r, h) in slot.iter_mut().enumerate() {
+                if h.is_some_and(|h| h.conn == conn) {
+                    let role = if r == 0 {
+                        Role::Producer
+                    } else {
+                        Role::Consumer
+                    };
+                    log::info!(
+                        "pid {} detached from queue {q} ({role})",
+                        h.map_or(0, |h| h.pid)
+                    );
+                    *h = None;
+                }
+            }
+        }
+        if let Some(n) = self.active.remove(&conn) {
+            self.stranded += u64::from(n);
+        }
+        if self.active.is_empty() && self.stranded > 0 {
+            self.reclaim();
+        }
+    }
+
+    /// Rebuilds the spare list from the rings while no process is attached:
+    /// every buffer not in a ring is free. Duplicate or corrupt slots (a
+    /// process killed mid-swap cannot cause them, memory corruption could)
+    /// are repaired with a spare buffer.
+    fn reclaim(&mut self) {
+        let count = self.pool.layout().buf_count as usize;
+        let mut in_ring = vec![false; count];
+        let mut broken = Vec::new();
+        for q in 0..self.queues.geometry().queue_count {
+            for (i, slot) in self.queues.contents(q).into_iter().enumerate() {
+                match slot {
+                    Some(b) if !in_ring[b.get() as usize] => in_ring[b.get() as usize] = true,
+                    _ => broken.push((q, i as u32)),
+                }
+            }
+        }
+        let mut free: Vec<BufferIndex> = (0..count as u32)
+            .rev()
+            .filter(|&i| !in_ring[i as usize])
+            .map(BufferIndex::new)
+            .collect();
+        for (q, i) in &broken {
+            if let Some(b) = free.pop() {
+                self.queues.repair_slot(*q, *i, b);
+            }
+        }
+        if !broken.is_empty() {
+            log::warn!("repaired {} corrupt queue slots", broken.len());
+        }
+        log::info!(
+            "all processes detached: {} buffers back in the spare list (was {})",
+            free.len(),
+            self.spare.len()
+        );
+        self.spare = free;
+        self.stranded = 0;
+    }
+
+    pub fn spare_count(&self) -> usize {
+        self.spare.len()
+    }
+
+    /// Deletes the pool file (at shutdown).
+    pub fn remove_files(&self) {
+        self.pool.remove();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cluster(dir: &std::path::Path) -> Cluster {
+        let layout = PoolLayout::new(7, 2048, 1024).unwrap();
+        let opts = PoolOptions {
+            layout,
+            hugepages_dir: dir.join("none"),
+            fallback_dir: dir.to_path_buf(),
+            force_fallback: true,
+        };
+        Cluster::create(
+            &opts,
+            QueueGeometry {
+                queue_count: 2,
+                ring_size: 256,
+            },
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn roles_are_exclusive_and_released_on_close() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = cluster(dir.path());
+        c.attach(1, 100, 0, Role::Consumer).unwrap();
+        c.attach(2, 200, 0, Role::Producer).unwrap();
+        assert_eq!(
+            c.attach(3, 300, 0, Role::Consumer),
+            Err(AttachError::RoleTaken {
+                cluster: 7,
+                queue: 0,
+                role: Role::Consumer,
+                pid: 100
+            })
+        );
+        assert_eq!(
+            c.attach(3, 300, 2, Role::Consumer).unwrap_err().to_string(),
+            "queue 2 does not exist: cluster 7 has queues 0..1"
+        );
+        c.release(1);
+        c.attach(3, 300, 0, Role::Consumer).unwrap();
+        c.remove_files();
+    }
+
+    #[test]
+    fn buffers_of_exited_processes_return_when_all_detach() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = cluster(dir.path());
+        assert_eq!(c.spare_count(), 512);
+        c.attach(1, 100, 0, Role::Producer).unwrap();
+        let a = c.alloc(1, 500).unwrap();
+        assert_eq!(a.len(), 500);
+        assert!(
+            a.iter().all(|&i| i >= 512),
+            "ring buffers are not handed out twice"
+        );
+        c.attach(2, 200, 0, Role::Consumer).unwrap();
+        assert!(matches!(
+            c.alloc(2, 13),
+            Err(AttachError::NoSpare { spare: 12, .. })
+        ));
+        c.release(1);
+        assert_eq!(
+            c.spare_count(),
+            12,
+            "producer gone but the consumer is still attached"
+        );
+        c.release(2);
+        assert_eq!(c.spare_count(), 512);
+        assert!(matches!(
+            c.alloc(3, MAX_ALLOC + 1),
+            Err(AttachError::AllocTooLarge { .. })
+        ));
+        c.remove_files();
+    }
+
+    #[test]
+    fn rings_must_leave_spare_buffers() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = PoolLayout::new(7, 2048, 1024).unwrap();
+        let opts = PoolOptions {
+            layout,
+            hugepages_dir: dir.path().join("none"),
+            fallback_dir: dir.path().to_path_buf(),
+            force_fallback: true,
+        };
+        let e = Cluster::create(
+            &opts,
+            QueueGeometry {
+                queue_count: 4,
+                ring_size: 256,
+            },
+        )
+        .err()
+        .unwrap();
+        assert_eq!(
+            e.to_string(),
+            "4 queues of 256 slots need 2048 buffers, the pool has 1024: add --buffers or lower --queue-len"
+        );
+        assert!(!dir.path().join("zc/7/pool").exists());
+    }
+}

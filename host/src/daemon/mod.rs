@@ -1,0 +1,4 @@
+//! zc-hostd: owns a cluster and serves its control socket.
+
+pub mod cluster;
+pub mod server;

@@ -1,0 +1,76 @@
+//! Shared memory mappings: files and memfds mapped MAP_SHARED.
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::ptr::NonNull;
+
+/// A MAP_SHARED mapping, unmapped on drop.
+#[derive(Debug)]
+pub struct Mapping {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain memory; every access to its contents goes
+// through raw pointers or atomics, never through references that assume
+// exclusivity, so moving or sharing the owner across threads is sound.
+unsafe impl Send for Mapping {}
+// SAFETY: see Send.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// Maps `len` bytes of `fd` from offset 0, read-write and shared.
+    /// `populate` faults every page in now (hugepages then fail here rather
+    /// than with SIGBUS on first touch).
+    pub fn map(fd: BorrowedFd<'_>, len: usize, populate: bool) -> io::Result<Self> {
+        let flags = libc::MAP_SHARED | if populate { libc::MAP_POPULATE } else { 0 };
+        // SAFETY: a fresh mapping chosen by the kernel (addr NULL); the fd is
+        // valid for the duration of the call; failure is checked below.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                flags,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr =
+            NonNull::new(p.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned NULL"))?;
+        Ok(Mapping { ptr, len })
+    }
+
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: ptr/len describe a mapping this value created and owns.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+/// Size of the file behind `fd`.
+pub fn file_size(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    // SAFETY: fstat writes into the zeroed struct we own; fd is valid.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st.st_size as u64)
+}
