@@ -1,0 +1,232 @@
+//! What zsend and zcount share: pinning, Ctrl-C, and PF_RING-style statistics.
+
+use serde::Serialize;
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Packets per burst: the unit of work of every loop.
+pub const BURST: usize = 32;
+
+/// Pins the calling thread to one CPU.
+pub fn pin_to_core(core: usize) -> io::Result<()> {
+    let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if core >= libc::CPU_SETSIZE as usize {
+        return Err(io::Error::other(format!("core {core} does not exist (this machine has {ncpu})")));
+    }
+    // SAFETY: cpu_set_t is plain data; CPU_SET writes inside it (core checked above).
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    unsafe { libc::CPU_SET(core, &mut set) };
+    // SAFETY: sched_setaffinity reads the set we own, for this thread (0).
+    if unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) } != 0 {
+        let e = io::Error::last_os_error();
+        return Err(io::Error::other(format!("cannot pin to core {core} (this machine has {ncpu} cores): {e}")));
+    }
+    Ok(())
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::Relaxed);
+}
+
+/// Makes Ctrl-C and SIGTERM set a flag the loops poll, so tools stop
+/// cleanly and print their summary. Blocking waits return early (no
+/// SA_RESTART).
+pub fn stop_on_signals() -> &'static AtomicBool {
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_signal as *const () as usize;
+        libc::sigemptyset(&mut sa.sa_mask);
+        libc::sigaction(libc::SIGINT, &sa, std::ptr::null_mut());
+        libc::sigaction(libc::SIGTERM, &sa, std::ptr::null_mut());
+    }
+    &STOP
+}
+
+/// Counters the busy loop publishes once per burst (plain stores of its own
+/// totals: no read-modify-write on the data path) and the reporter reads.
+#[derive(Default)]
+pub struct Counters {
+    pub packets: AtomicU64,
+    pub bytes: AtomicU64,
+    pub drops: AtomicU64,
+}
+
+impl Counters {
+    #[inline(always)]
+    pub fn publish(&self, packets: u64, bytes: u64) {
+        self.packets.store(packets, Ordering::Relaxed);
+        self.bytes.store(bytes, Ordering::Relaxed);
+    }
+
+    fn read(&self) -> (u64, u64, u64) {
+        (
+            self.packets.load(Ordering::Relaxed),
+            self.bytes.load(Ordering::Relaxed),
+            self.drops.load(Ordering::Relaxed),
+        )
+    }
+}
+
+fn gbps(bytes: f64, secs: f64) -> f64 {
+    if secs > 0.0 {
+        bytes * 8.0 / secs / 1e9
+    } else {
+        0.0
+    }
+}
+
+/// The two PF_RING lines, between rules, as zcount and zsend print them.
+pub fn stats_block(total: (u64, u64, u64), delta: (u64, u64, u64), secs: f64) -> String {
+    let rate = |n: u64| if secs > 0.0 { n as f64 / secs } else { 0.0 };
+    format!(
+        "=========================\n\
+         Absolute Stats: {} pkts ({} drops) - {} bytes\n\
+         Actual Stats: {:.2} pps ({:.2} drops) - {:.2} Gbps\n\
+         =========================",
+        total.0,
+        total.2,
+        total.1,
+        rate(delta.0),
+        rate(delta.2),
+        gbps(delta.1 as f64, secs),
+    )
+}
+
+/// Prints `stats_block` to stderr once a second until dropped.
+pub struct Reporter {
+    done: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Reporter {
+    pub fn start(counters: Arc<Counters>) -> Reporter {
+        let done = Arc::new(AtomicBool::new(false));
+        let d = done.clone();
+        let thread = std::thread::spawn(move || {
+            let mut last = counters.read();
+            let mut t = Instant::now();
+            while !d.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(50));
+                if t.elapsed() < Duration::from_secs(1) {
+                    continue;
+                }
+                let now = counters.read();
+                let secs = t.elapsed().as_secs_f64();
+                t = Instant::now();
+                let delta = (now.0 - last.0, now.1 - last.1, now.2 - last.2);
+                eprintln!("{}", stats_block(now, delta, secs));
+                last = now;
+            }
+        });
+        Reporter { done, thread: Some(thread) }
+    }
+}
+
+impl Drop for Reporter {
+    fn drop(&mut self) {
+        self.done.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The final result, printed as one JSON line with `--json`.
+#[derive(Debug, Serialize)]
+pub struct Summary {
+    pub name: String,
+    pub packets: u64,
+    pub bytes: u64,
+    pub drops: u64,
+    pub seconds: f64,
+    pub pps: f64,
+    pub gbps: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seq_errors: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checksum_errors: Option<u64>,
+}
+
+impl Summary {
+    pub fn new(name: &str, packets: u64, bytes: u64, drops: u64, elapsed: Duration) -> Summary {
+        let seconds = elapsed.as_secs_f64();
+        Summary {
+            name: name.to_string(),
+            packets,
+            bytes,
+            drops,
+            seconds,
+            pps: if seconds > 0.0 { packets as f64 / seconds } else { 0.0 },
+            gbps: gbps(bytes as f64, seconds),
+            seq_errors: None,
+            checksum_errors: None,
+        }
+    }
+
+    /// The human summary for stderr.
+    pub fn text(&self) -> String {
+        let mut s = format!(
+            "=========================\n\
+             Absolute Stats: {} pkts ({} drops) - {} bytes\n\
+             Total: {} pkts in {:.3} s: {:.2} pps - {:.2} Gbps",
+            self.packets, self.drops, self.bytes, self.packets, self.seconds, self.pps, self.gbps
+        );
+        if let (Some(q), Some(c)) = (self.seq_errors, self.checksum_errors) {
+            s.push_str(&format!("\nVerify: {q} sequence errors, {c} checksum errors"));
+        }
+        s.push_str("\n=========================");
+        s
+    }
+
+    pub fn json(&self) -> String {
+        serde_json::to_string(self).expect("summary serialises")
+    }
+}
+
+/// Busy-polls while work comes, sleeps after this many empty polls.
+pub const IDLE_POLLS: u32 = 20_000;
+/// How long one idle sleep lasts before stop conditions are re-checked.
+pub const IDLE_SLEEP: Duration = Duration::from_millis(50);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_lines_have_the_pf_ring_shape() {
+        let s = stats_block((1000, 64000, 2), (500, 32000, 1), 1.0);
+        let lines: Vec<&str> = s.lines().collect();
+        assert_eq!(lines[0], "=========================");
+        assert_eq!(lines[1], "Absolute Stats: 1000 pkts (2 drops) - 64000 bytes");
+        assert_eq!(lines[2], "Actual Stats: 500.00 pps (1.00 drops) - 0.00 Gbps");
+        assert_eq!(lines[3], "=========================");
+    }
+
+    #[test]
+    fn summary_json_has_the_documented_fields() {
+        let mut s = Summary::new("zc:1@0", 10, 640, 0, Duration::from_secs(2));
+        s.seq_errors = Some(0);
+        s.checksum_errors = Some(1);
+        let v: serde_json::Value = serde_json::from_str(&s.json()).unwrap();
+        assert_eq!(v["packets"], 10);
+        assert_eq!(v["bytes"], 640);
+        assert_eq!(v["seconds"], 2.0);
+        assert_eq!(v["pps"], 5.0);
+        assert_eq!(v["checksum_errors"], 1);
+        let plain = Summary::new("zc:1@0", 1, 1, 0, Duration::from_secs(1)).json();
+        assert!(!plain.contains("seq_errors"));
+    }
+
+    #[test]
+    fn pinning_to_a_missing_core_is_a_clear_error() {
+        let e = pin_to_core(100_000).unwrap_err().to_string();
+        assert!(e.contains("core 100000"), "{e}");
+    }
+}
