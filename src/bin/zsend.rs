@@ -132,6 +132,10 @@ fn run(args: &Args) -> Result<(), String> {
                 }
             }
         }
+        // The buffers just swapped in are written next round: start fetching.
+        for h in &hand[..done] {
+            pool.prefetch(h);
+        }
         sent += done as u64;
         counters.publish(sent, sent * args.len as u64);
     }

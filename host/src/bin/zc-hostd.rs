@@ -42,7 +42,8 @@ struct Args {
     buf_size: u32,
 
     /// Slots per queue (a power of two); each queue holds this many buffers.
-    #[arg(long = "queue-len", value_name = "N", default_value_t = 4096)]
+    /// Short queues stay in cache and are faster; long ones absorb bursts.
+    #[arg(long = "queue-len", value_name = "N", default_value_t = 1024)]
     queue_len: u32,
 
     /// hugetlbfs mount for the pool (file <DIR>/zc/<cluster>/pool).
