@@ -277,6 +277,9 @@ impl Producer {
 }
 
 /// The receiving end. `Send` but not `Sync`: one thread owns it.
+///
+/// Zero-length packets are never delivered: a slot with length 0 in the
+/// consumer's region is an empty left behind by a killed consumer.
 pub struct Consumer {
     ring: RingPtrs,
     head: u32,
@@ -329,6 +332,11 @@ impl Consumer {
         for i in 0..budget {
             let slot = self.ring.slot(self.head.wrapping_add(i as u32));
             match self.limits.decode(slot.load(Ordering::Relaxed)) {
+                // An empty buffer where a packet should be: a consumer was
+                // killed after swapping this slot but before publishing its
+                // index. The packet left with it; the empty stays for the
+                // producer.
+                Some((_, 0)) => {}
                 Some((full, len)) => {
                     let b = &mut bufs[got];
                     slot.store(encode(b.index(), 0), Ordering::Relaxed);
@@ -477,6 +485,29 @@ mod tests {
     }
 
     #[test]
+    fn a_consumer_killed_mid_burst_leaves_no_phantom_packets() {
+        let (r, mut p, mut c) = ring(64);
+        let mut tx = hand(100, 8, 60);
+        assert_eq!(p.send_burst(&mut tx), 8);
+        // Simulate a consumer that swapped 3 slots and died before
+        // publishing its index: the slots hold its empty buffers.
+        // SAFETY: test region, no concurrent writer.
+        unsafe {
+            let slots = r.base().add(RING_HEADER_SIZE).cast::<AtomicU64>();
+            for i in 0..3 {
+                (*slots.add(i)).store(encode(BufferIndex::new(700 + i as u32), 0), Ordering::Relaxed);
+            }
+        }
+        drop(c);
+        // SAFETY: as above; the dead consumer is gone.
+        c = unsafe { Consumer::attach(r.base(), 64, LIMITS) };
+        let mut rx = hand(800, 8, 0);
+        assert_eq!(c.recv_burst(&mut rx), 5);
+        assert_eq!(rx[..5].iter().map(|h| h.index().get()).collect::<Vec<_>>(), (103..108).collect::<Vec<_>>());
+        assert_eq!(c.bad_slots(), 0);
+    }
+
+    #[test]
     fn two_threads_move_a_million_packets_in_order() {
         let (_r, mut p, mut c) = ring(256);
         const N: u64 = 1_000_000;
@@ -488,7 +519,7 @@ mod tests {
                 while pending < tx.len() && seq < N {
                     // Carry the sequence number in the length field (mod 1024).
                     let idx = tx[pending].index();
-                    tx[pending] = BufferHandle::from_raw(idx, (seq % 1024) as u32);
+                    tx[pending] = BufferHandle::from_raw(idx, (seq % 1024) as u32 + 1);
                     seq += 1;
                     pending += 1;
                 }
@@ -506,7 +537,7 @@ mod tests {
         while got < N && Instant::now() < deadline {
             let n = c.recv_burst(&mut rx);
             for h in &rx[..n] {
-                assert_eq!(u64::from(h.len()), got % 1024);
+                assert_eq!(u64::from(h.len()), got % 1024 + 1);
                 got += 1;
             }
             if n == 0 {
