@@ -1,0 +1,218 @@
+//! Test harness for the multi-process tests: starts zc-hostd, zsend and
+//! zcount as real processes and cleans up after them.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// The directory holding this build's binaries (target/<profile>).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps")
+        .to_path_buf()
+}
+
+/// A binary of the workspace; zc-hostd belongs to zc-host, so it is only
+/// there when the whole workspace was built (`cargo test --workspace`).
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: build the workspace first (cargo test --workspace)",
+        p.display()
+    );
+    p
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+pub fn in_ci() -> bool {
+    std::env::var_os("CI").is_some()
+}
+
+/// Skips a test that needs something this machine lacks, except in CI,
+/// where everything the tests need is installed and a skip is a failure.
+pub fn require(ok: bool, what: &str) -> bool {
+    if ok {
+        return true;
+    }
+    assert!(!in_ci(), "CI must provide {what}");
+    eprintln!("SKIPPED: needs {what}");
+    false
+}
+
+/// A cluster id no other test in this run uses.
+pub fn unique_cluster() -> u32 {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    (std::process::id() % 10_000) * 100 + 10_000_000 + NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+pub fn free_hugepages() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("HugePages_Free:"))
+                .map(|v| v.trim().parse().unwrap_or(0))
+        })
+        .unwrap_or(0)
+}
+
+pub fn hugetlbfs_mounted() -> bool {
+    std::fs::read_to_string("/proc/mounts")
+        .is_ok_and(|m| m.lines().any(|l| l.contains(" /dev/hugepages hugetlbfs")))
+}
+
+/// A running zc-hostd with its own run directory.
+pub struct Daemon {
+    pub id: u32,
+    pub run_dir: tempfile::TempDir,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Daemon {
+    /// Starts `zc-hostd -c <id> <args>` and waits for its control socket.
+    pub fn start(args: &[&str]) -> Daemon {
+        Self::start_id(unique_cluster(), args)
+    }
+
+    pub fn start_id(id: u32, args: &[&str]) -> Daemon {
+        let run_dir = tempfile::tempdir().unwrap();
+        Self::start_in(id, run_dir, args)
+    }
+
+    pub fn start_in(id: u32, run_dir: tempfile::TempDir, args: &[&str]) -> Daemon {
+        let log = run_dir.path().join(format!("zc-hostd-{id}.log"));
+        let child = Command::new(bin("zc-hostd"))
+            .args(["-c", &id.to_string(), "--run-dir"])
+            .arg(run_dir.path())
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawn zc-hostd");
+        let mut d = Daemon {
+            id,
+            run_dir,
+            child: Some(child),
+            log,
+        };
+        d.wait_ready();
+        d
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.log_text().contains(" ready: ") {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("zc-hostd exited with {status}: {}", self.log_text());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "zc-hostd not ready: {}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn ctl(&self) -> PathBuf {
+        self.run_dir.path().join(self.id.to_string()).join("ctl")
+    }
+
+    pub fn name(&self, queue: u16) -> String {
+        format!("zc:{}@{queue}", self.id)
+    }
+
+    /// A command for a zc tool talking to this daemon.
+    pub fn tool(&self, name: &str) -> Command {
+        let mut c = Command::new(bin(name));
+        c.env("ZC_RUN_DIR", self.run_dir.path());
+        c
+    }
+
+    pub fn info(&self) -> zc_host::control::ClusterInfo {
+        zc_host::client::cluster_info(self.run_dir.path(), self.id).expect("cluster info")
+    }
+
+    /// Sends a signal and waits for the daemon to exit.
+    pub fn stop(&mut self, sig: i32) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("daemon running");
+        // SAFETY: kill on the pid of a child we spawned and have not reaped.
+        unsafe { libc::kill(child.id() as i32, sig) };
+        child.wait().unwrap()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: as in stop().
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Waits for a child with a timeout, killing it if it overruns.
+pub fn wait_output(mut child: Child, timeout: Duration) -> Output {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return child.wait_with_output().unwrap();
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "process timed out after {timeout:?}; stderr: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The JSON line a tool printed with --json.
+pub fn json(out: &Output) -> serde_json::Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().last().unwrap_or_else(|| {
+        panic!(
+            "no JSON on stdout; stderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("bad JSON {line:?}: {e}"))
+}
+
+/// Asserts a failed run printed exactly one line to stderr containing `want`.
+pub fn assert_one_line_error(out: &Output, want: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "expected failure, got success; stderr: {stderr}"
+    );
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "expected one line, got: {stderr}");
+    assert!(
+        lines[0].contains(want),
+        "expected {want:?} in: {}",
+        lines[0]
+    );
+}
