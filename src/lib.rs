@@ -22,4 +22,6 @@ pub mod testpkt;
 pub mod tool;
 
 pub use open::{open_rx, open_rx_with, open_tx, open_tx_with, Error, Options, Rx, Tx};
-pub use zc_proto::{BufferHandle, BufferIndex, Name, PacketMut, PacketRef, PoolView, QueueEnd, Receiver, Sender};
+pub use zc_proto::{
+    BufferHandle, BufferIndex, Name, PacketMut, PacketRef, PoolView, QueueEnd, Receiver, Sender,
+};

@@ -26,7 +26,9 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Options { run_dir: client::run_dir_from_env() }
+        Options {
+            run_dir: client::run_dir_from_env(),
+        }
     }
 }
 
@@ -56,7 +58,10 @@ pub fn open_rx_with(name: &str, opts: &Options) -> Result<Rx, Error> {
     let (cluster, queue) = resolve(name)?;
     HostRx::open(&opts.run_dir, cluster, queue)
         .map(Rx::Host)
-        .map_err(|source| Error::Host { name: name.to_string(), source })
+        .map_err(|source| Error::Host {
+            name: name.to_string(),
+            source,
+        })
 }
 
 /// Opens `name` (e.g. `zc:99@0`) for sending.
@@ -68,7 +73,10 @@ pub fn open_tx_with(name: &str, opts: &Options) -> Result<Tx, Error> {
     let (cluster, queue) = resolve(name)?;
     HostTx::open(&opts.run_dir, cluster, queue)
         .map(Tx::Host)
-        .map_err(|source| Error::Host { name: name.to_string(), source })
+        .map_err(|source| Error::Host {
+            name: name.to_string(),
+            source,
+        })
 }
 
 impl QueueEnd for Rx {

@@ -28,16 +28,22 @@ fn pattern_byte(i: usize) -> u8 {
 }
 
 fn weighted(bytes: impl Iterator<Item = (usize, u8)>) -> u32 {
-    bytes.fold(0u32, |acc, (i, b)| acc.wrapping_add(u32::from(b).wrapping_mul(i as u32 + 1)))
+    bytes.fold(0u32, |acc, (i, b)| {
+        acc.wrapping_add(u32::from(b).wrapping_mul(i as u32 + 1))
+    })
 }
 
 #[inline(always)]
 fn seq_sum(base: u32, seq: u64) -> u32 {
-    base.wrapping_add(seq as u32).wrapping_add((seq >> 32) as u32)
+    base.wrapping_add(seq as u32)
+        .wrapping_add((seq >> 32) as u32)
 }
 
 fn ipv4_checksum(h: &[u8]) -> u16 {
-    let mut sum: u32 = h.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], c[1]]))).sum();
+    let mut sum: u32 = h
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
+        .sum();
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
@@ -136,7 +142,9 @@ pub fn verify(p: &PacketRef<'_>) -> Result<u64, Defect> {
     let mut off = PATTERN_OFFSET;
     while off < len {
         let n = p.read_at(off, &mut body);
-        sum = sum.wrapping_add(weighted(body[..n].iter().enumerate().map(|(i, &b)| (off + i, b))));
+        sum = sum.wrapping_add(weighted(
+            body[..n].iter().enumerate().map(|(i, &b)| (off + i, b)),
+        ));
         off += n;
     }
     if seq_sum(sum, seq) != csum {
@@ -182,7 +190,11 @@ mod tests {
     fn headers_are_valid_ethernet_ipv4_udp() {
         let p = Template::new(64).packet(0);
         assert_eq!(&p[12..14], &[0x08, 0x00]);
-        assert_eq!(ipv4_checksum(&p[14..34]), 0, "IPv4 header checksum verifies");
+        assert_eq!(
+            ipv4_checksum(&p[14..34]),
+            0,
+            "IPv4 header checksum verifies"
+        );
         assert_eq!(u16::from_be_bytes([p[16], p[17]]), 50);
         assert_eq!(u16::from_be_bytes([p[38], p[39]]), 30);
         assert_eq!(p[23], 17);
@@ -203,7 +215,9 @@ mod tests {
             // Flip one payload byte: the checksum catches it.
             let last = len - 1;
             let old = pool.packet(&h).to_vec()[last];
-            pool.packet_mut(&mut h).write_at(last, &[old ^ 0x40]).unwrap();
+            pool.packet_mut(&mut h)
+                .write_at(last, &[old ^ 0x40])
+                .unwrap();
             assert_eq!(verify(&pool.packet(&h)), Err(Defect::Checksum));
             // A buffer holding a different length's template is rewritten whole.
             let t2 = Template::new(if len == 60 { 100 } else { 60 });

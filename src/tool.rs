@@ -14,7 +14,9 @@ pub const BURST: usize = 32;
 pub fn pin_to_core(core: usize) -> io::Result<()> {
     let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
     if core >= libc::CPU_SETSIZE as usize {
-        return Err(io::Error::other(format!("core {core} does not exist (this machine has {ncpu})")));
+        return Err(io::Error::other(format!(
+            "core {core} does not exist (this machine has {ncpu})"
+        )));
     }
     // SAFETY: cpu_set_t is plain data; CPU_SET writes inside it (core checked above).
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
@@ -23,7 +25,9 @@ pub fn pin_to_core(core: usize) -> io::Result<()> {
     // SAFETY: sched_setaffinity reads the set we own, for this thread (0).
     if unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) } != 0 {
         let e = io::Error::last_os_error();
-        return Err(io::Error::other(format!("cannot pin to core {core} (this machine has {ncpu} cores): {e}")));
+        return Err(io::Error::other(format!(
+            "cannot pin to core {core} (this machine has {ncpu} cores): {e}"
+        )));
     }
     Ok(())
 }
@@ -125,7 +129,10 @@ impl Reporter {
                 last = now;
             }
         });
-        Reporter { done, thread: Some(thread) }
+        Reporter {
+            done,
+            thread: Some(thread),
+        }
     }
 }
 
@@ -163,7 +170,11 @@ impl Summary {
             bytes,
             drops,
             seconds,
-            pps: if seconds > 0.0 { packets as f64 / seconds } else { 0.0 },
+            pps: if seconds > 0.0 {
+                packets as f64 / seconds
+            } else {
+                0.0
+            },
             gbps: gbps(bytes as f64, seconds),
             seq_errors: None,
             checksum_errors: None,
@@ -179,7 +190,9 @@ impl Summary {
             self.packets, self.drops, self.bytes, self.packets, self.seconds, self.pps, self.gbps
         );
         if let (Some(q), Some(c)) = (self.seq_errors, self.checksum_errors) {
-            s.push_str(&format!("\nVerify: {q} sequence errors, {c} checksum errors"));
+            s.push_str(&format!(
+                "\nVerify: {q} sequence errors, {c} checksum errors"
+            ));
         }
         s.push_str("\n=========================");
         s
@@ -204,8 +217,14 @@ mod tests {
         let s = stats_block((1000, 64000, 2), (500, 32000, 1), 1.0);
         let lines: Vec<&str> = s.lines().collect();
         assert_eq!(lines[0], "=========================");
-        assert_eq!(lines[1], "Absolute Stats: 1000 pkts (2 drops) - 64000 bytes");
-        assert_eq!(lines[2], "Actual Stats: 500.00 pps (1.00 drops) - 0.00 Gbps");
+        assert_eq!(
+            lines[1],
+            "Absolute Stats: 1000 pkts (2 drops) - 64000 bytes"
+        );
+        assert_eq!(
+            lines[2],
+            "Actual Stats: 500.00 pps (1.00 drops) - 0.00 Gbps"
+        );
         assert_eq!(lines[3], "=========================");
     }
 

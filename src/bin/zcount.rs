@@ -73,7 +73,9 @@ fn run(args: &Args) -> Result<(), String> {
     }
     let stop = tool::stop_on_signals();
     let mut rx = zc::open_rx(&args.name).map_err(|e| e.to_string())?;
-    let mut hand = rx.take_buffers(BURST).map_err(|e| format!("{}: {e}", args.name))?;
+    let mut hand = rx
+        .take_buffers(BURST)
+        .map_err(|e| format!("{}: {e}", args.name))?;
     let counters = Arc::new(Counters::default());
     let reporter = Reporter::start(counters.clone());
     let limit = args.count.unwrap_or(u64::MAX);

@@ -78,11 +78,16 @@ impl Pacer {
 
 fn run(args: &Args) -> Result<(), String> {
     if args.len < MIN_LEN {
-        return Err(format!("-l {} is too short: packets are at least {MIN_LEN} bytes", args.len));
+        return Err(format!(
+            "-l {} is too short: packets are at least {MIN_LEN} bytes",
+            args.len
+        ));
     }
     if let Some(r) = args.rate {
         if !(r > 0.0 && r.is_finite()) {
-            return Err(format!("-r {r} is not a rate: give packets per second above 0"));
+            return Err(format!(
+                "-r {r} is not a rate: give packets per second above 0"
+            ));
         }
     }
     if let Some(core) = args.core {
@@ -100,11 +105,16 @@ fn run(args: &Args) -> Result<(), String> {
         ));
     }
     let template = Template::new(args.len);
-    let mut hand = tx.take_buffers(BURST).map_err(|e| format!("{}: {e}", args.name))?;
+    let mut hand = tx
+        .take_buffers(BURST)
+        .map_err(|e| format!("{}: {e}", args.name))?;
     let counters = Arc::new(Counters::default());
     let reporter = Reporter::start(counters.clone());
     let limit = args.count.unwrap_or(u64::MAX);
-    let pacer = Pacer { pps: args.rate, start: Instant::now() };
+    let pacer = Pacer {
+        pps: args.rate,
+        start: Instant::now(),
+    };
     let start = Instant::now();
     let mut sent = 0u64;
     let pool = *tx.pool();
