@@ -495,7 +495,10 @@ mod tests {
         unsafe {
             let slots = r.base().add(RING_HEADER_SIZE).cast::<AtomicU64>();
             for i in 0..3 {
-                (*slots.add(i)).store(encode(BufferIndex::new(700 + i as u32), 0), Ordering::Relaxed);
+                (*slots.add(i)).store(
+                    encode(BufferIndex::new(700 + i as u32), 0),
+                    Ordering::Relaxed,
+                );
             }
         }
         drop(c);
@@ -503,7 +506,10 @@ mod tests {
         c = unsafe { Consumer::attach(r.base(), 64, LIMITS) };
         let mut rx = hand(800, 8, 0);
         assert_eq!(c.recv_burst(&mut rx), 5);
-        assert_eq!(rx[..5].iter().map(|h| h.index().get()).collect::<Vec<_>>(), (103..108).collect::<Vec<_>>());
+        assert_eq!(
+            rx[..5].iter().map(|h| h.index().get()).collect::<Vec<_>>(),
+            (103..108).collect::<Vec<_>>()
+        );
         assert_eq!(c.bad_slots(), 0);
     }
 
