@@ -254,7 +254,7 @@ fn malformed_names_are_one_line_errors() {
 fn second_consumer_is_refused_with_the_holders_pid() {
     let d = Daemon::start(&["-q", "1", "--buffers", "4096", "--no-hugepages"]);
     let spare = d.info().spare_buffers;
-    let mut first = d
+    let first = d
         .tool("zcount")
         .args(["-i", &d.name(0)])
         .stderr(Stdio::piped())
