@@ -429,7 +429,7 @@ mod tests {
             tx.iter().map(|h| h.index().get()).collect::<Vec<_>>(),
             (0..8).collect::<Vec<_>>()
         );
-        assert!(tx.iter().all(|h| h.len() == 0));
+        assert!(tx.iter().all(|h| h.is_empty()));
         let mut rx = hand(600, 16, 0);
         assert_eq!(c.recv_burst(&mut rx), 8);
         assert_eq!(
@@ -501,7 +501,7 @@ mod tests {
                 );
             }
         }
-        drop(c);
+        let _ = c;
         // SAFETY: as above; the dead consumer is gone.
         c = unsafe { Consumer::attach(r.base(), 64, LIMITS) };
         let mut rx = hand(800, 8, 0);
