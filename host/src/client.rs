@@ -96,12 +96,15 @@ pub struct HostQueue<E> {
 pub type HostRx = HostQueue<Consumer>;
 pub type HostTx = HostQueue<Producer>;
 
-fn attach(
+/// Attaches to `queue` in `role`, maps pool and queues, and builds the ring
+/// end with `end`.
+fn attach<E>(
     run_dir: &Path,
     cluster: u32,
     queue: u16,
     role: Role,
-) -> Result<(UnixStream, ClusterInfo, QueueArea, Mapping, PoolView), ClientError> {
+    end: impl FnOnce(&QueueArea, u16) -> E,
+) -> Result<HostQueue<E>, ClientError> {
     let conn = connect(run_dir, cluster)?;
     let (reply, fds) = call(&conn, &Request::Attach { queue, role })?;
     let Reply::Attached(info) = reply else {
@@ -113,11 +116,11 @@ fn attach(
         .try_into()
         .map_err(|_| ClientError::Pool("expected two descriptors".into()))?;
     let size = shm::file_size(pool_fd.as_fd()).map_err(|e| ClientError::Pool(e.to_string()))?;
-    let pool_map = Mapping::map(pool_fd.as_fd(), size as usize, true)
-        .map_err(|e| ClientError::Pool(e.to_string()))?;
     if size < zc_proto::layout::HEADER_SIZE {
         return Err(ClientError::Pool("smaller than its header".into()));
     }
+    let pool_map = Mapping::map(pool_fd.as_fd(), size as usize, true)
+        .map_err(|e| ClientError::Pool(e.to_string()))?;
     // SAFETY: size >= HEADER_SIZE, so the header lies inside the mapping.
     let header = unsafe { std::ptr::read_volatile(pool_map.as_ptr().cast::<PoolHeader>()) };
     let layout =
@@ -126,42 +129,29 @@ fn attach(
     // lives in the HostQueue next to every copy of this view.
     let view = unsafe { PoolView::new(pool_map.as_ptr(), layout) };
     let queues = QueueArea::open(queue_fd, &layout)?;
-    Ok((conn, info, queues, pool_map, view))
+    let end = end(&queues, queue);
+    Ok(HostQueue {
+        conn,
+        end,
+        queues,
+        view,
+        _pool_map: pool_map,
+        info,
+        queue,
+    })
 }
 
 impl HostRx {
     /// Attaches as the consumer of `queue` of `cluster`.
     pub fn open(run_dir: &Path, cluster: u32, queue: u16) -> Result<Self, ClientError> {
-        let (conn, info, queues, _pool_map, view) =
-            attach(run_dir, cluster, queue, Role::Consumer)?;
-        let end = queues.consumer(queue);
-        Ok(HostQueue {
-            conn,
-            end,
-            queues,
-            view,
-            _pool_map,
-            info,
-            queue,
-        })
+        attach(run_dir, cluster, queue, Role::Consumer, QueueArea::consumer)
     }
 }
 
 impl HostTx {
     /// Attaches as the producer of `queue` of `cluster`.
     pub fn open(run_dir: &Path, cluster: u32, queue: u16) -> Result<Self, ClientError> {
-        let (conn, info, queues, _pool_map, view) =
-            attach(run_dir, cluster, queue, Role::Producer)?;
-        let end = queues.producer(queue);
-        Ok(HostQueue {
-            conn,
-            end,
-            queues,
-            view,
-            _pool_map,
-            info,
-            queue,
-        })
+        attach(run_dir, cluster, queue, Role::Producer, QueueArea::producer)
     }
 }
 
