@@ -40,6 +40,8 @@ pub enum Request {
     Alloc { count: u32 },
     /// Describe the cluster.
     Info,
+    /// Cluster and per-export statistics.
+    Stats,
 }
 
 /// What an attached process needs to map the cluster's memory.
@@ -66,6 +68,10 @@ pub enum Reply {
         indices: Vec<u32>,
     },
     Info(ClusterInfo),
+    Stats {
+        info: ClusterInfo,
+        exports: Vec<crate::export::stats::ExportStats>,
+    },
     Error {
         message: String,
     },

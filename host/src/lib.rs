@@ -8,6 +8,7 @@
 pub mod client;
 pub mod control;
 pub mod daemon;
+pub mod export;
 pub mod futex;
 pub mod pool;
 pub mod queues;

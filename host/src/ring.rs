@@ -373,6 +373,37 @@ impl Consumer {
     pub fn bad_slots(&self) -> u64 {
         self.bad_slots
     }
+
+    /// The word a sleeping consumer waits on; the producer bumps it and
+    /// wakes it. A consumer that also sleeps for other reasons (the export
+    /// thread waits for guest kicks too) lets those wakers bump it as well.
+    pub fn wake_word(&self) -> *const AtomicU32 {
+        &self.ring.shared().cons_wake
+    }
+
+    /// Asks the producer to wake this consumer from now on; returns whether
+    /// packets are already waiting (then do not sleep). Read
+    /// [`Consumer::wake_word`] before calling, sleep on it after, and call
+    /// [`Consumer::disarm_wakeup`] when awake.
+    pub fn arm_wakeup(&mut self) -> bool {
+        let s = self.ring.shared();
+        s.cons_sleeping.store(1, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        self.prod_cache = s.prod.load(Ordering::Acquire);
+        self.ready() != 0
+    }
+
+    pub fn disarm_wakeup(&mut self) {
+        self.ring.shared().cons_sleeping.store(0, Ordering::Relaxed);
+    }
+
+    /// Whether packets are waiting (refreshes the cached producer index).
+    pub fn has_packets(&mut self) -> bool {
+        if self.ready() == 0 {
+            self.prod_cache = self.ring.shared().prod.load(Ordering::Acquire);
+        }
+        self.ready() != 0
+    }
 }
 
 #[cfg(test)]

@@ -2,8 +2,10 @@
 //! queue role, and the buffers nobody holds.
 
 use crate::control::{ClusterInfo, Role};
+use crate::export::owner::OwnerTable;
 use crate::pool::{Backing, Pool, PoolError, PoolOptions};
 use crate::queues::{QueueArea, QueueError, QueueGeometry};
+use std::sync::Arc;
 use thiserror::Error;
 use zc_proto::{BufferIndex, PoolLayout};
 
@@ -36,6 +38,13 @@ pub enum AttachError {
         role: Role,
         pid: u32,
     },
+    #[error("queue {queue} of cluster {cluster} is the {role} side of the vhost-user export {export}; use another queue or drop that --export")]
+    HeldByExport {
+        cluster: u32,
+        queue: u16,
+        role: Role,
+        export: String,
+    },
     #[error("cannot hand out {wanted} buffers: at most {MAX_ALLOC} per process")]
     AllocTooLarge { wanted: u32 },
     #[error(
@@ -49,10 +58,28 @@ pub enum AttachError {
     },
 }
 
-#[derive(Clone, Copy, Debug)]
-struct Holder {
-    conn: ConnId,
-    pid: u32,
+#[derive(Clone, Debug)]
+enum Holder {
+    Process {
+        conn: ConnId,
+        pid: u32,
+    },
+    /// A vhost-user export's poll thread (lives as long as the daemon).
+    Export {
+        name: String,
+    },
+}
+
+/// Something in the daemon that holds buffers outside the rings: the
+/// vhost-user exports (their hands and their guests' buffers). A reclaim
+/// must not free what they hold.
+pub trait BufferHolder: Send + Sync {
+    /// Stops touching rings and buffers and returns every buffer held;
+    /// `None` if the holder could not stop in time (then nothing is reclaimed).
+    fn pause(&self) -> Option<Vec<BufferIndex>>;
+    /// Undoes `pause`.
+    fn resume(&self);
+    fn name(&self) -> String;
 }
 
 pub struct Cluster {
@@ -60,6 +87,9 @@ pub struct Cluster {
     queues: QueueArea,
     spare: Vec<BufferIndex>,
     holders: Vec<[Option<Holder>; 2]>,
+    /// Which export's guest holds which buffer (host-private).
+    owners: Arc<OwnerTable>,
+    exports: Vec<Arc<dyn BufferHolder>>,
     /// Connections that took buffers or a role and have not closed.
     active: std::collections::BTreeMap<ConnId, u32>,
     /// Buffers that left with processes that exited while others stayed.
@@ -94,6 +124,8 @@ impl Cluster {
             queues,
             spare,
             holders: vec![[None, None]; usize::from(geometry.queue_count)],
+            owners: Arc::new(OwnerTable::new(layout.buf_count)),
+            exports: Vec::new(),
             active: Default::default(),
             stranded: 0,
         })
@@ -145,15 +177,26 @@ impl Cluster {
                 queue,
                 queues,
             })?;
-        if let Some(h) = slot[role_slot(role)] {
-            return Err(AttachError::RoleTaken {
-                cluster,
-                queue,
-                role,
-                pid: h.pid,
-            });
+        match &slot[role_slot(role)] {
+            Some(Holder::Process { pid, .. }) => {
+                return Err(AttachError::RoleTaken {
+                    cluster,
+                    queue,
+                    role,
+                    pid: *pid,
+                })
+            }
+            Some(Holder::Export { name }) => {
+                return Err(AttachError::HeldByExport {
+                    cluster,
+                    queue,
+                    role,
+                    export: name.clone(),
+                })
+            }
+            None => {}
         }
-        slot[role_slot(role)] = Some(Holder { conn, pid });
+        slot[role_slot(role)] = Some(Holder::Process { conn, pid });
         self.active.entry(conn).or_insert(0);
         log::info!("pid {pid} attached to queue {queue} as {role}");
         Ok(())
@@ -187,16 +230,16 @@ impl Cluster {
     pub fn release(&mut self, conn: ConnId) {
         for (q, slot) in self.holders.iter_mut().enumerate() {
             for (r, h) in slot.iter_mut().enumerate() {
-                if h.is_some_and(|h| h.conn == conn) {
+                if let Some(Holder::Process { conn: c, pid }) = h {
+                    if *c != conn {
+                        continue;
+                    }
                     let role = if r == 0 {
                         Role::Producer
                     } else {
                         Role::Consumer
                     };
-                    log::info!(
-                        "pid {} detached from queue {q} ({role})",
-                        h.map_or(0, |h| h.pid)
-                    );
+                    log::info!("pid {pid} detached from queue {q} ({role})");
                     *h = None;
                 }
             }
@@ -216,6 +259,31 @@ impl Cluster {
     fn reclaim(&mut self) {
         let count = self.pool.layout().buf_count as usize;
         let mut in_ring = vec![false; count];
+        // Exports keep running while processes come and go: park them so
+        // their hands hold still, and keep everything they hold.
+        let mut paused: Vec<Arc<dyn BufferHolder>> = Vec::new();
+        for e in &self.exports {
+            match e.pause() {
+                Some(held) => {
+                    paused.push(e.clone());
+                    for b in held {
+                        if let Some(x) = in_ring.get_mut(b.get() as usize) {
+                            *x = true;
+                        }
+                    }
+                }
+                None => {
+                    log::warn!(
+                        "export {} did not pause; buffers of exited processes stay stranded",
+                        e.name()
+                    );
+                    for p in paused {
+                        p.resume();
+                    }
+                    return;
+                }
+            }
+        }
         let mut broken = Vec::new();
         for q in 0..self.queues.geometry().queue_count {
             for (i, slot) in self.queues.contents(q).into_iter().enumerate() {
@@ -245,6 +313,62 @@ impl Cluster {
         );
         self.spare = free;
         self.stranded = 0;
+        for p in paused {
+            p.resume();
+        }
+    }
+
+    /// An export takes `role` on `queue` for the daemon's lifetime.
+    pub fn attach_export(&mut self, name: &str, queue: u16, role: Role) -> Result<(), AttachError> {
+        let cluster = self.id();
+        let queues = self.queues.geometry().queue_count;
+        let slot = self
+            .holders
+            .get_mut(usize::from(queue))
+            .ok_or(AttachError::QueueRange {
+                cluster,
+                queue,
+                queues,
+            })?;
+        if let Some(h) = &slot[role_slot(role)] {
+            return Err(match h {
+                Holder::Process { pid, .. } => AttachError::RoleTaken {
+                    cluster,
+                    queue,
+                    role,
+                    pid: *pid,
+                },
+                Holder::Export { name } => AttachError::HeldByExport {
+                    cluster,
+                    queue,
+                    role,
+                    export: name.clone(),
+                },
+            });
+        }
+        slot[role_slot(role)] = Some(Holder::Export { name: name.into() });
+        Ok(())
+    }
+
+    /// Buffers for an export (its hands and its guest's stock), from the spare list.
+    pub fn take_spare(&mut self, count: u32) -> Result<Vec<BufferIndex>, AttachError> {
+        if count as usize > self.spare.len() {
+            return Err(AttachError::NoSpare {
+                cluster: self.id(),
+                wanted: count,
+                spare: self.spare.len() as u32,
+            });
+        }
+        let at = self.spare.len() - count as usize;
+        Ok(self.spare.split_off(at).into_iter().rev().collect())
+    }
+
+    pub fn add_buffer_holder(&mut self, h: Arc<dyn BufferHolder>) {
+        self.exports.push(h);
+    }
+
+    pub fn owners(&self) -> &Arc<OwnerTable> {
+        &self.owners
     }
 
     pub fn spare_count(&self) -> usize {

@@ -3,6 +3,7 @@
 
 use super::cluster::{Cluster, ConnId, CreateError};
 use crate::control::{self, Reply, Request};
+use crate::export::{self, Export, ExportConfig, ExportError};
 use crate::pool::PoolOptions;
 use crate::queues::QueueGeometry;
 use std::collections::BTreeMap;
@@ -12,6 +13,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use thiserror::Error;
 
@@ -25,6 +27,8 @@ pub enum DaemonError {
     Listen { path: PathBuf, source: io::Error },
     #[error(transparent)]
     Create(#[from] CreateError),
+    #[error(transparent)]
+    Export(#[from] ExportError),
     #[error("signal set-up failed: {0}")]
     Signals(io::Error),
     #[error("poll failed: {0}")]
@@ -35,6 +39,12 @@ pub struct DaemonOptions {
     pub pool: PoolOptions,
     pub geometry: QueueGeometry,
     pub run_dir: PathBuf,
+    /// Queues served to VMs over vhost-user.
+    pub exports: Vec<ExportConfig>,
+}
+
+fn lock_cluster(c: &Mutex<Cluster>) -> MutexGuard<'_, Cluster> {
+    c.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Where a cluster's control files live.
@@ -165,7 +175,8 @@ struct Conn {
 }
 
 pub struct Daemon {
-    cluster: Cluster,
+    cluster: Arc<Mutex<Cluster>>,
+    exports: Vec<Export>,
     listener: UnixListener,
     signals: OwnedFd,
     lock: RunLock,
@@ -186,6 +197,18 @@ impl Daemon {
                 return Err(e.into());
             }
         };
+        let cluster = Arc::new(Mutex::new(cluster));
+        let exports = match export::start(&cluster, &opts.exports) {
+            Ok(e) => e,
+            Err(e) => {
+                lock_cluster(&cluster).remove_files();
+                for x in &opts.exports {
+                    let _ = fs::remove_file(&x.spec.path);
+                }
+                lock.remove();
+                return Err(e.into());
+            }
+        };
         let path = control_path(&opts.run_dir, id);
         let listen = |source| DaemonError::Listen {
             path: path.clone(),
@@ -196,12 +219,13 @@ impl Daemon {
             .and_then(|l| fs::set_permissions(&path, fs::Permissions::from_mode(0o660)).map(|_| l))
             .and_then(|l| l.set_nonblocking(true).map(|_| l))
             .map_err(|e| {
-                cluster.remove_files();
+                lock_cluster(&cluster).remove_files();
                 lock.remove();
                 listen(e)
             })?;
         Ok(Daemon {
             cluster,
+            exports,
             listener,
             signals,
             lock,
@@ -210,8 +234,12 @@ impl Daemon {
         })
     }
 
-    pub fn cluster(&self) -> &Cluster {
-        &self.cluster
+    pub fn cluster(&self) -> MutexGuard<'_, Cluster> {
+        lock_cluster(&self.cluster)
+    }
+
+    pub fn exports(&self) -> &[Export] {
+        &self.exports
     }
 
     pub fn control_path(&self) -> PathBuf {
@@ -259,7 +287,7 @@ impl Daemon {
             for (pfd, id) in fds[2..].iter().zip(ids) {
                 if pfd.revents != 0 && !self.serve(id) {
                     self.conns.remove(&id);
-                    self.cluster.release(id);
+                    self.cluster().release(id);
                 }
             }
         }
@@ -298,14 +326,22 @@ impl Daemon {
             }
         };
         let pid = conn.pid;
+        let mut cluster = lock_cluster(&self.cluster);
         let (reply, fds): (Reply, Vec<i32>) = match req {
-            Request::Info => (Reply::Info(self.cluster.info()), vec![]),
-            Request::Attach { queue, role } => match self.cluster.attach(id, pid, queue, role) {
+            Request::Info => (Reply::Info(cluster.info()), vec![]),
+            Request::Stats => (
+                Reply::Stats {
+                    info: cluster.info(),
+                    exports: self.exports.iter().map(|e| e.shared.stats()).collect(),
+                },
+                vec![],
+            ),
+            Request::Attach { queue, role } => match cluster.attach(id, pid, queue, role) {
                 Ok(()) => (
-                    Reply::Attached(self.cluster.info()),
+                    Reply::Attached(cluster.info()),
                     vec![
-                        self.cluster.pool().file().as_raw_fd(),
-                        self.cluster.queues().fd().as_raw_fd(),
+                        cluster.pool().file().as_raw_fd(),
+                        cluster.queues().fd().as_raw_fd(),
                     ],
                 ),
                 Err(e) => (
@@ -315,7 +351,7 @@ impl Daemon {
                     vec![],
                 ),
             },
-            Request::Alloc { count } => match self.cluster.alloc(id, count) {
+            Request::Alloc { count } => match cluster.alloc(id, count) {
                 Ok(indices) => (Reply::Buffers { indices }, vec![]),
                 Err(e) => (
                     Reply::Error {
@@ -325,7 +361,9 @@ impl Daemon {
                 ),
             },
         };
-        if let Err(e) = control::send(&self.conns[&id].sock, &reply, &fds) {
+        let sent = control::send(&self.conns[&id].sock, &reply, &fds);
+        drop(cluster);
+        if let Err(e) = sent {
             log::warn!("reply to pid {pid} failed: {e}");
             return false;
         }
@@ -334,7 +372,10 @@ impl Daemon {
 
     fn shutdown(&mut self) {
         self.conns.clear();
-        self.cluster.remove_files();
+        for e in &self.exports {
+            let _ = fs::remove_file(&e.shared.spec.path);
+        }
+        self.cluster().remove_files();
         self.lock.remove();
     }
 }

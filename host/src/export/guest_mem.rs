@@ -1,0 +1,117 @@
+//! The frontend's memory table as the export sees it: guest-physical
+//! ranges mapped into the daemon, and among them the pool, recognised by
+//! the (device, inode) of the region's file.
+
+use std::os::unix::fs::MetadataExt;
+use std::sync::Arc;
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MmapRegion};
+
+/// Identity of the pool file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileId {
+    pub dev: u64,
+    pub ino: u64,
+}
+
+impl FileId {
+    pub fn of(f: &std::fs::File) -> std::io::Result<Self> {
+        let m = f.metadata()?;
+        Ok(FileId {
+            dev: m.dev(),
+            ino: m.ino(),
+        })
+    }
+}
+
+struct Region {
+    gpa: u64,
+    end: u64,
+    host: *mut u8,
+    /// Pool offset of the region's first byte, for the pool region.
+    pool_base: Option<u64>,
+    _map: Arc<MmapRegion<()>>,
+}
+
+/// Where a guest-physical range lands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// Ordinary guest memory at this host address.
+    Ram(*mut u8),
+    /// The pool, at this pool offset.
+    Pool(u64),
+}
+
+/// A snapshot of the memory table. Holds the mappings, so host pointers it
+/// returns stay valid while it lives even if the frontend changes the table.
+#[derive(Default)]
+pub struct GuestMap {
+    regions: Vec<Region>,
+    /// Regions backed by the pool file but not wholly inside it: nothing in
+    /// them is usable.
+    pub bad_pool_regions: usize,
+}
+
+// SAFETY: the raw pointers point into mappings owned by the Arcs held beside
+// them; the map itself is immutable after construction.
+unsafe impl Send for GuestMap {}
+
+impl GuestMap {
+    /// Builds the map from the frontend's table; `pool` identifies the pool
+    /// file and its size.
+    pub fn new(mem: &GuestMemoryMmap<()>, pool: FileId, pool_size: u64) -> Self {
+        let mut map = GuestMap::default();
+        for r in mem.iter() {
+            let m = r.get_mmap();
+            let gpa = r.start_addr().0;
+            let len = r.len();
+            let mut pool_base = None;
+            if let Some(fo) = m.file_offset() {
+                if FileId::of(fo.file()).ok() == Some(pool) {
+                    match fo.start().checked_add(len) {
+                        Some(end) if end <= pool_size => pool_base = Some(fo.start()),
+                        _ => {
+                            map.bad_pool_regions += 1;
+                            continue;
+                        }
+                    }
+                }
+            }
+            let Some(end) = gpa.checked_add(len) else {
+                continue;
+            };
+            map.regions.push(Region {
+                gpa,
+                end,
+                host: m.as_ptr(),
+                pool_base,
+                _map: m,
+            });
+        }
+        map
+    }
+
+    pub fn has_pool(&self) -> bool {
+        self.regions.iter().any(|r| r.pool_base.is_some())
+    }
+
+    /// Translates `[gpa, gpa + len)`, which must lie inside one region.
+    #[inline]
+    pub fn translate(&self, gpa: u64, len: u64) -> Option<Target> {
+        let end = gpa.checked_add(len)?;
+        let r = self.regions.iter().find(|r| gpa >= r.gpa && end <= r.end)?;
+        let off = gpa - r.gpa;
+        Some(match r.pool_base {
+            Some(base) => Target::Pool(base + off),
+            // SAFETY: gpa + len <= r.end, so the result lies inside the mapping.
+            None => Target::Ram(unsafe { r.host.add(off as usize) }),
+        })
+    }
+
+    /// The guest-physical address of pool offset `off`, if the pool is mapped.
+    pub fn pool_gpa(&self, off: u64) -> Option<u64> {
+        self.regions.iter().find_map(|r| {
+            let base = r.pool_base?;
+            (off >= base && off - base < r.end - r.gpa).then(|| r.gpa + (off - base))
+        })
+    }
+}

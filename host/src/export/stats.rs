@@ -1,0 +1,140 @@
+//! Per-export counters: written by the export's poll thread (single writer,
+//! relaxed stores), read by anyone at any time.
+
+use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+macro_rules! counters {
+    ($(#[$m:meta])* $name:ident, $snap:ident { $($(#[$fm:meta])* $f:ident),* $(,)? }) => {
+        $(#[$m])*
+        #[derive(Default, Debug)]
+        pub struct $name { $(pub $f: AtomicU64),* }
+
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+        pub struct $snap { $($(#[$fm])* pub $f: u64),* }
+
+        impl $name {
+            pub fn snapshot(&self) -> $snap {
+                $snap { $($f: self.$f.load(Ordering::Relaxed)),* }
+            }
+            /// Publishes the poll thread's local counts.
+            pub fn publish(&self, s: &$snap) {
+                $(self.$f.store(s.$f, Ordering::Relaxed);)*
+            }
+        }
+    };
+}
+
+counters!(
+    /// Host to guest: cluster queue `rx` into the guest's RX virtqueue.
+    RxCounters, RxStats {
+        /// Packets delivered to the guest.
+        packets,
+        bytes,
+        /// Delivered by copying into guest memory.
+        copied,
+        /// Delivered by exchanging a pool buffer (zero-copy).
+        exchanged,
+        /// Dropped: larger than the guest's buffer chain (without MRG_RXBUF).
+        drop_too_big,
+        /// Guest descriptors dropped because they failed validation.
+        invalid_desc,
+        /// Interrupts (call eventfd writes) sent to the guest.
+        interrupts,
+    }
+);
+
+counters!(
+    /// Guest to host: the guest's TX virtqueue into cluster queue `tx`.
+    TxCounters, TxStats {
+        packets,
+        bytes,
+        copied,
+        exchanged,
+        /// Counted and dropped: the export has no `tx` queue.
+        drop_no_queue,
+        /// Dropped: empty, shorter than the virtio-net header, or larger than a buffer.
+        drop_bad_len,
+        invalid_desc,
+        /// Interrupts sent to the guest for TX completions.
+        interrupts,
+    }
+);
+
+counters!(
+    /// Device-wide events.
+    DevCounters, DevStats {
+        /// Frontends that connected to the socket so far.
+        connections,
+        /// 1 while a frontend is connected.
+        connected,
+        /// 1 while the device is marked NEEDS_RESET (a structurally broken ring).
+        needs_reset,
+        /// Rings found structurally broken so far.
+        broken_rings,
+        /// Kicks (guest notifications) received.
+        kicks,
+        /// Times the poll thread went to sleep.
+        sleeps,
+    }
+);
+
+/// Everything `zc-hostd stats` shows about one export.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExportStats {
+    pub name: String,
+    pub path: String,
+    pub mac: String,
+    pub rx_queue: Option<u16>,
+    pub tx_queue: Option<u16>,
+    pub rx: RxStats,
+    pub tx: TxStats,
+    pub dev: DevStats,
+}
+
+#[derive(Default, Debug)]
+pub struct ExportCounters {
+    pub rx: RxCounters,
+    pub tx: TxCounters,
+    pub dev: DevCounters,
+}
+
+/// One line per export for `-v` and `zc-hostd stats`: absolute counts plus,
+/// given the previous snapshot and the seconds between, rates.
+pub fn format_line(s: &ExportStats, prev: Option<(&ExportStats, f64)>) -> String {
+    let rate =
+        |now: u64, before: u64, secs: f64| (now.saturating_sub(before)) as f64 / secs.max(1e-9);
+    let mut line = format!(
+        "export {}: {} | rx {} pkts {} B ({} copied, {} exchanged, {} too big, {} bad desc) | \
+         tx {} pkts {} B ({} copied, {} exchanged, {} no queue, {} bad len, {} bad desc)",
+        s.name,
+        if s.dev.needs_reset != 0 {
+            "NEEDS_RESET"
+        } else if s.dev.connected != 0 {
+            "connected"
+        } else {
+            "waiting"
+        },
+        s.rx.packets,
+        s.rx.bytes,
+        s.rx.copied,
+        s.rx.exchanged,
+        s.rx.drop_too_big,
+        s.rx.invalid_desc,
+        s.tx.packets,
+        s.tx.bytes,
+        s.tx.copied,
+        s.tx.exchanged,
+        s.tx.drop_no_queue,
+        s.tx.drop_bad_len,
+        s.tx.invalid_desc,
+    );
+    if let Some((p, secs)) = prev {
+        line.push_str(&format!(
+            " | rx {:.0} pps tx {:.0} pps",
+            rate(s.rx.packets, p.rx.packets, secs),
+            rate(s.tx.packets, p.tx.packets, secs)
+        ));
+    }
+    line
+}

@@ -1,0 +1,121 @@
+//! Guest to host: what the guest transmits, into cluster queue `tx` (or
+//! counted and dropped when the export has none), by exchanging pool
+//! buffers or by copying the chain into an empty pool buffer.
+
+use super::poll::{Worker, BURST, TXQ};
+use super::virtq::PoolCtx;
+use super::virtq::RingError;
+use std::ptr;
+use zc_proto::buffer::VIRTIO_NET_HDR_LEN;
+use zc_proto::BufferHandle;
+
+const HDR: u64 = VIRTIO_NET_HDR_LEN as u64;
+
+impl Worker {
+    /// Sends what waits in tx_pending; true when nothing is left.
+    fn flush_tx(&mut self) -> bool {
+        if let Some(p) = self.tx_end.as_mut() {
+            if !self.tx_pending.is_empty() {
+                let n = p.send_burst(&mut self.tx_pending);
+                self.tx_empties.extend(self.tx_pending.drain(..n));
+            }
+        }
+        self.tx_pending.is_empty()
+    }
+
+    pub fn tx_step(&mut self) -> Result<usize, RingError> {
+        if self.dev.as_ref().is_none_or(|d| d.queues[TXQ].is_none()) {
+            return Ok(0);
+        }
+        // Back-pressure: while the cluster queue is full, leave the guest's
+        // packets in its ring.
+        if !self.flush_tx() {
+            return Ok(0);
+        }
+        let pool = PoolCtx {
+            layout: self.layout,
+            base: self.pool_base,
+            owners: &self.owners,
+            slot: self.shared.slot,
+        };
+        let max = u64::from(self.layout.max_packet());
+        let dev = self.dev.as_ref().expect("checked");
+        let q = dev.queues[TXQ].as_ref().expect("checked");
+        let avail = q.pending()?.min(BURST as u16);
+        let has_queue = self.tx_end.is_some();
+        for k in 0..avail {
+            let head = q.head(k)?;
+            q.put_used(k, head, 0);
+            if q.walk(head, false, &dev.map, &pool, &mut self.chain)
+                .is_err()
+            {
+                self.tx_stats.invalid_desc += 1;
+                continue;
+            }
+            let total = self.chain.total;
+            if total <= HDR || total - HDR > max {
+                self.tx_stats.drop_bad_len += 1;
+                continue;
+            }
+            let len = total - HDR;
+            self.tx_stats.packets += 1;
+            self.tx_stats.bytes += len;
+            if !has_queue {
+                self.tx_stats.drop_no_queue += 1;
+                continue;
+            }
+            let Some(mut empty) = self.tx_empties.pop() else {
+                // Cannot happen: BURST empties while nothing is pending.
+                self.tx_stats.drop_no_queue += 1;
+                continue;
+            };
+            let empty_off = self
+                .layout
+                .packet_offset(empty.index())
+                .expect("hand buffers are valid");
+            // Zero-copy: take the guest's buffer, give it an empty one.
+            if let Some(full) = self.chain.pool_buffer() {
+                if let Some(gpa) = dev.map.pool_gpa(empty_off - HDR) {
+                    q.set_desc_addr(head, gpa);
+                    self.owners.take_from_guest(full);
+                    self.owners.give_to_guest(empty.index(), self.shared.slot);
+                    self.tx_pending
+                        .push(BufferHandle::from_raw(full, len as u32));
+                    self.tx_stats.exchanged += 1;
+                    continue;
+                }
+            }
+            // Copy path: skip the 12-byte header, gather the rest.
+            let dst = pool.host(empty_off);
+            let mut skip = HDR;
+            let mut at = 0usize;
+            for s in &self.chain.segs[..self.chain.n] {
+                let l = u64::from(s.len);
+                if skip >= l {
+                    skip -= l;
+                    continue;
+                }
+                let n = (l - skip) as usize;
+                // SAFETY: source: [skip, l) of a checked segment; destination:
+                // at + n <= len <= max_packet bytes of an empty buffer we hold.
+                unsafe { ptr::copy_nonoverlapping(s.host.add(skip as usize), dst.add(at), n) };
+                at += n;
+                skip = 0;
+            }
+            empty.replace(empty.index(), len as u32);
+            self.tx_pending.push(empty);
+            self.tx_stats.copied += 1;
+        }
+        let q = self
+            .dev
+            .as_mut()
+            .and_then(|d| d.queues[TXQ].as_mut())
+            .expect("checked");
+        q.complete(avail, avail);
+        if avail > 0 && self.interrupt(TXQ) {
+            self.tx_stats.interrupts += 1;
+        }
+        self.flush_tx();
+        Ok(usize::from(avail))
+    }
+}

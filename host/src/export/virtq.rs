@@ -1,0 +1,459 @@
+//! A split virtqueue in guest memory, read and written through raw
+//! pointers, with every guest-controlled value checked before use.
+//!
+//! Rings live in memory the guest writes concurrently, so nothing here forms
+//! a reference into them: descriptors are copied out with one volatile read
+//! and only the copy is checked and used.
+
+use super::guest_mem::{GuestMap, Target};
+use super::owner::OwnerTable;
+use std::mem::{offset_of, size_of};
+use std::sync::atomic::{fence, Ordering};
+use thiserror::Error;
+use zc_proto::buffer::VIRTIO_NET_HDR_LEN;
+use zc_proto::{BufferIndex, PoolLayout};
+
+pub const DESC_F_NEXT: u16 = 1;
+pub const DESC_F_WRITE: u16 = 2;
+pub const DESC_F_INDIRECT: u16 = 4;
+pub const AVAIL_F_NO_INTERRUPT: u16 = 1;
+pub const USED_F_NO_NOTIFY: u16 = 1;
+/// Largest queue the export accepts.
+pub const MAX_QUEUE_SIZE: u16 = 1024;
+/// Longest descriptor chain the export follows.
+pub const MAX_CHAIN: usize = 64;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Desc {
+    pub addr: u64,
+    pub len: u32,
+    pub flags: u16,
+    pub next: u16,
+}
+const _: () = assert!(size_of::<Desc>() == 16);
+const _: () = assert!(offset_of!(Desc, len) == 8);
+const _: () = assert!(offset_of!(Desc, flags) == 12);
+const _: () = assert!(offset_of!(Desc, next) == 14);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct UsedElem {
+    id: u32,
+    len: u32,
+}
+const _: () = assert!(size_of::<UsedElem>() == 8);
+
+/// Guest-physical addresses and size of one virtqueue, from the frontend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RingAddrs {
+    pub desc: u64,
+    pub avail: u64,
+    pub used: u64,
+    pub size: u16,
+}
+
+/// A ring the export cannot use: the device needs a reset.
+#[derive(Clone, Copy, Debug, Error, PartialEq, Eq)]
+pub enum RingError {
+    #[error("queue size {0} is not a power of two from 1 to {MAX_QUEUE_SIZE}")]
+    Size(u16),
+    #[error("{0} ring at {1:#x} is misaligned")]
+    Align(&'static str, u64),
+    #[error("{0} ring at {1:#x} is outside guest memory")]
+    Outside(&'static str, u64),
+    #[error("{0} ring at {1:#x} lies in the zc pool outside this export's ring area")]
+    PoolArea(&'static str, u64),
+    #[error("avail index jumped from {from} to {to} in a ring of {size}")]
+    AvailJump { from: u16, to: u16, size: u16 },
+    #[error("avail ring names descriptor {head} in a ring of {size}")]
+    Head { head: u16, size: u16 },
+}
+
+/// A descriptor chain the export drops (and counts).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DescError {
+    /// `next` names a descriptor outside the table.
+    Index,
+    /// The chain is longer than the ring or MAX_CHAIN (or loops).
+    Loop,
+    /// Indirect descriptors were not negotiated.
+    Indirect,
+    /// Device-readable where writable is needed, or the reverse.
+    Direction,
+    ZeroLen,
+    /// Outside guest memory or straddling regions.
+    Outside,
+    /// Touches the pool but is not a buffer this guest holds.
+    Pool,
+}
+
+/// Where the pool is and who owns its buffers: what pool descriptors are
+/// checked against.
+pub struct PoolCtx<'a> {
+    pub layout: PoolLayout,
+    pub base: *mut u8,
+    pub owners: &'a OwnerTable,
+    pub slot: usize,
+}
+
+impl PoolCtx<'_> {
+    /// The buffer a pool descriptor at pool offset `off`, `len` bytes long,
+    /// names: it must start 12 bytes before the packet data of a buffer this
+    /// export's guest holds and end inside that buffer.
+    #[inline]
+    pub fn pool_desc(&self, off: u64, len: u32) -> Option<BufferIndex> {
+        let b = self
+            .layout
+            .buffer_at_packet_offset(off, VIRTIO_NET_HDR_LEN)?;
+        let fits = u64::from(len) <= u64::from(self.layout.max_packet() + VIRTIO_NET_HDR_LEN);
+        (fits && self.owners.held_by_guest(b, self.slot)).then_some(b)
+    }
+
+    /// Host address of pool offset `off` (checked by `pool_desc` first).
+    #[inline(always)]
+    pub fn host(&self, off: u64) -> *mut u8 {
+        debug_assert!(off < self.layout.pool_size);
+        // SAFETY: callers pass offsets inside a validated buffer, which lies
+        // inside the pool mapping of pool_size bytes.
+        unsafe { self.base.add(off as usize) }
+    }
+}
+
+/// One checked segment of a chain.
+#[derive(Clone, Copy, Debug)]
+pub struct Seg {
+    pub host: *mut u8,
+    pub len: u32,
+    /// The pool buffer this segment is, for a pool descriptor.
+    pub pool: Option<BufferIndex>,
+}
+
+impl Default for Seg {
+    fn default() -> Self {
+        Seg {
+            host: std::ptr::null_mut(),
+            len: 0,
+            pool: None,
+        }
+    }
+}
+
+/// A checked descriptor chain.
+pub struct Chain {
+    pub head: u16,
+    pub segs: [Seg; MAX_CHAIN],
+    pub n: usize,
+    pub total: u64,
+}
+
+impl Default for Chain {
+    fn default() -> Self {
+        Chain {
+            head: 0,
+            segs: [Seg::default(); MAX_CHAIN],
+            n: 0,
+            total: 0,
+        }
+    }
+}
+
+impl Chain {
+    /// The single pool buffer this chain is, for the zero-copy path.
+    pub fn pool_buffer(&self) -> Option<BufferIndex> {
+        if self.n == 1 {
+            self.segs[0].pool
+        } else {
+            None
+        }
+    }
+}
+
+pub struct SplitQueue {
+    desc: *const Desc,
+    avail: *mut u8,
+    used: *mut u8,
+    size: u16,
+    pub next_avail: u16,
+    pub next_used: u16,
+    event_idx: bool,
+    /// next_used when the guest was last signalled (EVENT_IDX bookkeeping).
+    signalled_used: u16,
+    pub addrs: RingAddrs,
+}
+
+// SAFETY: the pointers refer to guest memory kept mapped by the GuestMap the
+// owner holds beside the queue; one thread uses a queue at a time.
+unsafe impl Send for SplitQueue {}
+
+/// Host address of a ring: in guest RAM, or inside this export's ring area
+/// of the pool (reached through the daemon's own pool mapping).
+fn ring_ptr(
+    map: &GuestMap,
+    what: &'static str,
+    addr: u64,
+    len: u64,
+    align: u64,
+    area: (u64, u64),
+    pool_base: *mut u8,
+) -> Result<*mut u8, RingError> {
+    if !addr.is_multiple_of(align) {
+        return Err(RingError::Align(what, addr));
+    }
+    match map.translate(addr, len) {
+        Some(Target::Ram(p)) => Ok(p),
+        Some(Target::Pool(off)) if off >= area.0 && off.saturating_add(len) <= area.1 => {
+            // SAFETY: the ring area lies inside the pool mapping.
+            Ok(unsafe { pool_base.add(off as usize) })
+        }
+        Some(Target::Pool(_)) => Err(RingError::PoolArea(what, addr)),
+        None => Err(RingError::Outside(what, addr)),
+    }
+}
+
+impl SplitQueue {
+    /// Checks a ring's geometry and addresses. `area` is this export's ring
+    /// area as pool offsets; `pool_base` the daemon's pool mapping.
+    pub fn new(
+        map: &GuestMap,
+        a: RingAddrs,
+        area: (u64, u64),
+        pool_base: *mut u8,
+        next_avail: u16,
+        next_used: u16,
+        event_idx: bool,
+    ) -> Result<Self, RingError> {
+        if a.size == 0 || !a.size.is_power_of_two() || a.size > MAX_QUEUE_SIZE {
+            return Err(RingError::Size(a.size));
+        }
+        let n = u64::from(a.size);
+        let desc = ring_ptr(map, "descriptor", a.desc, 16 * n, 16, area, pool_base)?;
+        let avail = ring_ptr(map, "avail", a.avail, 6 + 2 * n, 2, area, pool_base)?;
+        let used = ring_ptr(map, "used", a.used, 6 + 8 * n, 4, area, pool_base)?;
+        Ok(SplitQueue {
+            desc: desc.cast(),
+            avail,
+            used,
+            size: a.size,
+            next_avail,
+            next_used,
+            event_idx,
+            signalled_used: next_used,
+            addrs: a,
+        })
+    }
+
+    pub fn size(&self) -> u16 {
+        self.size
+    }
+
+    #[inline(always)]
+    fn avail_idx(&self) -> u16 {
+        // SAFETY: avail + 2 lies inside the avail ring checked in `new`.
+        let v = unsafe { std::ptr::read_volatile(self.avail.add(2).cast::<u16>()) };
+        fence(Ordering::Acquire);
+        u16::from_le(v)
+    }
+
+    /// Descriptor chains the guest made available and the device has not
+    /// taken yet; an index further ahead than the ring is a broken ring.
+    #[inline]
+    pub fn pending(&self) -> Result<u16, RingError> {
+        let idx = self.avail_idx();
+        let n = idx.wrapping_sub(self.next_avail);
+        if n > self.size {
+            return Err(RingError::AvailJump {
+                from: self.next_avail,
+                to: idx,
+                size: self.size,
+            });
+        }
+        Ok(n)
+    }
+
+    /// The head of the `i`-th pending chain.
+    #[inline]
+    pub fn head(&self, i: u16) -> Result<u16, RingError> {
+        let slot = self.next_avail.wrapping_add(i) & (self.size - 1);
+        // SAFETY: slot < size, so 4 + 2 * slot + 2 <= 6 + 2 * size.
+        let h = u16::from_le(unsafe {
+            std::ptr::read_volatile(self.avail.add(4 + 2 * usize::from(slot)).cast::<u16>())
+        });
+        if h >= self.size {
+            return Err(RingError::Head {
+                head: h,
+                size: self.size,
+            });
+        }
+        Ok(h)
+    }
+
+    #[inline(always)]
+    fn desc(&self, i: u16) -> Desc {
+        debug_assert!(i < self.size);
+        // SAFETY: i < size (callers check), inside the table checked in `new`.
+        let d = unsafe { std::ptr::read_volatile(self.desc.add(usize::from(i))) };
+        Desc {
+            addr: u64::from_le(d.addr),
+            len: u32::from_le(d.len),
+            flags: u16::from_le(d.flags),
+            next: u16::from_le(d.next),
+        }
+    }
+
+    /// Follows and checks the chain at `head`. `writable`: the device will
+    /// write it (RX) rather than read it (TX).
+    pub fn walk(
+        &self,
+        head: u16,
+        writable: bool,
+        map: &GuestMap,
+        pool: &PoolCtx<'_>,
+        out: &mut Chain,
+    ) -> Result<(), DescError> {
+        out.head = head;
+        out.n = 0;
+        out.total = 0;
+        let limit = usize::from(self.size).min(MAX_CHAIN);
+        let mut i = head;
+        loop {
+            if i >= self.size {
+                return Err(DescError::Index);
+            }
+            if out.n == limit {
+                return Err(DescError::Loop);
+            }
+            let d = self.desc(i);
+            if d.flags & DESC_F_INDIRECT != 0 {
+                return Err(DescError::Indirect);
+            }
+            if (d.flags & DESC_F_WRITE != 0) != writable {
+                return Err(DescError::Direction);
+            }
+            if d.len == 0 {
+                return Err(DescError::ZeroLen);
+            }
+            let seg = match map.translate(d.addr, u64::from(d.len)) {
+                Some(Target::Ram(host)) => Seg {
+                    host,
+                    len: d.len,
+                    pool: None,
+                },
+                Some(Target::Pool(off)) => {
+                    let b = pool.pool_desc(off, d.len).ok_or(DescError::Pool)?;
+                    Seg {
+                        host: pool.host(off),
+                        len: d.len,
+                        pool: Some(b),
+                    }
+                }
+                None => return Err(DescError::Outside),
+            };
+            out.segs[out.n] = seg;
+            out.n += 1;
+            out.total += u64::from(d.len);
+            if d.flags & DESC_F_NEXT == 0 {
+                return Ok(());
+            }
+            i = d.next;
+        }
+    }
+
+    /// Rewrites descriptor `i`'s address (zero-copy exchange).
+    #[inline]
+    pub fn set_desc_addr(&self, i: u16, addr: u64) {
+        debug_assert!(i < self.size);
+        // SAFETY: i < size (a checked head), inside the descriptor table.
+        unsafe {
+            std::ptr::write_volatile(
+                self.desc.add(usize::from(i)).cast_mut().cast::<u64>(),
+                addr.to_le(),
+            )
+        };
+    }
+
+    /// Writes used element number `k` of this burst (not yet visible).
+    #[inline]
+    pub fn put_used(&self, k: u16, id: u16, len: u32) {
+        let slot = self.next_used.wrapping_add(k) & (self.size - 1);
+        // SAFETY: slot < size, so the element lies inside the used ring.
+        unsafe {
+            std::ptr::write_volatile(
+                self.used.add(4 + 8 * usize::from(slot)).cast::<UsedElem>(),
+                UsedElem {
+                    id: u32::from(id).to_le(),
+                    len: len.to_le(),
+                },
+            )
+        };
+    }
+
+    /// Consumes `taken` avail entries and publishes `used` used elements.
+    #[inline]
+    pub fn complete(&mut self, taken: u16, used: u16) {
+        self.next_avail = self.next_avail.wrapping_add(taken);
+        if used == 0 {
+            return;
+        }
+        self.next_used = self.next_used.wrapping_add(used);
+        fence(Ordering::Release);
+        // SAFETY: used + 2 lies inside the used ring.
+        unsafe { std::ptr::write_volatile(self.used.add(2).cast::<u16>(), self.next_used.to_le()) };
+    }
+
+    /// Whether the guest wants an interrupt for what was published since the
+    /// last one (VRING_AVAIL_F_NO_INTERRUPT, or EVENT_IDX's used_event).
+    pub fn needs_interrupt(&mut self) -> bool {
+        if self.signalled_used == self.next_used {
+            return false;
+        }
+        fence(Ordering::SeqCst);
+        let old = self.signalled_used;
+        let new = self.next_used;
+        let want = if self.event_idx {
+            // SAFETY: used_event sits right after the avail ring's entries.
+            let ev = u16::from_le(unsafe {
+                std::ptr::read_volatile(
+                    self.avail.add(4 + 2 * usize::from(self.size)).cast::<u16>(),
+                )
+            });
+            new.wrapping_sub(ev).wrapping_sub(1) < new.wrapping_sub(old)
+        } else {
+            // SAFETY: the avail flags are the ring's first field.
+            let flags = u16::from_le(unsafe { std::ptr::read_volatile(self.avail.cast::<u16>()) });
+            flags & AVAIL_F_NO_INTERRUPT == 0
+        };
+        self.signalled_used = new;
+        want
+    }
+
+    /// Asks the guest to kick (true) or not to bother (false) when it adds
+    /// buffers. With notifications on, returns whether work is already
+    /// pending (the caller must then not sleep).
+    pub fn set_notify(&self, on: bool) -> bool {
+        if self.event_idx {
+            if on {
+                // SAFETY: avail_event sits right after the used ring's elements.
+                unsafe {
+                    std::ptr::write_volatile(
+                        self.used.add(4 + 8 * usize::from(self.size)).cast::<u16>(),
+                        self.next_avail.to_le(),
+                    )
+                };
+            }
+        } else {
+            // SAFETY: the used flags are the ring's first field.
+            unsafe {
+                std::ptr::write_volatile(
+                    self.used.cast::<u16>(),
+                    (if on { 0u16 } else { USED_F_NO_NOTIFY }).to_le(),
+                )
+            };
+        }
+        if !on {
+            return false;
+        }
+        fence(Ordering::SeqCst);
+        self.avail_idx() != self.next_avail
+    }
+}
