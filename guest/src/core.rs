@@ -1,0 +1,544 @@
+//! The driver core: RX and TX over one split virtqueue each, moving pool
+//! buffers, never bytes.
+//!
+//! Every descriptor is one pool buffer: its address is the guest-physical
+//! address of the buffer's packet data minus the 12-byte virtio-net header.
+//! After the device completes a descriptor, the driver owns whatever buffer
+//! the descriptor names *then* (the zero-copy contract's exchange; a copying
+//! device leaves the address alone). Every value the device wrote is checked
+//! before use; a violation stops the queue with an error, the driver never
+//! touches memory on a device's say-so.
+
+use crate::error::Violation;
+use crate::virtq::{Desc, DriverQueue, DESC_F_WRITE};
+use std::os::fd::AsRawFd;
+use std::time::Duration;
+use vmm_sys_util::eventfd::EventFd;
+use zc_proto::buffer::{HEADROOM, VIRTIO_NET_HDR_LEN};
+use zc_proto::{BufferHandle, BufferIndex, PoolLayout, PoolView};
+
+/// How long a driver without interrupts (PCI, poll mode) sleeps per wait.
+pub const POLL_SLEEP: Duration = Duration::from_millis(1);
+
+/// How the driver tells the device about new buffers, and waits for it.
+pub enum Bell {
+    /// vhost-user: the kick and call eventfds of one virtqueue.
+    Eventfd { kick: EventFd, call: EventFd },
+    /// virtio-pci: the queue's notify address in the mapped BAR. No
+    /// interrupts: waiting sleeps for short spells.
+    Mmio { notify: *mut u16, queue: u16 },
+}
+
+// SAFETY: `notify` points into a BAR mapping that the device owner keeps
+// alive as long as the core; it is only written with volatile stores.
+unsafe impl Send for Bell {}
+
+impl Bell {
+    #[inline]
+    fn kick(&self) {
+        match self {
+            Bell::Eventfd { kick, .. } => {
+                let _ = kick.write(1);
+            }
+            // SAFETY: notify lies in the mapped notify region (checked when
+            // the capability was walked); a 16-bit write is what virtio-pci
+            // expects.
+            Bell::Mmio { notify, queue } => unsafe { std::ptr::write_volatile(*notify, *queue) },
+        }
+    }
+
+    fn has_interrupts(&self) -> bool {
+        matches!(self, Bell::Eventfd { .. })
+    }
+
+    /// Waits for an interrupt (eventfd) or, without interrupts, sleeps.
+    fn wait(&self, timeout: Duration) {
+        match self {
+            Bell::Eventfd { call, .. } => {
+                let mut pfd = libc::pollfd {
+                    fd: call.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+                // SAFETY: one pollfd we own, for the duration of the call.
+                let r = unsafe { libc::poll(&mut pfd, 1, ms) };
+                if r > 0 {
+                    let _ = call.read();
+                }
+            }
+            Bell::Mmio { .. } => std::thread::sleep(timeout.min(POLL_SLEEP)),
+        }
+    }
+}
+
+/// Between buffer indices and the addresses the device sees.
+#[derive(Clone, Copy, Debug)]
+pub struct Addressing {
+    pub layout: PoolLayout,
+    /// Guest-physical address of pool offset 0.
+    pub gpa_base: u64,
+}
+
+impl Addressing {
+    /// The descriptor address of buffer `b`: its packet data minus the header.
+    #[inline(always)]
+    pub fn desc_addr(&self, b: BufferIndex) -> u64 {
+        let off = self
+            .layout
+            .packet_offset(b)
+            .unwrap_or_else(|| panic!("buffer {b} does not belong to this pool"));
+        self.gpa_base + off - u64::from(VIRTIO_NET_HDR_LEN)
+    }
+
+    /// The buffer a device-written address names, if it is a descriptor
+    /// address of a pool buffer.
+    #[inline(always)]
+    pub fn buffer(&self, addr: u64) -> Option<BufferIndex> {
+        let off = addr.checked_sub(self.gpa_base)?;
+        self.layout.buffer_at_packet_offset(off, VIRTIO_NET_HDR_LEN)
+    }
+
+    /// Bytes a descriptor covers at most: header plus the largest packet.
+    pub fn max_desc_len(&self) -> u32 {
+        VIRTIO_NET_HDR_LEN + self.layout.max_packet()
+    }
+}
+
+/// Which buffers this driver holds: one bit per pool buffer, private memory.
+pub struct Held {
+    bits: Vec<u64>,
+}
+
+impl Held {
+    pub fn new(buf_count: u32) -> Self {
+        Held {
+            bits: vec![0; (buf_count as usize).div_ceil(64)],
+        }
+    }
+
+    /// Takes `b`; false if it was held already (or is out of range).
+    #[inline(always)]
+    pub fn take(&mut self, b: BufferIndex) -> bool {
+        let i = b.get() as usize;
+        let Some(w) = self.bits.get_mut(i / 64) else {
+            return false;
+        };
+        let m = 1u64 << (i % 64);
+        let was = *w & m != 0;
+        *w |= m;
+        !was
+    }
+
+    #[inline(always)]
+    pub fn give(&mut self, b: BufferIndex) {
+        let i = b.get() as usize;
+        if let Some(w) = self.bits.get_mut(i / 64) {
+            *w &= !(1u64 << (i % 64));
+        }
+    }
+
+    #[inline(always)]
+    pub fn holds(&self, b: BufferIndex) -> bool {
+        let i = b.get() as usize;
+        self.bits
+            .get(i / 64)
+            .is_some_and(|w| w & (1 << (i % 64)) != 0)
+    }
+}
+
+const NOT_POSTED: u32 = u32::MAX;
+
+/// Counters of one core (what the driver saw; the host counts its own).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CoreStats {
+    pub packets: u64,
+    /// Completions that came back naming a different buffer.
+    pub exchanged: u64,
+    /// Completions that came back naming the same buffer (copy path).
+    pub copied: u64,
+    pub kicks: u64,
+}
+
+/// What both directions share: the queue, the addressing, the buffers.
+struct Common {
+    q: DriverQueue,
+    addr: Addressing,
+    held: Held,
+    /// Buffer each descriptor carries while in flight, and its length.
+    posted: Vec<u32>,
+    posted_len: Vec<u32>,
+    view: PoolView,
+    /// Empty buffers the driver holds and has not posted or handed out.
+    free: Vec<BufferIndex>,
+    bell: Bell,
+    failed: Option<Violation>,
+    stats: CoreStats,
+}
+
+impl Common {
+    fn new(
+        q: DriverQueue,
+        view: PoolView,
+        addr: Addressing,
+        stock: &[BufferIndex],
+        bell: Bell,
+    ) -> Self {
+        assert_eq!(view.layout(), &addr.layout, "one pool");
+        let mut held = Held::new(addr.layout.buf_count);
+        let mut free = Vec::with_capacity(stock.len());
+        for &b in stock {
+            if held.take(b) {
+                free.push(b);
+            }
+        }
+        let size = usize::from(q.size());
+        Common {
+            q,
+            addr,
+            held,
+            posted: vec![NOT_POSTED; size],
+            posted_len: vec![0; size],
+            view,
+            free,
+            bell,
+            failed: None,
+            stats: CoreStats::default(),
+        }
+    }
+
+    fn fail(&mut self, v: Violation) {
+        if self.failed.is_none() {
+            log::error!("zc-guest: the device broke the zc contract: {v}; this queue stops");
+            self.failed = Some(v);
+        }
+    }
+
+    /// Validates used element `k` and takes the buffer its descriptor now
+    /// names: returns (descriptor id, buffer, used length).
+    #[inline(always)]
+    fn complete(
+        &mut self,
+        k: u16,
+        min_len: u32,
+        max_len: u32,
+    ) -> Result<(u16, BufferIndex, u32), Violation> {
+        let e = self.q.used_elem(k);
+        let size = self.q.size();
+        let id = match u16::try_from(e.id) {
+            Ok(id) if id < size && self.posted[usize::from(id)] != NOT_POSTED => id,
+            _ => return Err(Violation::UsedId { id: e.id, size }),
+        };
+        let max = max_len.min(self.posted_len(id));
+        if e.len < min_len || e.len > max {
+            return Err(Violation::UsedLen {
+                id,
+                len: e.len,
+                min: min_len,
+                max,
+            });
+        }
+        let a = self.q.desc_addr(id);
+        let b = self.addr.buffer(a).ok_or(Violation::Addr { id, addr: a })?;
+        let old = BufferIndex::new(self.posted[usize::from(id)]);
+        if b != old {
+            if !self.held.take(b) {
+                return Err(Violation::Duplicate { id, buf: b.get() });
+            }
+            self.held.give(old);
+            self.stats.exchanged += 1;
+        } else {
+            self.stats.copied += 1;
+        }
+        self.posted[usize::from(id)] = NOT_POSTED;
+        Ok((id, b, e.len))
+    }
+
+    /// The length a descriptor was posted with (from our own bookkeeping:
+    /// the device may not change it, and we never read it back).
+    #[inline(always)]
+    fn posted_len(&self, id: u16) -> u32 {
+        self.posted_len[usize::from(id)]
+    }
+
+    #[inline(always)]
+    fn post(&mut self, id: u16, b: BufferIndex, len: u32, flags: u16) {
+        assert!(
+            self.held.holds(b),
+            "buffer {b} is not one this queue handed out"
+        );
+        self.q.write_desc(
+            id,
+            Desc {
+                addr: self.addr.desc_addr(b),
+                len,
+                flags,
+                next: 0,
+            },
+        );
+        self.posted[usize::from(id)] = b.get();
+        self.posted_len[usize::from(id)] = len;
+        self.q.push_avail(id);
+    }
+
+    #[inline(always)]
+    fn publish(&mut self) {
+        if self.q.publish() {
+            self.bell.kick();
+            self.stats.kicks += 1;
+        }
+    }
+
+    fn take_buffers(&mut self, n: usize) -> std::io::Result<Vec<BufferHandle>> {
+        if n > self.free.len() {
+            return Err(std::io::Error::other(format!(
+                "the export gave this driver {} spare buffers, fewer than the {n} asked for",
+                self.free.len()
+            )));
+        }
+        let at = self.free.len() - n;
+        Ok(self
+            .free
+            .split_off(at)
+            .into_iter()
+            .map(|b| BufferHandle::from_raw(b, 0))
+            .collect())
+    }
+
+    /// Sleeps until the device completes something or `timeout` passes.
+    fn wait(&mut self, timeout: Duration) {
+        if self.failed.is_some() {
+            std::thread::sleep(timeout.min(POLL_SLEEP * 10));
+            return;
+        }
+        if self.bell.has_interrupts() {
+            if !self.q.set_interrupts(true) {
+                self.bell.wait(timeout);
+            }
+            self.q.set_interrupts(false);
+        } else {
+            self.bell.wait(timeout);
+        }
+    }
+}
+
+/// Receiving: every descriptor is a device-writable pool buffer; a received
+/// packet is swapped into the caller's handle and the caller's old buffer
+/// goes straight back into the ring in its place.
+pub struct RxCore {
+    c: Common,
+    desc_len: u32,
+}
+
+/// Buffers an RX core keeps back from the ring for `take_buffers`.
+pub const RX_RESERVE: usize = 64;
+
+impl RxCore {
+    /// Fills the ring from `stock`, keeping RX_RESERVE buffers for the caller.
+    pub fn new(
+        q: DriverQueue,
+        view: PoolView,
+        addr: Addressing,
+        stock: &[BufferIndex],
+        bell: Bell,
+    ) -> Self {
+        let mut c = Common::new(q, view, addr, stock, bell);
+        let desc_len = addr.max_desc_len();
+        let post = c
+            .free
+            .len()
+            .saturating_sub(RX_RESERVE)
+            .min(usize::from(c.q.size()));
+        for id in 0..post as u16 {
+            let b = c.free.pop().expect("counted above");
+            c.post(id, b, desc_len, DESC_F_WRITE);
+        }
+        c.publish();
+        RxCore { c, desc_len }
+    }
+
+    pub fn take_buffers(&mut self, n: usize) -> std::io::Result<Vec<BufferHandle>> {
+        self.c.take_buffers(n)
+    }
+
+    /// Descriptors in the ring waiting for packets.
+    pub fn posted(&self) -> usize {
+        self.c.posted.iter().filter(|&&p| p != NOT_POSTED).count()
+    }
+
+    #[inline]
+    pub fn recv_burst(&mut self, bufs: &mut [BufferHandle]) -> usize {
+        if self.c.failed.is_some() {
+            return 0;
+        }
+        let ready = match self.c.q.used_ready() {
+            Ok(n) => n,
+            Err(j) => {
+                let in_flight = self.c.q.in_flight();
+                self.c.fail(Violation::UsedJump {
+                    from: j.from,
+                    to: j.to,
+                    in_flight,
+                });
+                return 0;
+            }
+        };
+        let want = usize::from(ready).min(bufs.len()) as u16;
+        let hdr = VIRTIO_NET_HDR_LEN;
+        let max = self.desc_len;
+        let mut n = 0u16;
+        while n < want {
+            match self.c.complete(n, hdr, max) {
+                Ok((id, b, len)) => {
+                    let (mine, _) = bufs[usize::from(n)].replace(b, len - hdr);
+                    self.c.post(id, mine, max, DESC_F_WRITE);
+                    n += 1;
+                }
+                Err(v) => {
+                    self.c.fail(v);
+                    break;
+                }
+            }
+        }
+        self.c.q.consume(n);
+        self.c.publish();
+        self.c.stats.packets += u64::from(n);
+        usize::from(n)
+    }
+
+    pub fn wait(&mut self, timeout: Duration) {
+        self.c.wait(timeout)
+    }
+
+    pub fn failure(&self) -> Option<Violation> {
+        self.c.failed
+    }
+
+    pub fn stats(&self) -> CoreStats {
+        self.c.stats
+    }
+}
+
+/// Sending: the caller's filled buffer goes into a device-readable
+/// descriptor and the caller gets an empty buffer the driver holds; completed
+/// descriptors return whatever buffer they name to the driver's free list.
+pub struct TxCore {
+    c: Common,
+    /// Descriptor ids not in flight.
+    free_desc: Vec<u16>,
+}
+
+impl TxCore {
+    pub fn new(
+        q: DriverQueue,
+        view: PoolView,
+        addr: Addressing,
+        stock: &[BufferIndex],
+        bell: Bell,
+    ) -> Self {
+        let c = Common::new(q, view, addr, stock, bell);
+        let free_desc = (0..c.q.size()).rev().collect();
+        TxCore { c, free_desc }
+    }
+
+    pub fn take_buffers(&mut self, n: usize) -> std::io::Result<Vec<BufferHandle>> {
+        self.c.take_buffers(n)
+    }
+
+    /// Takes back what the device completed.
+    #[inline]
+    fn reap(&mut self) {
+        let ready = match self.c.q.used_ready() {
+            Ok(n) => n,
+            Err(j) => {
+                let in_flight = self.c.q.in_flight();
+                self.c.fail(Violation::UsedJump {
+                    from: j.from,
+                    to: j.to,
+                    in_flight,
+                });
+                return;
+            }
+        };
+        let mut n = 0;
+        // The used length of a TX descriptor carries no meaning (devices
+        // write 0 or the bytes read); it may not exceed what was posted.
+        let max = self.c.addr.max_desc_len();
+        while n < ready {
+            match self.c.complete(n, 0, max) {
+                Ok((id, b, _)) => {
+                    self.c.free.push(b);
+                    self.free_desc.push(id);
+                    n += 1;
+                }
+                Err(v) => {
+                    self.c.fail(v);
+                    break;
+                }
+            }
+        }
+        self.c.q.consume(n);
+    }
+
+    #[inline]
+    pub fn send_burst(&mut self, bufs: &mut [BufferHandle]) -> usize {
+        if self.c.failed.is_some() {
+            return 0;
+        }
+        self.reap();
+        if self.c.failed.is_some() {
+            return 0;
+        }
+        let n = bufs.len().min(self.free_desc.len()).min(self.c.free.len());
+        let layout = self.c.addr.layout;
+        let pool = self.c.view.base();
+        for h in &mut bufs[..n] {
+            let id = self.free_desc.pop().expect("counted");
+            let fresh = self.c.free.pop().expect("counted");
+            let (b, len) = h.replace(fresh, 0);
+            let len = len.min(layout.max_packet());
+            // The virtio-net header (all zero: no offloads) in front of the packet.
+            if let Some(off) = layout.buffer_offset(b) {
+                let hdr = off + u64::from(HEADROOM - VIRTIO_NET_HDR_LEN);
+                // SAFETY: hdr..hdr + 12 lies in buffer b's headroom inside the
+                // pool mapping (buffer_offset checked the index); b is ours
+                // (post() asserts it below), so nobody else writes it.
+                unsafe {
+                    std::ptr::write_volatile(pool.add(hdr as usize).cast::<[u8; 12]>(), [0; 12])
+                };
+            }
+            self.c.post(id, b, VIRTIO_NET_HDR_LEN + len, 0);
+        }
+        if n > 0 {
+            self.c.publish();
+            self.c.stats.packets += n as u64;
+        }
+        n
+    }
+
+    /// Waits until a descriptor may be free again.
+    pub fn wait(&mut self, timeout: Duration) {
+        self.reap();
+        if !self.free_desc.is_empty() && !self.c.free.is_empty() {
+            return;
+        }
+        self.c.wait(timeout)
+    }
+
+    pub fn failure(&self) -> Option<Violation> {
+        self.c.failed
+    }
+
+    pub fn stats(&self) -> CoreStats {
+        self.c.stats
+    }
+
+    /// Descriptors the device has not completed.
+    pub fn in_flight(&self) -> usize {
+        usize::from(self.c.q.size()) - self.free_desc.len()
+    }
+}
+
+#[cfg(test)]
+#[path = "core_tests.rs"]
+mod tests;

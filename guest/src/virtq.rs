@@ -1,0 +1,409 @@
+//! The driver side of a split virtqueue (virtio 1.x, 2.7): descriptor table,
+//! avail ring and used ring in memory the device reads and writes at any
+//! time.
+//!
+//! Nothing here forms a reference into that memory: every access is a
+//! volatile read or write through a raw pointer, ordered with fences, and
+//! every value the device wrote is returned as a plain copy for the caller
+//! to check. The queue only knows offsets and indices; what a descriptor's
+//! address means is the driver core's business.
+
+use std::mem::{offset_of, size_of};
+use std::sync::atomic::{fence, Ordering};
+
+pub const DESC_F_NEXT: u16 = 1;
+pub const DESC_F_WRITE: u16 = 2;
+pub const AVAIL_F_NO_INTERRUPT: u16 = 1;
+pub const USED_F_NO_NOTIFY: u16 = 1;
+
+/// Largest queue the driver places in an export's ring area (two queues of
+/// this size fit in the area's first half; the second half is the host's
+/// stock list).
+pub const MAX_QUEUE_SIZE: u16 = 512;
+/// Bytes of ring area each of the two queues gets.
+pub const QUEUE_SLOT_BYTES: u64 = 16 << 10;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Desc {
+    pub addr: u64,
+    pub len: u32,
+    pub flags: u16,
+    pub next: u16,
+}
+const _: () = assert!(size_of::<Desc>() == 16);
+const _: () = assert!(offset_of!(Desc, addr) == 0);
+const _: () = assert!(offset_of!(Desc, len) == 8);
+const _: () = assert!(offset_of!(Desc, flags) == 12);
+const _: () = assert!(offset_of!(Desc, next) == 14);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UsedElem {
+    pub id: u32,
+    pub len: u32,
+}
+const _: () = assert!(size_of::<UsedElem>() == 8);
+const _: () = assert!(offset_of!(UsedElem, len) == 4);
+
+/// Offsets of one queue's three parts, relative to the queue's memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RingLayout {
+    pub size: u16,
+    pub desc: u64,
+    pub avail: u64,
+    pub used: u64,
+    /// Bytes from the descriptor table to the end of the used ring.
+    pub bytes: u64,
+}
+
+impl RingLayout {
+    /// Descriptor table at 0 (16-byte aligned), avail ring right after it,
+    /// used ring after that on a 4-byte boundary (virtio 1.x alignments),
+    /// each with its event field. `None` if `size` is not a power of two in
+    /// 1..=MAX_QUEUE_SIZE.
+    pub fn new(size: u16) -> Option<Self> {
+        if size == 0 || !size.is_power_of_two() || size > MAX_QUEUE_SIZE {
+            return None;
+        }
+        let n = u64::from(size);
+        let desc = 0;
+        let avail = 16 * n;
+        let used = (avail + 6 + 2 * n).next_multiple_of(4);
+        let bytes = used + 6 + 8 * n;
+        Some(RingLayout {
+            size,
+            desc,
+            avail,
+            used,
+            bytes,
+        })
+    }
+}
+
+const _: () = assert!(16 * 512 + 6 + 2 * 512 + 2 + 6 + 8 * 512 <= QUEUE_SLOT_BYTES);
+
+/// One split virtqueue, driver side.
+pub struct DriverQueue {
+    desc: *mut Desc,
+    avail: *mut u8,
+    used: *mut u8,
+    size: u16,
+    event_idx: bool,
+    /// Next avail index to publish (private shadow of avail.idx).
+    avail_idx: u16,
+    /// avail.idx as last published.
+    published: u16,
+    /// Next used element to consume.
+    last_used: u16,
+}
+
+// SAFETY: the pointers refer to shared memory that the owner keeps mapped
+// for the queue's lifetime; one thread uses a queue at a time (&mut self).
+unsafe impl Send for DriverQueue {}
+
+/// The used ring moved further than the queue has descriptors in flight.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UsedJump {
+    pub from: u16,
+    pub to: u16,
+}
+
+impl DriverQueue {
+    /// Takes over the queue memory at `mem` and initialises it: descriptors
+    /// and both rings zeroed, interrupts suppressed.
+    ///
+    /// # Safety
+    /// `mem` must point to `layout.bytes` writable bytes, 16-byte aligned,
+    /// that stay mapped while the queue lives, and no device may be using
+    /// that memory yet.
+    pub unsafe fn new(mem: *mut u8, layout: RingLayout, event_idx: bool) -> Self {
+        debug_assert!((mem as usize).is_multiple_of(16));
+        for i in 0..layout.bytes as usize {
+            // SAFETY: i < layout.bytes, inside the memory the caller gave.
+            unsafe { std::ptr::write_volatile(mem.add(i), 0) };
+        }
+        // SAFETY: the three offsets lie inside `layout.bytes` (RingLayout::new).
+        let q = unsafe {
+            DriverQueue {
+                desc: mem.add(layout.desc as usize).cast(),
+                avail: mem.add(layout.avail as usize),
+                used: mem.add(layout.used as usize),
+                size: layout.size,
+                event_idx,
+                avail_idx: 0,
+                published: 0,
+                last_used: 0,
+            }
+        };
+        q.set_interrupts(false);
+        q
+    }
+
+    pub fn size(&self) -> u16 {
+        self.size
+    }
+
+    /// Descriptors made available and not yet returned through the used ring.
+    pub fn in_flight(&self) -> u16 {
+        self.avail_idx.wrapping_sub(self.last_used)
+    }
+
+    #[inline(always)]
+    pub fn write_desc(&mut self, i: u16, d: Desc) {
+        assert!(
+            i < self.size,
+            "descriptor {i} outside a ring of {}",
+            self.size
+        );
+        let le = Desc {
+            addr: d.addr.to_le(),
+            len: d.len.to_le(),
+            flags: d.flags.to_le(),
+            next: d.next.to_le(),
+        };
+        // SAFETY: i < size, inside the descriptor table.
+        unsafe { std::ptr::write_volatile(self.desc.add(usize::from(i)), le) };
+    }
+
+    /// The address descriptor `i` holds now (the device may have rewritten it).
+    #[inline(always)]
+    pub fn desc_addr(&self, i: u16) -> u64 {
+        assert!(
+            i < self.size,
+            "descriptor {i} outside a ring of {}",
+            self.size
+        );
+        // SAFETY: i < size, inside the descriptor table; addr is its first field.
+        u64::from_le(unsafe {
+            std::ptr::read_volatile(self.desc.add(usize::from(i)).cast::<u64>())
+        })
+    }
+
+    /// Queues descriptor `head` in the avail ring (visible after `publish`).
+    #[inline(always)]
+    pub fn push_avail(&mut self, head: u16) {
+        let slot = self.avail_idx & (self.size - 1);
+        // SAFETY: slot < size, so 4 + 2 * slot + 2 <= 4 + 2 * size.
+        unsafe {
+            std::ptr::write_volatile(
+                self.avail.add(4 + 2 * usize::from(slot)).cast::<u16>(),
+                head.to_le(),
+            )
+        };
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+    }
+
+    /// Makes everything pushed visible to the device. Returns whether the
+    /// device asked to be notified about it (VRING_USED_F_NO_NOTIFY clear,
+    /// or with EVENT_IDX, avail_event crossed).
+    #[inline]
+    pub fn publish(&mut self) -> bool {
+        let old = self.published;
+        let new = self.avail_idx;
+        if old == new {
+            return false;
+        }
+        fence(Ordering::Release);
+        // SAFETY: avail + 2 is the avail ring's idx field.
+        unsafe { std::ptr::write_volatile(self.avail.add(2).cast::<u16>(), new.to_le()) };
+        self.published = new;
+        // The device's flag or event index must be read after our index write.
+        fence(Ordering::SeqCst);
+        if self.event_idx {
+            // SAFETY: avail_event sits right after the used ring's elements.
+            let ev = u16::from_le(unsafe {
+                std::ptr::read_volatile(self.used.add(4 + 8 * usize::from(self.size)).cast::<u16>())
+            });
+            need_event(ev, new, old)
+        } else {
+            // SAFETY: the used ring's first field is its flags.
+            let flags = u16::from_le(unsafe { std::ptr::read_volatile(self.used.cast::<u16>()) });
+            flags & USED_F_NO_NOTIFY == 0
+        }
+    }
+
+    /// Used elements the device published and the driver has not consumed.
+    /// More than are in flight means the device broke the ring.
+    #[inline]
+    pub fn used_ready(&self) -> Result<u16, UsedJump> {
+        // SAFETY: used + 2 is the used ring's idx field.
+        let idx = u16::from_le(unsafe { std::ptr::read_volatile(self.used.add(2).cast::<u16>()) });
+        fence(Ordering::Acquire);
+        let n = idx.wrapping_sub(self.last_used);
+        if n > self.in_flight() {
+            return Err(UsedJump {
+                from: self.last_used,
+                to: idx,
+            });
+        }
+        Ok(n)
+    }
+
+    /// The `k`-th unconsumed used element, as the device wrote it.
+    #[inline(always)]
+    pub fn used_elem(&self, k: u16) -> UsedElem {
+        let slot = self.last_used.wrapping_add(k) & (self.size - 1);
+        // SAFETY: slot < size, so the element lies inside the used ring.
+        let e = unsafe {
+            std::ptr::read_volatile(self.used.add(4 + 8 * usize::from(slot)).cast::<UsedElem>())
+        };
+        UsedElem {
+            id: u32::from_le(e.id),
+            len: u32::from_le(e.len),
+        }
+    }
+
+    /// Marks `n` used elements consumed. With EVENT_IDX, moves used_event
+    /// half the index space ahead so the device never finds a reason to
+    /// interrupt while the driver polls.
+    #[inline]
+    pub fn consume(&mut self, n: u16) {
+        self.last_used = self.last_used.wrapping_add(n);
+        if self.event_idx {
+            self.write_used_event(self.last_used.wrapping_add(0x8000));
+        }
+    }
+
+    fn write_used_event(&self, v: u16) {
+        // SAFETY: used_event sits right after the avail ring's entries.
+        unsafe {
+            std::ptr::write_volatile(
+                self.avail.add(4 + 2 * usize::from(self.size)).cast::<u16>(),
+                v.to_le(),
+            )
+        };
+    }
+
+    /// Asks for an interrupt on the next used element (`on`), or for none
+    /// (poll mode). After switching on, returns whether used elements are
+    /// already waiting: then the caller must not sleep.
+    pub fn set_interrupts(&self, on: bool) -> bool {
+        let flags = if on { 0 } else { AVAIL_F_NO_INTERRUPT };
+        // SAFETY: the avail ring's first field is its flags.
+        unsafe { std::ptr::write_volatile(self.avail.cast::<u16>(), flags.to_le()) };
+        if self.event_idx {
+            let ev = if on {
+                self.last_used
+            } else {
+                self.last_used.wrapping_add(0x8000)
+            };
+            self.write_used_event(ev);
+        }
+        if !on {
+            return false;
+        }
+        fence(Ordering::SeqCst);
+        !matches!(self.used_ready(), Ok(0))
+    }
+
+    /// The used index as the device last wrote it (tests, diagnostics).
+    pub fn last_used(&self) -> u16 {
+        self.last_used
+    }
+}
+
+/// virtio's vring_need_event: has `new` passed `event` since `old`?
+#[inline(always)]
+pub fn need_event(event: u16, new: u16, old: u16) -> bool {
+    new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// 16-byte aligned zeroed test memory.
+    pub struct TestMem {
+        buf: Vec<u128>,
+    }
+
+    impl TestMem {
+        pub fn new(bytes: usize) -> Self {
+            TestMem {
+                buf: vec![0; bytes.div_ceil(16)],
+            }
+        }
+        pub fn ptr(&mut self) -> *mut u8 {
+            self.buf.as_mut_ptr().cast()
+        }
+    }
+
+    #[test]
+    fn layouts_fit_their_slot_and_reject_bad_sizes() {
+        let l = RingLayout::new(512).unwrap();
+        assert_eq!(l.avail, 8192);
+        assert_eq!(l.used, 9224);
+        assert!(l.bytes <= QUEUE_SLOT_BYTES);
+        assert_eq!(RingLayout::new(256).unwrap().used % 4, 0);
+        for bad in [0, 3, 1024, 513] {
+            assert_eq!(RingLayout::new(bad), None);
+        }
+    }
+
+    #[test]
+    fn need_event_matches_the_spec_formula() {
+        assert!(need_event(0, 1, 0));
+        assert!(!need_event(1, 1, 0));
+        assert!(need_event(5, 10, 0));
+        assert!(!need_event(10, 10, 0));
+        assert!(need_event(u16::MAX, 0, u16::MAX - 1));
+    }
+
+    #[test]
+    fn publish_reports_the_devices_notification_wish() {
+        let l = RingLayout::new(8).unwrap();
+        let mut m = TestMem::new(l.bytes as usize);
+        // SAFETY: TestMem holds layout.bytes bytes and outlives the queue.
+        let mut q = unsafe { DriverQueue::new(m.ptr(), l, false) };
+        q.push_avail(0);
+        assert!(q.publish(), "flags clear: notify");
+        // SAFETY: used flags are the first u16 of the used ring in test memory.
+        unsafe { std::ptr::write_volatile(m.ptr().add(l.used as usize).cast::<u16>(), 1) };
+        q.push_avail(1);
+        assert!(!q.publish(), "NO_NOTIFY: stay quiet");
+        assert!(!q.publish(), "nothing new");
+        // SAFETY: avail flags, the first u16 of the avail ring.
+        let af = unsafe { std::ptr::read_volatile(m.ptr().add(l.avail as usize).cast::<u16>()) };
+        assert_eq!(af, AVAIL_F_NO_INTERRUPT);
+    }
+
+    #[test]
+    fn event_idx_kicks_only_when_avail_event_is_crossed() {
+        let l = RingLayout::new(8).unwrap();
+        let mut m = TestMem::new(l.bytes as usize);
+        // SAFETY: as above.
+        let mut q = unsafe { DriverQueue::new(m.ptr(), l, true) };
+        let avail_event = l.used as usize + 4 + 8 * 8;
+        // SAFETY: avail_event lies inside the used ring of test memory.
+        unsafe { std::ptr::write_volatile(m.ptr().add(avail_event).cast::<u16>(), 3) };
+        q.push_avail(0);
+        q.push_avail(1);
+        assert!(!q.publish(), "idx 2 has not passed event 3");
+        q.push_avail(2);
+        q.push_avail(3);
+        assert!(q.publish(), "idx 4 passed event 3");
+        // used_event stays far ahead while polling.
+        let used_event = l.avail as usize + 4 + 2 * 8;
+        // SAFETY: used_event lies inside the avail ring of test memory.
+        let ue = unsafe { std::ptr::read_volatile(m.ptr().add(used_event).cast::<u16>()) };
+        assert_eq!(ue, 0x8000);
+    }
+
+    #[test]
+    fn used_index_beyond_what_is_in_flight_is_reported() {
+        let l = RingLayout::new(4).unwrap();
+        let mut m = TestMem::new(l.bytes as usize);
+        // SAFETY: as above.
+        let mut q = unsafe { DriverQueue::new(m.ptr(), l, false) };
+        q.push_avail(0);
+        q.publish();
+        // SAFETY: used idx inside test memory.
+        unsafe { std::ptr::write_volatile(m.ptr().add(l.used as usize + 2).cast::<u16>(), 2) };
+        assert_eq!(q.used_ready(), Err(UsedJump { from: 0, to: 2 }));
+        // SAFETY: as above.
+        unsafe { std::ptr::write_volatile(m.ptr().add(l.used as usize + 2).cast::<u16>(), 1) };
+        assert_eq!(q.used_ready(), Ok(1));
+        assert!(q.set_interrupts(true), "a used element is waiting");
+    }
+}
