@@ -2,6 +2,7 @@
 //! zcount as real processes and cleans up after them.
 #![allow(dead_code)]
 
+pub mod vm;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
