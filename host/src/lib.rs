@@ -11,6 +11,7 @@ pub mod daemon;
 pub mod export;
 pub mod futex;
 pub mod pool;
+pub mod qmp;
 pub mod queues;
 pub mod ring;
 pub mod shm;
