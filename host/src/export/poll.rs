@@ -61,6 +61,8 @@ pub struct Worker {
     pub mem_gen: u64,
     pub features: u64,
     pub broken: bool,
+    /// Ring set-ups that failed, not retried until the frontend changes them.
+    failed: [Option<RingAddrs>; 2],
     pub chain: Box<Chain>,
     pub rx_stats: RxStats,
     pub tx_stats: TxStats,
@@ -130,6 +132,7 @@ impl Worker {
             mem_gen: 0,
             features: 0,
             broken: false,
+            failed: [None, None],
             chain: Box::default(),
             rx_stats: RxStats::default(),
             tx_stats: TxStats::default(),
@@ -277,6 +280,7 @@ impl Worker {
             }
             self.dev = None;
             self.vrings = None;
+            self.failed = [None, None];
             // Rebuild the device from the memory table, if there still is one.
             self.mem_gen = u64::MAX;
             self.clear_broken();
@@ -352,7 +356,7 @@ impl Worker {
             d.mrg_rxbuf =
                 self.features & (1 << virtio_bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF) != 0;
         }
-        self.refresh();
+        self.refresh_rings();
     }
 
     fn event_idx(&self) -> bool {
@@ -382,6 +386,11 @@ impl Worker {
         if self.vrings.is_none() && self.shared.have_vrings.load(Ordering::Acquire) {
             self.vrings = self.shared.lock().vrings.clone();
         }
+        self.refresh_rings();
+    }
+
+    /// As `refresh`, with the vrings already known (the control lock held).
+    fn refresh_rings(&mut self) {
         let Some(vrings) = self.vrings.clone() else {
             return;
         };
@@ -407,6 +416,7 @@ impl Worker {
             };
             match (&dev.queues[i], active) {
                 (Some(q), true) if q.addrs == addrs => {}
+                (None, true) if self.failed[i] == Some(addrs) => {}
                 (_, true) => {
                     if self.broken {
                         // A re-set-up ring is a reset of the broken device.
@@ -432,12 +442,13 @@ impl Worker {
                         }
                         Err(e) => {
                             dev.queues[i] = None;
+                            self.failed[i] = Some(addrs);
                             self.mark_broken(e);
                         }
                     }
                 }
                 (Some(_), false) => dev.queues[i] = None,
-                (None, false) => {}
+                (None, false) => self.failed[i] = None,
             }
         }
     }

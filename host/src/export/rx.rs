@@ -4,7 +4,7 @@
 
 use super::poll::{Worker, RXQ};
 use super::virtq::PoolCtx;
-use super::virtq::{DescError, RingError, MAX_CHAIN};
+use super::virtq::{RingError, MAX_CHAIN};
 use std::ptr;
 use zc_proto::buffer::VIRTIO_NET_HDR_LEN;
 
@@ -22,6 +22,8 @@ enum Placed {
     Dropped { heads: u16, invalid: bool },
     /// Too big for one chain without MRG_RXBUF: dropped, no entry consumed.
     TooBig,
+    /// The first chain was invalid: returned empty; the packet waits for the next.
+    Skipped,
 }
 
 impl Worker {
@@ -51,6 +53,12 @@ impl Worker {
         while self.rx_pos < self.rx_have && taken < avail {
             let len = self.rx_hand[self.rx_pos].len();
             let placed = self.place(taken, avail)?;
+            if let Placed::Skipped = placed {
+                taken += 1;
+                moved += 1;
+                self.rx_stats.invalid_desc += 1;
+                continue;
+            }
             // Whatever happened, the hand's buffer at rx_pos is now empty
             // (delivered, exchanged for the guest's, or dropped).
             let i = self.rx_hand[self.rx_pos].index();
@@ -68,6 +76,7 @@ impl Worker {
                     }
                 }
                 Placed::TooBig => self.rx_stats.drop_too_big += 1,
+                Placed::Skipped => {}
             }
             self.rx_hand[self.rx_pos].replace(i, 0);
             self.rx_pos += 1;
@@ -104,13 +113,9 @@ impl Worker {
         let q = dev.queues[RXQ].as_ref().expect("checked");
         let head = q.head(first)?;
         let walked = q.walk(head, true, &dev.map, &pool, &mut self.chain);
-        if let Err(e) = walked {
+        if walked.is_err() {
             q.put_used(first, head, 0);
-            let _: DescError = e;
-            return Ok(Placed::Dropped {
-                heads: 1,
-                invalid: true,
-            });
+            return Ok(Placed::Skipped);
         }
         // Zero-copy: the guest offers one of its pool buffers; give it the
         // buffer holding the packet instead.

@@ -1,0 +1,529 @@
+//! A test frontend for zc-hostd exports: a memfd as "guest RAM", the pool
+//! file as a second region, split virtqueues driven from the driver side,
+//! and the `vhost` crate's frontend speaking vhost-user to the daemon.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{fence, Ordering};
+use std::time::{Duration, Instant};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vmm_sys_util::eventfd::EventFd;
+use zc_host::client;
+use zc_host::control::{ClusterInfo, Reply, Request};
+use zc_host::export::stats::ExportStats;
+use zc_host::shm::Mapping;
+use zc_proto::PoolLayout;
+
+pub const VERSION_1: u64 = 1 << 32;
+pub const EVENT_IDX: u64 = 1 << 29;
+pub const MRG_RXBUF: u64 = 1 << 15;
+pub const HDR: usize = 12;
+/// Where the test puts the pool in guest-physical space.
+pub const POOL_GPA: u64 = 0x1_0000_0000;
+pub const RAM_SIZE: usize = 32 << 20;
+
+/// zc-hostd as a child process, stopped with SIGTERM on drop.
+pub struct Hostd {
+    pub child: Child,
+    pub dir: tempfile::TempDir,
+    pub cluster: u32,
+    pub log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Hostd {
+    /// Starts a daemon with a small pool in /dev/shm and `exports`
+    /// (`name,rx=..` with the name relative to the temp dir).
+    pub fn start(cluster: u32, exports: &[&str], extra: &[&str]) -> Hostd {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_zc-hostd"));
+        cmd.args(["-c", &cluster.to_string(), "-q", "4", "--buffers", "8192"])
+            .args(["--queue-len", "256", "--no-hugepages", "--stock", "512"])
+            .arg("--run-dir")
+            .arg(dir.path().join("run"));
+        for e in exports {
+            cmd.arg("--export")
+                .arg(format!("{}/{e}", dir.path().display()));
+        }
+        cmd.args(extra);
+        cmd.env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null());
+        let mut child = cmd.spawn().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let l2 = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("ready: queues") {
+                    let _ = tx.send(());
+                }
+                eprintln!("[zc-hostd] {line}");
+                l2.lock().unwrap().push(line);
+            }
+        });
+        rx.recv_timeout(Duration::from_secs(20))
+            .expect("zc-hostd did not start");
+        Hostd {
+            child,
+            dir,
+            cluster,
+            log,
+        }
+    }
+
+    pub fn run_dir(&self) -> PathBuf {
+        self.dir.path().join("run")
+    }
+
+    pub fn sock(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn stats(&self) -> (ClusterInfo, Vec<ExportStats>) {
+        let s = client::connect(&self.run_dir(), self.cluster).unwrap();
+        match client::call(&s, &Request::Stats).unwrap() {
+            (Reply::Stats { info, exports }, _) => (info, exports),
+            r => panic!("unexpected reply {r:?}"),
+        }
+    }
+
+    pub fn export(&self, name: &str) -> ExportStats {
+        self.stats()
+            .1
+            .into_iter()
+            .find(|e| e.name == name)
+            .unwrap_or_else(|| panic!("no export {name}"))
+    }
+
+    /// Waits until `f` holds for export `name`'s statistics.
+    pub fn wait_stats(
+        &self,
+        name: &str,
+        what: &str,
+        f: impl Fn(&ExportStats) -> bool,
+    ) -> ExportStats {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let s = self.export(name);
+            if f(&s) {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}: {s:#?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn log_count(&self, s: &str) -> usize {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(s))
+            .count()
+    }
+
+    pub fn log_contains(&self, s: &str) -> bool {
+        self.log.lock().unwrap().iter().any(|l| l.contains(s))
+    }
+}
+
+impl Drop for Hostd {
+    fn drop(&mut self) {
+        // SAFETY: kill on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+/// Shared guest RAM: a memfd mapped here, at guest-physical 0.
+pub struct Ram {
+    pub fd: OwnedFd,
+    pub map: Mapping,
+}
+
+impl Ram {
+    pub fn new(size: usize) -> Ram {
+        // SAFETY: memfd_create with a valid C string; result checked.
+        let raw = unsafe { libc::memfd_create(c"guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(raw >= 0);
+        // SAFETY: a fresh descriptor we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: ftruncate on our memfd.
+        assert_eq!(unsafe { libc::ftruncate(fd.as_raw_fd(), size as i64) }, 0);
+        let map = Mapping::map(std::os::fd::AsFd::as_fd(&fd), size, false).unwrap();
+        Ram { fd, map }
+    }
+}
+
+/// The pool file, mapped by the test frontend.
+pub struct PoolMap {
+    pub file: std::fs::File,
+    pub map: Mapping,
+    pub layout: PoolLayout,
+}
+
+impl PoolMap {
+    pub fn open(info: &ClusterInfo) -> PoolMap {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&info.pool_path)
+            .unwrap();
+        let map = Mapping::map(
+            std::os::fd::AsFd::as_fd(&file),
+            info.pool_size as usize,
+            false,
+        )
+        .unwrap();
+        let layout = PoolLayout::new(info.cluster, info.buf_size, info.buf_count).unwrap();
+        PoolMap { file, map, layout }
+    }
+
+    pub fn view(&self) -> zc_proto::PoolView {
+        // SAFETY: the mapping holds pool_size bytes and outlives the view's uses.
+        unsafe { zc_proto::PoolView::new(self.map.as_ptr(), self.layout) }
+    }
+
+    /// Guest-physical address of a pool descriptor for buffer `b`.
+    pub fn desc_gpa(&self, b: u32) -> u64 {
+        POOL_GPA
+            + self
+                .layout
+                .packet_offset(zc_proto::BufferIndex::new(b))
+                .unwrap()
+            - HDR as u64
+    }
+
+    pub fn buffer_of_gpa(&self, gpa: u64) -> Option<u32> {
+        self.layout
+            .buffer_at_packet_offset(gpa.checked_sub(POOL_GPA)?, HDR as u32)
+            .map(|b| b.get())
+    }
+}
+
+/// Guest memory as the test sees it: RAM at 0, the pool at POOL_GPA.
+pub struct Mem {
+    pub ram: Ram,
+    pub pool: Option<PoolMap>,
+}
+
+impl Mem {
+    pub fn ptr(&self, gpa: u64, len: usize) -> *mut u8 {
+        if gpa >= POOL_GPA {
+            let p = self.pool.as_ref().unwrap();
+            let off = (gpa - POOL_GPA) as usize;
+            assert!(off + len <= p.map.len());
+            // SAFETY: checked to be inside the mapping.
+            unsafe { p.map.as_ptr().add(off) }
+        } else {
+            assert!(gpa as usize + len <= self.ram.map.len());
+            // SAFETY: checked to be inside the mapping.
+            unsafe { self.ram.map.as_ptr().add(gpa as usize) }
+        }
+    }
+
+    pub fn write(&self, gpa: u64, data: &[u8]) {
+        // SAFETY: ptr() checked the range; test memory shared with the daemon.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr(gpa, data.len()), data.len())
+        }
+    }
+
+    pub fn read(&self, gpa: u64, len: usize) -> Vec<u8> {
+        let mut v = vec![0; len];
+        // SAFETY: as in write.
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr(gpa, len), v.as_mut_ptr(), len) };
+        v
+    }
+
+    pub fn w16(&self, gpa: u64, v: u16) {
+        // SAFETY: aligned field inside a ring the test placed in RAM.
+        unsafe { std::ptr::write_volatile(self.ptr(gpa, 2).cast::<u16>(), v) }
+    }
+    pub fn r16(&self, gpa: u64) -> u16 {
+        // SAFETY: as in w16.
+        unsafe { std::ptr::read_volatile(self.ptr(gpa, 2).cast::<u16>()) }
+    }
+    pub fn w32(&self, gpa: u64, v: u32) {
+        // SAFETY: as in w16.
+        unsafe { std::ptr::write_volatile(self.ptr(gpa, 4).cast::<u32>(), v) }
+    }
+    pub fn r32(&self, gpa: u64) -> u32 {
+        // SAFETY: as in w16.
+        unsafe { std::ptr::read_volatile(self.ptr(gpa, 4).cast::<u32>()) }
+    }
+    pub fn w64(&self, gpa: u64, v: u64) {
+        // SAFETY: as in w16.
+        unsafe { std::ptr::write_volatile(self.ptr(gpa, 8).cast::<u64>(), v) }
+    }
+    pub fn r64(&self, gpa: u64) -> u64 {
+        // SAFETY: as in w16.
+        unsafe { std::ptr::read_volatile(self.ptr(gpa, 8).cast::<u64>()) }
+    }
+}
+
+/// The driver side of one split virtqueue placed in guest RAM.
+pub struct DriverQueue {
+    pub size: u16,
+    pub desc: u64,
+    pub avail: u64,
+    pub used: u64,
+    pub avail_idx: u16,
+    pub used_seen: u16,
+    free: Vec<u16>,
+    pub kick: EventFd,
+    pub call: EventFd,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Seg {
+    pub gpa: u64,
+    pub len: u32,
+    pub write: bool,
+}
+
+impl DriverQueue {
+    pub fn new(base: u64, size: u16) -> DriverQueue {
+        let n = u64::from(size);
+        DriverQueue {
+            size,
+            desc: base,
+            avail: base + 16 * n,
+            used: (base + 16 * n + 6 + 2 * n + 4095) & !4095,
+            avail_idx: 0,
+            used_seen: 0,
+            free: (0..size).rev().collect(),
+            kick: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            call: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        }
+    }
+
+    pub fn end(&self) -> u64 {
+        self.used + 6 + 8 * u64::from(self.size)
+    }
+
+    pub fn write_desc(&self, m: &Mem, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let d = self.desc + 16 * u64::from(i);
+        m.w64(d, addr);
+        m.w32(d + 8, len);
+        m.w16(d + 12, flags);
+        m.w16(d + 14, next);
+    }
+
+    pub fn desc_addr(&self, m: &Mem, i: u16) -> u64 {
+        m.r64(self.desc + 16 * u64::from(i))
+    }
+
+    /// Adds a chain; returns its head (without publishing it).
+    pub fn add(&mut self, m: &Mem, segs: &[Seg]) -> u16 {
+        let ids: Vec<u16> = (0..segs.len())
+            .map(|_| self.free.pop().expect("ring full"))
+            .collect();
+        for (k, s) in segs.iter().enumerate() {
+            let last = k + 1 == segs.len();
+            let flags = if last { 0 } else { 1 } | if s.write { 2 } else { 0 };
+            self.write_desc(
+                m,
+                ids[k],
+                s.gpa,
+                s.len,
+                flags,
+                if last { 0 } else { ids[k + 1] },
+            );
+        }
+        self.push_head(m, ids[0]);
+        ids[0]
+    }
+
+    /// Puts `head` in the avail ring (not yet published).
+    pub fn push_head(&mut self, m: &Mem, head: u16) {
+        let slot = self.avail_idx % self.size;
+        m.w16(self.avail + 4 + 2 * u64::from(slot), head);
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+    }
+
+    /// Publishes the avail index and kicks.
+    pub fn publish(&mut self, m: &Mem) {
+        fence(Ordering::SeqCst);
+        m.w16(self.avail + 2, self.avail_idx);
+        fence(Ordering::SeqCst);
+        let _ = self.kick.write(1);
+    }
+
+    /// Used elements published since the last call.
+    pub fn take_used(&mut self, m: &Mem) -> Vec<(u16, u32)> {
+        fence(Ordering::SeqCst);
+        let idx = m.r16(self.used + 2);
+        let mut out = Vec::new();
+        while self.used_seen != idx {
+            let e = self.used + 4 + 8 * u64::from(self.used_seen % self.size);
+            out.push((m.r32(e) as u16, m.r32(e + 4)));
+            self.used_seen = self.used_seen.wrapping_add(1);
+        }
+        out
+    }
+
+    /// Returns a completed chain's descriptors to the free list.
+    pub fn recycle(&mut self, m: &Mem, head: u16) {
+        let mut i = head;
+        for _ in 0..self.size {
+            self.free.push(i);
+            let d = self.desc + 16 * u64::from(i);
+            if m.r16(d + 12) & 1 == 0 {
+                break;
+            }
+            i = m.r16(d + 14);
+        }
+    }
+
+    /// Waits until `n` used elements arrived in total (beyond `have`).
+    pub fn wait_used(&mut self, m: &Mem, n: usize) -> Vec<(u16, u32)> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut out = Vec::new();
+        while out.len() < n {
+            out.extend(self.take_used(m));
+            assert!(
+                Instant::now() < deadline,
+                "timed out: {} of {n} used elements",
+                out.len()
+            );
+            std::thread::yield_now();
+        }
+        out
+    }
+}
+
+/// A vhost-user frontend with RX (0) and TX (1) queues in guest RAM.
+pub struct TestFrontend {
+    pub fe: Frontend,
+    pub mem: Mem,
+    pub rx: DriverQueue,
+    pub tx: DriverQueue,
+    pub features: u64,
+    /// Next free guest RAM address for packet buffers.
+    pub heap: u64,
+}
+
+pub struct Setup {
+    pub features: u64,
+    pub size: u16,
+    pub with_pool: bool,
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Setup {
+            features: VERSION_1 | EVENT_IDX | MRG_RXBUF,
+            size: 256,
+            with_pool: true,
+        }
+    }
+}
+
+impl TestFrontend {
+    pub fn connect(h: &Hostd, sock: &str, s: Setup) -> TestFrontend {
+        let (info, _) = h.stats();
+        let path = h.sock(sock);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut fe = loop {
+            match Frontend::connect(&path, 2) {
+                Ok(f) => break f,
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "cannot connect to {path:?}: {e}");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        };
+        let mem = Mem {
+            ram: Ram::new(RAM_SIZE),
+            pool: s.with_pool.then(|| PoolMap::open(&info)),
+        };
+        fe.set_owner().unwrap();
+        let offered = fe.get_features().unwrap();
+        let pf = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        let features = s.features & offered;
+        fe.set_features(features | pf).unwrap();
+        let prot = fe.get_protocol_features().unwrap();
+        fe.set_protocol_features(prot & VhostUserProtocolFeatures::CONFIG)
+            .unwrap();
+        let mut regions = vec![VhostUserMemoryRegionInfo {
+            guest_phys_addr: 0,
+            memory_size: RAM_SIZE as u64,
+            userspace_addr: mem.ram.map.as_ptr() as u64,
+            mmap_offset: 0,
+            mmap_handle: mem.ram.fd.as_raw_fd(),
+        }];
+        if let Some(p) = &mem.pool {
+            regions.push(VhostUserMemoryRegionInfo {
+                guest_phys_addr: POOL_GPA,
+                memory_size: p.layout.pool_size,
+                userspace_addr: p.map.as_ptr() as u64,
+                mmap_offset: 0,
+                mmap_handle: p.file.as_raw_fd(),
+            });
+        }
+        fe.set_mem_table(&regions).unwrap();
+        let rx = DriverQueue::new(0, s.size);
+        let tx = DriverQueue::new((rx.end() + 4095) & !4095, s.size);
+        let heap = (tx.end() + 0xffff) & !0xffff;
+        let mut t = TestFrontend {
+            fe,
+            mem,
+            rx,
+            tx,
+            features,
+            heap,
+        };
+        for i in 0..2 {
+            t.start_queue(i);
+        }
+        t
+    }
+
+    pub fn ram_va(&self, gpa: u64) -> u64 {
+        self.mem.ram.map.as_ptr() as u64 + gpa
+    }
+
+    pub fn start_queue(&mut self, i: usize) {
+        let q = if i == 0 { &self.rx } else { &self.tx };
+        let cfg = VringConfigData {
+            queue_max_size: q.size,
+            queue_size: q.size,
+            flags: 0,
+            desc_table_addr: self.mem.ram.map.as_ptr() as u64 + q.desc,
+            used_ring_addr: self.mem.ram.map.as_ptr() as u64 + q.used,
+            avail_ring_addr: self.mem.ram.map.as_ptr() as u64 + q.avail,
+            log_addr: None,
+        };
+        self.fe.set_vring_num(i, q.size).unwrap();
+        self.fe.set_vring_addr(i, &cfg).unwrap();
+        self.fe.set_vring_base(i, 0).unwrap();
+        self.fe.set_vring_call(i, &q.call).unwrap();
+        self.fe.set_vring_kick(i, &q.kick).unwrap();
+        self.fe.set_vring_enable(i, true).unwrap();
+    }
+
+    /// Guest RAM for a buffer of `len` bytes.
+    pub fn alloc(&mut self, len: u64) -> u64 {
+        let a = self.heap;
+        self.heap = (self.heap + len + 63) & !63;
+        assert!(self.heap <= RAM_SIZE as u64);
+        a
+    }
+}
+
+/// Packet `i` of a test stream: `len` bytes, deterministic content.
+pub fn payload(i: u32, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|k| (i.wrapping_mul(31).wrapping_add(k as u32 * 7) % 251) as u8)
+        .collect()
+}

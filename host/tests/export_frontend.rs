@@ -1,0 +1,692 @@
+//! zc-hostd exports driven by a test vhost-user frontend (the `vhost`
+//! crate's frontend over a memfd "guest RAM" plus the pool file): both
+//! data paths with exact counts and payloads, and hostile rings.
+
+mod common;
+
+use common::*;
+use std::time::{Duration, Instant};
+use zc_host::client::{HostRx, HostTx};
+use zc_host::export::directory;
+use zc_proto::layout::{EXPORT_ACTIVE, NO_QUEUE};
+use zc_proto::{QueueEnd, Receiver, Sender};
+
+/// Sends `pkts` on cluster queue `q` from a host process (a thread here).
+fn host_send(h: &Hostd, q: u16, pkts: Vec<Vec<u8>>) -> std::thread::JoinHandle<()> {
+    let mut tx = HostTx::open(&h.run_dir(), h.cluster, q).unwrap();
+    std::thread::spawn(move || {
+        let mut bufs = tx.take_buffers(32).unwrap();
+        let view = *tx.pool();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for chunk in pkts.chunks(32) {
+            for (b, p) in bufs.iter_mut().zip(chunk) {
+                view.packet_mut(b).fill(p).unwrap();
+            }
+            let mut sent = 0;
+            while sent < chunk.len() {
+                let n = tx.send_burst(&mut bufs[sent..chunk.len()]);
+                sent += n;
+                if n == 0 {
+                    assert!(Instant::now() < deadline, "host send stalled");
+                    tx.wait_send(Duration::from_millis(1));
+                }
+            }
+        }
+    })
+}
+
+/// Receives exactly `n` packets from cluster queue `q` (a thread here),
+/// then checks that no more arrive for a moment.
+fn host_recv(h: &Hostd, q: u16, n: usize) -> std::thread::JoinHandle<Vec<Vec<u8>>> {
+    let mut rx = HostRx::open(&h.run_dir(), h.cluster, q).unwrap();
+    std::thread::spawn(move || {
+        let mut bufs = rx.take_buffers(32).unwrap();
+        let view = *rx.pool();
+        let mut out = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while out.len() < n && Instant::now() < deadline {
+            let k = rx.recv_burst(&mut bufs);
+            out.extend(bufs[..k].iter().map(|b| view.packet(b).to_vec()));
+            if k == 0 {
+                rx.wait_recv(Duration::from_millis(1));
+            }
+        }
+        let quiet = Instant::now() + Duration::from_millis(200);
+        while Instant::now() < quiet {
+            let k = rx.recv_burst(&mut bufs);
+            out.extend(bufs[..k].iter().map(|b| view.packet(b).to_vec()));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        out
+    })
+}
+
+/// Posts `count` single-descriptor RX buffers of `size` bytes in guest RAM.
+fn post_rx_ram(f: &mut TestFrontend, count: usize, size: u32) -> Vec<u64> {
+    let mut addrs = Vec::new();
+    for _ in 0..count {
+        let a = f.alloc(u64::from(size));
+        f.rx.add(
+            &f.mem,
+            &[Seg {
+                gpa: a,
+                len: size,
+                write: true,
+            }],
+        );
+        addrs.push(a);
+    }
+    f.rx.publish(&f.mem);
+    addrs
+}
+
+/// Sends `pkts` through the guest's TX queue as [header][payload] chains.
+fn guest_send(f: &mut TestFrontend, pkts: &[Vec<u8>]) {
+    let hdr = f.alloc(HDR as u64);
+    let mut done = 0;
+    for chunk in pkts.chunks(64) {
+        let mut bufs = Vec::new();
+        for p in chunk {
+            let a = f.alloc(p.len() as u64);
+            f.mem.write(a, p);
+            bufs.push(a);
+            f.tx.add(
+                &f.mem,
+                &[
+                    Seg {
+                        gpa: hdr,
+                        len: HDR as u32,
+                        write: false,
+                    },
+                    Seg {
+                        gpa: a,
+                        len: p.len() as u32,
+                        write: false,
+                    },
+                ],
+            );
+        }
+        f.tx.publish(&f.mem);
+        let used = f.tx.wait_used(&f.mem, chunk.len());
+        for (id, len) in used {
+            assert_eq!(len, 0, "TX used length");
+            f.tx.recycle(&f.mem, id);
+        }
+        done += chunk.len();
+        f.heap -= chunk
+            .iter()
+            .map(|p| (p.len() as u64 + 63) & !63)
+            .sum::<u64>();
+    }
+    assert_eq!(done, pkts.len());
+}
+
+#[test]
+fn copy_path_delivers_exact_packets_both_ways() {
+    let h = Hostd::start(9101, &["a.sock,rx=0,tx=1"], &[]);
+    let mut f = TestFrontend::connect(&h, "a.sock", Setup::default());
+    // Host to guest: 600 packets of 60..1500 bytes, 128 guest buffers recycled.
+    let pkts: Vec<Vec<u8>> = (0..600u32)
+        .map(|i| payload(i, 60 + (i as usize * 37) % 1441))
+        .collect();
+    let addrs = post_rx_ram(&mut f, 128, 2048);
+    let sender = host_send(&h, 0, pkts.clone());
+    let mut got = 0;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while got < pkts.len() {
+        assert!(
+            Instant::now() < deadline,
+            "received {got} of {}",
+            pkts.len()
+        );
+        for (id, len) in f.rx.take_used(&f.mem) {
+            let a = f.rx.desc_addr(&f.mem, id);
+            assert!(addrs.contains(&a), "copy path must not move the descriptor");
+            let want = &pkts[got];
+            assert_eq!(len as usize, HDR + want.len(), "packet {got}");
+            let data = f.mem.read(a, len as usize);
+            assert_eq!(&data[..10], &[0u8; 10], "virtio-net header flags and gso");
+            assert_eq!(u16::from_le_bytes([data[10], data[11]]), 1, "num_buffers");
+            assert_eq!(&data[HDR..], &want[..], "payload of packet {got}");
+            got += 1;
+            // Give the buffer back.
+            f.rx.push_head(&f.mem, id);
+        }
+        f.rx.publish(&f.mem);
+        std::thread::yield_now();
+    }
+    sender.join().unwrap();
+    // Guest to host: 500 packets as two-descriptor chains.
+    let out: Vec<Vec<u8>> = (0..500u32)
+        .map(|i| payload(i + 7, 60 + (i as usize * 53) % 1441))
+        .collect();
+    let receiver = host_recv(&h, 1, out.len());
+    guest_send(&mut f, &out);
+    let received = receiver.join().unwrap();
+    assert_eq!(received.len(), out.len());
+    assert!(received == out, "payloads differ");
+    let s = h.export("a.sock");
+    assert_eq!(s.rx.packets, 600);
+    assert_eq!(s.rx.copied, 600);
+    assert_eq!(s.rx.exchanged, 0);
+    assert_eq!(s.rx.bytes, pkts.iter().map(|p| p.len() as u64).sum::<u64>());
+    assert_eq!(s.tx.packets, 500);
+    assert_eq!(s.tx.copied, 500);
+    assert_eq!(
+        (s.tx.invalid_desc, s.rx.invalid_desc, s.tx.drop_bad_len),
+        (0, 0, 0)
+    );
+    assert_eq!(s.dev.connected, 1);
+}
+
+#[test]
+fn mergeable_rx_spreads_a_packet_over_buffers() {
+    let h = Hostd::start(9102, &["m.sock,rx=0"], &[]);
+    let mut f = TestFrontend::connect(&h, "m.sock", Setup::default());
+    let addrs = post_rx_ram(&mut f, 200, 256);
+    let pkts: Vec<Vec<u8>> = (0..40u32).map(|i| payload(i, 1000)).collect();
+    let sender = host_send(&h, 0, pkts.clone());
+    // 1012 bytes in 256-byte buffers: 4 buffers per packet.
+    let used = f.rx.wait_used(&f.mem, 160);
+    sender.join().unwrap();
+    for (p, heads) in pkts.iter().zip(used.chunks(4)) {
+        let mut data = Vec::new();
+        for (id, len) in heads {
+            let a = f.rx.desc_addr(&f.mem, *id);
+            assert!(addrs.contains(&a));
+            data.extend(f.mem.read(a, *len as usize));
+        }
+        assert_eq!(u16::from_le_bytes([data[10], data[11]]), 4, "num_buffers");
+        assert_eq!(data.len(), HDR + p.len());
+        assert_eq!(&data[HDR..], &p[..]);
+    }
+    let s = h.export("m.sock");
+    assert_eq!((s.rx.packets, s.rx.copied), (40, 40));
+}
+
+#[test]
+fn without_mrg_rxbuf_a_too_big_packet_is_dropped_and_counted() {
+    let h = Hostd::start(9103, &["n.sock,rx=0"], &[]);
+    let mut f = TestFrontend::connect(
+        &h,
+        "n.sock",
+        Setup {
+            features: VERSION_1,
+            ..Setup::default()
+        },
+    );
+    assert_eq!(f.features & MRG_RXBUF, 0);
+    post_rx_ram(&mut f, 8, 256);
+    host_send(&h, 0, vec![payload(1, 1000), payload(2, 100)])
+        .join()
+        .unwrap();
+    let used = f.rx.wait_used(&f.mem, 1);
+    assert_eq!(used.len(), 1);
+    assert_eq!(used[0].1 as usize, HDR + 100);
+    let s = h.wait_stats("n.sock", "one drop", |s| s.rx.drop_too_big == 1);
+    assert_eq!(s.rx.packets, 1);
+}
+
+#[test]
+fn zero_copy_exchanges_pool_buffers_both_ways() {
+    let h = Hostd::start(9104, &["z.sock,rx=0,tx=1"], &[]);
+    let mut f = TestFrontend::connect(&h, "z.sock", Setup::default());
+    let pool = f.mem.pool.as_ref().unwrap();
+    let stock = directory::read_stock(&pool.view(), 0);
+    assert_eq!(stock.len(), 512);
+    let max = pool.layout.max_packet();
+    // Post 64 stock buffers as RX pool descriptors.
+    let posted: Vec<u32> = stock[..64].to_vec();
+    for &b in &posted {
+        let gpa = pool.desc_gpa(b);
+        f.rx.add(
+            &f.mem,
+            &[Seg {
+                gpa,
+                len: max + HDR as u32,
+                write: true,
+            }],
+        );
+    }
+    f.rx.publish(&f.mem);
+    let pkts: Vec<Vec<u8>> = (0..64u32)
+        .map(|i| payload(i, 64 + i as usize * 20))
+        .collect();
+    host_send(&h, 0, pkts.clone()).join().unwrap();
+    let used = f.rx.wait_used(&f.mem, 64);
+    let mut held = Vec::new();
+    for (k, (id, len)) in used.iter().enumerate() {
+        let gpa = f.rx.desc_addr(&f.mem, *id);
+        let pool = f.mem.pool.as_ref().unwrap();
+        let b = pool
+            .buffer_of_gpa(gpa)
+            .expect("descriptor names a pool buffer");
+        assert!(!stock.contains(&b), "the guest got the packet's own buffer");
+        assert_eq!(*len as usize, HDR + pkts[k].len());
+        let data = f.mem.read(gpa, *len as usize);
+        assert_eq!(u16::from_le_bytes([data[10], data[11]]), 1);
+        assert_eq!(&data[HDR..], &pkts[k][..], "packet {k}");
+        held.push(b);
+        f.rx.recycle(&f.mem, *id);
+    }
+    let s = h.export("z.sock");
+    assert_eq!((s.rx.exchanged, s.rx.copied, s.rx.packets), (64, 0, 64));
+    // Posting a buffer the guest gave away is invalid: the host owns it now.
+    let pool = f.mem.pool.as_ref().unwrap();
+    let gave = pool.desc_gpa(posted[0]);
+    f.rx.add(
+        &f.mem,
+        &[Seg {
+            gpa: gave,
+            len: max + HDR as u32,
+            write: true,
+        }],
+    );
+    f.rx.publish(&f.mem);
+    host_send(&h, 0, vec![payload(99, 100)]).join().unwrap();
+    let bad = f.rx.wait_used(&f.mem, 1);
+    assert_eq!(bad[0].1, 0, "an invalid descriptor comes back empty");
+    h.wait_stats("z.sock", "invalid RX pool descriptor", |s| {
+        s.rx.invalid_desc == 1
+    });
+    f.rx.recycle(&f.mem, bad[0].0);
+    // Guest to host, zero-copy: send from the buffers the guest now holds.
+    let out: Vec<Vec<u8>> = (0..64u32)
+        .map(|i| payload(i + 500, 100 + i as usize))
+        .collect();
+    let receiver = host_recv(&h, 1, out.len());
+    let pool = f.mem.pool.as_ref().unwrap();
+    let mut heads = Vec::new();
+    for (b, p) in held.iter().zip(&out) {
+        let gpa = pool.desc_gpa(*b);
+        f.mem.write(gpa, &[0u8; HDR]);
+        f.mem.write(gpa + HDR as u64, p);
+        heads.push(f.tx.add(
+            &f.mem,
+            &[Seg {
+                gpa,
+                len: (HDR + p.len()) as u32,
+                write: false,
+            }],
+        ));
+    }
+    f.tx.publish(&f.mem);
+    let used = f.tx.wait_used(&f.mem, 64);
+    let received = receiver.join().unwrap();
+    assert!(received == out, "payloads differ");
+    let pool = f.mem.pool.as_ref().unwrap();
+    for (id, _) in used {
+        let b = pool
+            .buffer_of_gpa(f.tx.desc_addr(&f.mem, id))
+            .expect("a pool buffer");
+        assert!(
+            !held.contains(&b),
+            "TX completion hands the guest a fresh buffer"
+        );
+    }
+    let s = h.export("z.sock");
+    assert_eq!((s.tx.exchanged, s.tx.copied, s.tx.packets), (64, 0, 64));
+}
+
+#[test]
+fn hostile_descriptors_are_dropped_and_counted() {
+    let h = Hostd::start(9105, &["h.sock,rx=0,tx=1"], &[]);
+    let mut f = TestFrontend::connect(&h, "h.sock", Setup::default());
+    let good = payload(1, 200);
+    let g = f.alloc(HDR as u64 + 200);
+    let big = f.alloc(70000);
+    let pool = f.mem.pool.as_ref().unwrap();
+    let layout = pool.layout;
+    f.mem.write(g + HDR as u64, &good);
+    let good_seg = Seg {
+        gpa: g,
+        len: (HDR + 200) as u32,
+        write: false,
+    };
+    let receiver = host_recv(&h, 1, 3);
+    // Valid, then one of each bad kind, valid in between.
+    let size = f.tx.size;
+    let mut posted = 0;
+    f.tx.add(&f.mem, &[good_seg]);
+    posted += 1;
+    let bad: Vec<(&str, Vec<Seg>)> = vec![
+        (
+            "outside memory",
+            vec![Seg {
+                gpa: 0x8000_0000,
+                len: 100,
+                write: false,
+            }],
+        ),
+        (
+            "zero length",
+            vec![Seg {
+                gpa: g,
+                len: 0,
+                write: false,
+            }],
+        ),
+        (
+            "straddles the end of RAM",
+            vec![Seg {
+                gpa: RAM_SIZE as u64 - 10,
+                len: 100,
+                write: false,
+            }],
+        ),
+        (
+            "device-writable in TX",
+            vec![Seg {
+                gpa: g,
+                len: 100,
+                write: true,
+            }],
+        ),
+        (
+            "pool header",
+            vec![Seg {
+                gpa: POOL_GPA,
+                len: 100,
+                write: false,
+            }],
+        ),
+        (
+            "pool buffer the guest does not hold",
+            vec![Seg {
+                gpa: pool.desc_gpa(0),
+                len: 100,
+                write: false,
+            }],
+        ),
+        (
+            "pool range not at a packet offset",
+            vec![Seg {
+                gpa: pool.desc_gpa(directory::read_stock(&pool.view(), 0)[0]) + 4,
+                len: 100,
+                write: false,
+            }],
+        ),
+    ];
+    let nbad = bad.len() as u64;
+    for (_, segs) in &bad {
+        f.tx.add(&f.mem, segs);
+        posted += 1;
+    }
+    // Chain faults written by hand: next out of range, a loop, indirect.
+    for (flags, next) in [(1u16, size + 5), (1, u16::MAX), (4, 0)] {
+        let head = f.tx.add(&f.mem, &[good_seg]);
+        f.tx.write_desc(&f.mem, head, g, 100, flags, next);
+        posted += 1;
+    }
+    let looped = f.tx.add(&f.mem, &[good_seg]);
+    f.tx.write_desc(&f.mem, looped, g, 100, 1, looped);
+    posted += 1;
+    // Lengths: header only, and larger than a buffer.
+    f.tx.add(
+        &f.mem,
+        &[Seg {
+            gpa: g,
+            len: HDR as u32,
+            write: false,
+        }],
+    );
+    f.tx.add(
+        &f.mem,
+        &[Seg {
+            gpa: big,
+            len: layout.max_packet() + HDR as u32 + 1,
+            write: false,
+        }],
+    );
+    posted += 2;
+    f.tx.add(&f.mem, &[good_seg]);
+    f.tx.add(&f.mem, &[good_seg]);
+    posted += 2;
+    f.tx.publish(&f.mem);
+    let used = f.tx.wait_used(&f.mem, posted);
+    assert_eq!(used.len(), posted, "every chain, good or bad, is returned");
+    let got = receiver.join().unwrap();
+    assert_eq!(got.len(), 3, "exactly the valid packets arrive");
+    assert!(got.iter().all(|p| p == &good));
+    let s = h.export("h.sock");
+    assert_eq!(s.tx.invalid_desc, nbad + 4, "{s:#?}");
+    assert_eq!(s.tx.drop_bad_len, 2);
+    assert_eq!(s.tx.packets, 3);
+    assert_eq!(
+        s.dev.needs_reset, 0,
+        "bad descriptors do not break the ring"
+    );
+    // RX: a device-readable buffer is refused; a good one after it is used.
+    let a = f.alloc(2048);
+    f.rx.add(
+        &f.mem,
+        &[Seg {
+            gpa: a,
+            len: 2048,
+            write: false,
+        }],
+    );
+    f.rx.add(
+        &f.mem,
+        &[Seg {
+            gpa: a,
+            len: 2048,
+            write: true,
+        }],
+    );
+    f.rx.publish(&f.mem);
+    host_send(&h, 0, vec![payload(5, 300)]).join().unwrap();
+    let used = f.rx.wait_used(&f.mem, 2);
+    assert_eq!(used[0].1, 0);
+    assert_eq!(used[1].1 as usize, HDR + 300);
+    assert_eq!(f.mem.read(a + HDR as u64, 300), payload(5, 300));
+    let s = h.export("h.sock");
+    assert_eq!((s.rx.invalid_desc, s.rx.packets), (1, 1));
+}
+
+/// Puts the TX ring of `f` into a broken state with `breakage`, checks that
+/// the device is marked NEEDS_RESET, and that export `other` keeps working.
+fn breaks(h: &Hostd, name: &str, breakage: impl FnOnce(&mut TestFrontend)) {
+    let mut f = TestFrontend::connect(h, name, Setup::default());
+    breakage(&mut f);
+    h.wait_stats(name, "NEEDS_RESET", |s| s.dev.needs_reset == 1);
+    drop(f);
+    // A new frontend resets the device.
+    let mut f = TestFrontend::connect(h, name, Setup::default());
+    h.wait_stats(name, "reset", |s| {
+        s.dev.needs_reset == 0 && s.dev.connected == 1
+    });
+    let before = h.export(name).tx.packets;
+    guest_send(&mut f, &[payload(1, 60)]);
+    h.wait_stats(name, "traffic after reset", |s| s.tx.packets == before + 1);
+}
+
+#[test]
+fn broken_rings_need_reset_and_other_exports_keep_running() {
+    let h = Hostd::start(9106, &["bad.sock,tx=1", "ok.sock,tx=2"], &[]);
+    // The other export's traffic runs throughout.
+    let receiver = host_recv(&h, 2, 3000);
+    let mut ok = TestFrontend::connect(&h, "ok.sock", Setup::default());
+    let good: Vec<Vec<u8>> = (0..1000u32).map(|i| payload(i, 64)).collect();
+    guest_send(&mut ok, &good);
+    breaks(&h, "bad.sock", |f| {
+        // The avail index runs ahead of the ring.
+        f.tx.avail_idx = f.tx.size + 1;
+        f.tx.publish(&f.mem);
+    });
+    guest_send(&mut ok, &good);
+    breaks(&h, "bad.sock", |f| {
+        // The avail ring names a descriptor outside the table.
+        let n = f.tx.size;
+        f.tx.push_head(&f.mem, n + 3);
+        f.tx.publish(&f.mem);
+    });
+    breaks(&h, "bad.sock", |f| {
+        // The descriptor table lies in the pool's buffers, outside this
+        // export's ring area.
+        let va = f.mem.pool.as_ref().unwrap().map.as_ptr() as u64 + (4 << 20) - 0x10000;
+        let cfg = vhost::VringConfigData {
+            queue_max_size: 256,
+            queue_size: 256,
+            flags: 0,
+            desc_table_addr: va,
+            used_ring_addr: f.ram_va(f.tx.used),
+            avail_ring_addr: f.ram_va(f.tx.avail),
+            log_addr: None,
+        };
+        use vhost::VhostBackend;
+        f.fe.get_vring_base(1).unwrap();
+        f.fe.set_vring_addr(1, &cfg).unwrap();
+        f.fe.set_vring_base(1, 0).unwrap();
+        f.fe.set_vring_kick(1, &f.tx.kick).unwrap();
+        let _ = f.tx.kick.write(1);
+    });
+    guest_send(&mut ok, &good);
+    let got = receiver.join().unwrap();
+    assert_eq!(got.len(), 3000, "the healthy export lost nothing");
+    assert_eq!(
+        h.log_count("NEEDS_RESET"),
+        3,
+        "one log line per broken ring"
+    );
+    let s = h.export("bad.sock");
+    assert_eq!(s.dev.broken_rings, 3);
+    let o = h.export("ok.sock");
+    assert_eq!(
+        (o.tx.packets, o.dev.needs_reset, o.dev.broken_rings),
+        (3000, 0, 0)
+    );
+}
+
+#[test]
+fn frontend_disconnect_and_reconnect_on_the_same_socket() {
+    let h = Hostd::start(9107, &["r.sock,rx=0,tx=1"], &[]);
+    let receiver = host_recv(&h, 1, 30);
+    for round in 0..3u32 {
+        let mut f = TestFrontend::connect(&h, "r.sock", Setup::default());
+        let pkts: Vec<Vec<u8>> = (0..10).map(|i| payload(round * 10 + i, 80)).collect();
+        guest_send(&mut f, &pkts);
+        drop(f);
+        h.wait_stats("r.sock", "disconnect", |s| s.dev.connected == 0);
+    }
+    let got = receiver.join().unwrap();
+    let want: Vec<Vec<u8>> = (0..30).map(|i| payload(i, 80)).collect();
+    assert!(got == want);
+    let s = h.export("r.sock");
+    assert_eq!((s.dev.connections, s.tx.packets), (3, 30));
+    // The guest's stock survives the reconnects.
+    let (info, _) = h.stats();
+    let pool = PoolMap::open(&info);
+    assert_eq!(directory::read_stock(&pool.view(), 0).len(), 512);
+}
+
+#[test]
+fn export_roles_directory_and_reclaim() {
+    let h = Hostd::start(
+        9108,
+        &["d0.sock,rx=0,tx=1,mac=02:11:22:33:44:55", "d1.sock,tx=3"],
+        &[],
+    );
+    // Processes cannot take an export's queue roles.
+    let e = HostRx::open(&h.run_dir(), h.cluster, 0)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("d0.sock") && e.contains("consumer"), "{e}");
+    let e = HostTx::open(&h.run_dir(), h.cluster, 3)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("d1.sock") && e.contains("producer"), "{e}");
+    // The export directory in the pool header.
+    let (info, _) = h.stats();
+    let pool = PoolMap::open(&info);
+    let v = pool.view();
+    let d0 = directory::read_entry(&v, 0).unwrap();
+    assert_eq!(d0.state, EXPORT_ACTIVE);
+    assert_eq!(d0.mac, [0x02, 0x11, 0x22, 0x33, 0x44, 0x55]);
+    assert_eq!((d0.rx_queue, d0.tx_queue), (0, 1));
+    assert_eq!(
+        d0.ring_offset,
+        zc_proto::PoolLayout::ring_area_offset(0).unwrap()
+    );
+    assert_eq!(d0.ring_size, zc_proto::layout::RING_AREA_SIZE);
+    let d1 = directory::read_entry(&v, 1).unwrap();
+    assert_eq!((d1.rx_queue, d1.tx_queue), (NO_QUEUE, 3));
+    assert_eq!(
+        d1.mac,
+        [0x02, 0x7a, 0x23, 0x94, 0x80, 3],
+        "cluster 9108 = 0x2394, tx-only queue 3"
+    );
+    assert_eq!(directory::read_entry(&v, 2).unwrap().state, 0);
+    // SAFETY: the header lies in the mapping; export_seq is even when idle.
+    let seq = unsafe { std::ptr::read_volatile(pool.map.as_ptr().add(64).cast::<u32>()) };
+    assert_eq!(seq % 2, 0);
+    let s0 = directory::read_stock(&v, 0);
+    let s1 = directory::read_stock(&v, 1);
+    let mut all: Vec<u32> = s0.iter().chain(&s1).copied().collect();
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), 1024, "stocks are distinct");
+    // A process takes buffers and exits while another stays; when both
+    // are gone the daemon reclaims, but never an export's buffers.
+    let spare0 = h.stats().0.spare_buffers;
+    let mut a = HostTx::open(&h.run_dir(), h.cluster, 2).unwrap();
+    let _bufs = a.take_buffers(100).unwrap();
+    let b = HostRx::open(&h.run_dir(), h.cluster, 2).unwrap();
+    drop(a);
+    assert_eq!(h.stats().0.spare_buffers, spare0 - 100);
+    drop(b);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while h.stats().0.spare_buffers != spare0 {
+        assert!(
+            Instant::now() < deadline,
+            "reclaim: {} != {spare0}",
+            h.stats().0.spare_buffers
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // And the exports still move packets afterwards.
+    let mut f = TestFrontend::connect(&h, "d1.sock", Setup::default());
+    let receiver = host_recv(&h, 3, 5);
+    guest_send(&mut f, &(0..5).map(|i| payload(i, 70)).collect::<Vec<_>>());
+    assert_eq!(receiver.join().unwrap().len(), 5);
+}
+
+#[test]
+fn qemu_args_and_stats_from_the_command_line() {
+    let h = Hostd::start(9109, &["q.sock,rx=0,tx=1"], &[]);
+    let run = |args: &[&str]| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_zc-hostd"))
+            .args(["-c", "9109", "--run-dir"])
+            .arg(h.run_dir())
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let sock = h.sock("q.sock");
+    let q = run(&["--qemu-args", sock.to_str().unwrap(), "--vm-mem", "512M"]);
+    let (info, _) = h.stats();
+    assert!(
+        q.contains("memory-backend-memfd,id=zcmem,size=512M,share=on -numa node,memdev=zcmem"),
+        "{q}"
+    );
+    assert!(
+        q.contains(&format!(
+            "mem-path={},size={},share=on",
+            info.pool_path, info.pool_size
+        )),
+        "{q}"
+    );
+    assert!(q.contains("ivshmem-plain"), "{q}");
+    assert!(q.contains(&format!("path={}", sock.display())), "{q}");
+    assert!(q.contains("mac=02:7a:23:95:00:00"), "{q}");
+    let j: serde_json::Value = serde_json::from_str(&run(&["stats", "--json"])).unwrap();
+    assert_eq!(j["exports"][0]["rx_queue"], 0);
+    assert_eq!(j["exports"][0]["tx"]["packets"], 0);
+    assert_eq!(j["cluster"]["cluster"], 9109);
+    let text = run(&["stats"]);
+    assert!(text.contains("export q.sock: waiting"), "{text}");
+}
