@@ -3,6 +3,8 @@
 //! and the `vhost` crate's frontend speaking vhost-user to the daemon.
 #![allow(dead_code)]
 
+pub mod tools;
+
 use std::io::{BufRead, BufReader};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
