@@ -164,19 +164,22 @@ impl Worker {
     }
 
     pub fn run(mut self) {
-        let mut last_work = Instant::now();
         let mut iter: u32 = 0;
+        let mut idle: u32 = 0;
+        let mut idle_start = Instant::now();
         loop {
             let s = self.shared.seq();
             if s != self.seen {
                 self.control(s);
             }
-            if self.shared.kicked.swap(false, Ordering::AcqRel) || iter.is_multiple_of(4096) {
+            let kicked = self.shared.kicked.load(Ordering::Acquire)
+                && self.shared.kicked.swap(false, Ordering::AcqRel);
+            if kicked || iter.is_multiple_of(1 << 16) {
                 self.refresh();
             }
             iter = iter.wrapping_add(1);
             let moved = if self.dev.is_some() && !self.broken {
-                match self.step() {
+                match self.rx_step().and_then(|a| Ok(a + self.tx_step()?)) {
                     Ok(n) => n,
                     Err(e) => {
                         self.mark_broken(e);
@@ -187,26 +190,36 @@ impl Worker {
                 0
             };
             if moved > 0 {
-                last_work = Instant::now();
+                if idle > 0 || iter.is_multiple_of(16) {
+                    self.publish();
+                }
+                idle = 0;
                 continue;
             }
-            if !iter.is_multiple_of(16) || last_work.elapsed() < IDLE_SPIN {
+            if idle == 0 {
+                self.publish();
+            }
+            idle += 1;
+            // Back off a little: re-reading the guest's avail index in a
+            // tight loop steals its cache line from the guest.
+            for _ in 0..4 {
                 std::hint::spin_loop();
+            }
+            if idle == 64 {
+                idle_start = Instant::now();
+            }
+            if idle < 64 || !idle.is_multiple_of(64) || idle_start.elapsed() < IDLE_SPIN {
                 continue;
             }
             self.sleep();
-            last_work = Instant::now();
+            idle = 0;
         }
     }
 
-    fn step(&mut self) -> Result<usize, RingError> {
-        let n = self.rx_step()? + self.tx_step()?;
-        if n > 0 {
-            let c = &self.shared.counters;
-            c.rx.publish(&self.rx_stats);
-            c.tx.publish(&self.tx_stats);
-        }
-        Ok(n)
+    fn publish(&self) {
+        let c = &self.shared.counters;
+        c.rx.publish(&self.rx_stats);
+        c.tx.publish(&self.tx_stats);
     }
 
     fn mark_broken(&mut self, e: RingError) {
