@@ -1,9 +1,10 @@
 //! `zc::open_*`: from a name to a transport.
 
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 use thiserror::Error;
+use zc_guest::{GuestError, GuestRx, GuestTx};
 use zc_host::client::{self, ClientError, HostRx, HostTx};
 use zc_proto::{BufferHandle, Name, NameError, PoolView, QueueEnd, Receiver, Sender};
 
@@ -15,19 +16,38 @@ pub enum Error {
     Host { name: String, source: ClientError },
     #[error("{0}: interface names are for the zc guest driver inside a VM; on the host, open a cluster queue such as zc:99@0")]
     InterfaceOnHost(String),
+    #[error("{name}: {source}")]
+    Guest { name: String, source: GuestError },
+    #[error("{name}: no pool file for cluster {cluster}: zc-hostd -c {cluster} is not running here (no {}) and neither {} nor {} exists; give the pool file with --pool PATH", ctl.display(), huge.display(), shm.display())]
+    NoPoolFile {
+        name: String,
+        cluster: u32,
+        ctl: PathBuf,
+        huge: PathBuf,
+        shm: PathBuf,
+    },
 }
 
-/// Where to look for clusters.
+/// Where to look for clusters, and which transport to force.
 #[derive(Clone, Debug)]
 pub struct Options {
     /// Directory of cluster control sockets (default `$ZC_RUN_DIR` or /run/zc).
     pub run_dir: PathBuf,
+    /// Run the guest driver as the vhost-user frontend of the export at this
+    /// socket instead of opening the queue directly (containers, tests).
+    pub vhost_user: Option<PathBuf>,
+    /// The pool file to share with a vhost-user export (default: from the
+    /// cluster's control socket, else /dev/hugepages/zc/<cluster>/pool or
+    /// /dev/shm/zc/<cluster>/pool).
+    pub pool: Option<PathBuf>,
 }
 
 impl Default for Options {
     fn default() -> Self {
         Options {
             run_dir: client::run_dir_from_env(),
+            vhost_user: None,
+            pool: None,
         }
     }
 }
@@ -35,17 +55,78 @@ impl Default for Options {
 /// The receiving end of a queue, whatever the transport.
 pub enum Rx {
     Host(HostRx),
+    /// The zc guest driver (in a VM over PCI, or over a vhost-user socket).
+    Guest(GuestRx),
 }
 
 /// The sending end of a queue, whatever the transport.
 pub enum Tx {
     Host(HostTx),
+    Guest(GuestTx),
 }
 
-fn resolve(name: &str) -> Result<(u32, u16), Error> {
+/// Where a name leads.
+enum Route {
+    Host {
+        cluster: u32,
+        queue: u16,
+    },
+    VhostUser {
+        socket: PathBuf,
+        pool: PathBuf,
+        queue: u16,
+    },
+}
+
+/// The pool file of `cluster` for the vhost-user transport.
+fn pool_file(name: &str, opts: &Options, cluster: u32) -> Result<PathBuf, Error> {
+    if let Some(p) = &opts.pool {
+        return Ok(p.clone());
+    }
+    if let Ok(info) = client::cluster_info(&opts.run_dir, cluster) {
+        return Ok(PathBuf::from(info.pool_path));
+    }
+    let huge = Path::new("/dev/hugepages/zc")
+        .join(cluster.to_string())
+        .join("pool");
+    let shm = Path::new("/dev/shm/zc")
+        .join(cluster.to_string())
+        .join("pool");
+    for p in [&huge, &shm] {
+        if p.exists() {
+            return Ok(p.clone());
+        }
+    }
+    Err(Error::NoPoolFile {
+        name: name.to_string(),
+        cluster,
+        ctl: zc_host::daemon::server::control_path(&opts.run_dir, cluster),
+        huge,
+        shm,
+    })
+}
+
+fn resolve(name: &str, opts: &Options) -> Result<Route, Error> {
     match name.parse::<Name>()? {
-        Name::Queue { cluster, queue } => Ok((cluster.0, queue.0)),
+        Name::Queue { cluster, queue } => match &opts.vhost_user {
+            Some(socket) => Ok(Route::VhostUser {
+                socket: socket.clone(),
+                pool: pool_file(name, opts, cluster.0)?,
+                queue: queue.0,
+            }),
+            None => Ok(Route::Host {
+                cluster: cluster.0,
+                queue: queue.0,
+            }),
+        },
         Name::Interface(_) => Err(Error::InterfaceOnHost(name.to_string())),
+    }
+}
+
+fn guest_err(name: &str) -> impl FnOnce(GuestError) -> Error + '_ {
+    move |source| Error::Guest {
+        name: name.to_string(),
+        source,
     }
 }
 
@@ -55,13 +136,21 @@ pub fn open_rx(name: &str) -> Result<Rx, Error> {
 }
 
 pub fn open_rx_with(name: &str, opts: &Options) -> Result<Rx, Error> {
-    let (cluster, queue) = resolve(name)?;
-    HostRx::open(&opts.run_dir, cluster, queue)
-        .map(Rx::Host)
-        .map_err(|source| Error::Host {
-            name: name.to_string(),
-            source,
-        })
+    match resolve(name, opts)? {
+        Route::Host { cluster, queue } => HostRx::open(&opts.run_dir, cluster, queue)
+            .map(Rx::Host)
+            .map_err(|source| Error::Host {
+                name: name.to_string(),
+                source,
+            }),
+        Route::VhostUser {
+            socket,
+            pool,
+            queue,
+        } => GuestRx::open_vhost_user(&socket, &pool, queue)
+            .map(Rx::Guest)
+            .map_err(guest_err(name)),
+    }
 }
 
 /// Opens `name` (e.g. `zc:99@0`) for sending.
@@ -70,25 +159,69 @@ pub fn open_tx(name: &str) -> Result<Tx, Error> {
 }
 
 pub fn open_tx_with(name: &str, opts: &Options) -> Result<Tx, Error> {
-    let (cluster, queue) = resolve(name)?;
-    HostTx::open(&opts.run_dir, cluster, queue)
-        .map(Tx::Host)
-        .map_err(|source| Error::Host {
-            name: name.to_string(),
-            source,
-        })
+    match resolve(name, opts)? {
+        Route::Host { cluster, queue } => HostTx::open(&opts.run_dir, cluster, queue)
+            .map(Tx::Host)
+            .map_err(|source| Error::Host {
+                name: name.to_string(),
+                source,
+            }),
+        Route::VhostUser {
+            socket,
+            pool,
+            queue,
+        } => GuestTx::open_vhost_user(&socket, &pool, queue)
+            .map(Tx::Guest)
+            .map_err(guest_err(name)),
+    }
+}
+
+impl Rx {
+    /// Why the queue stopped working, if it did (a guest device that broke
+    /// the zc contract). Tools check this when idle.
+    pub fn failure(&self) -> Option<String> {
+        match self {
+            Rx::Host(_) => None,
+            Rx::Guest(q) => q
+                .failure()
+                .map(|v| format!("the device broke the zc contract: {v}")),
+        }
+    }
+}
+
+impl Tx {
+    pub fn failure(&self) -> Option<String> {
+        match self {
+            Tx::Host(_) => None,
+            Tx::Guest(q) => q
+                .failure()
+                .map(|v| format!("the device broke the zc contract: {v}")),
+        }
+    }
+
+    /// Waits until everything sent has left this process's hands: a no-op
+    /// for host queues (packets wait in the queue), for a guest device until
+    /// it completed every descriptor (closing stops the device).
+    pub fn flush(&mut self, timeout: Duration) -> bool {
+        match self {
+            Tx::Host(_) => true,
+            Tx::Guest(q) => q.flush(timeout),
+        }
+    }
 }
 
 impl QueueEnd for Rx {
     fn take_buffers(&mut self, n: usize) -> io::Result<Vec<BufferHandle>> {
         match self {
             Rx::Host(q) => q.take_buffers(n),
+            Rx::Guest(q) => q.take_buffers(n),
         }
     }
 
     fn pool(&self) -> &PoolView {
         match self {
             Rx::Host(q) => q.pool(),
+            Rx::Guest(q) => q.pool(),
         }
     }
 }
@@ -98,12 +231,14 @@ impl Receiver for Rx {
     fn recv_burst(&mut self, bufs: &mut [BufferHandle]) -> usize {
         match self {
             Rx::Host(q) => q.recv_burst(bufs),
+            Rx::Guest(q) => q.recv_burst(bufs),
         }
     }
 
     fn wait_recv(&mut self, timeout: Duration) {
         match self {
             Rx::Host(q) => q.wait_recv(timeout),
+            Rx::Guest(q) => q.wait_recv(timeout),
         }
     }
 }
@@ -112,12 +247,14 @@ impl QueueEnd for Tx {
     fn take_buffers(&mut self, n: usize) -> io::Result<Vec<BufferHandle>> {
         match self {
             Tx::Host(q) => q.take_buffers(n),
+            Tx::Guest(q) => q.take_buffers(n),
         }
     }
 
     fn pool(&self) -> &PoolView {
         match self {
             Tx::Host(q) => q.pool(),
+            Tx::Guest(q) => q.pool(),
         }
     }
 }
@@ -127,12 +264,14 @@ impl Sender for Tx {
     fn send_burst(&mut self, bufs: &mut [BufferHandle]) -> usize {
         match self {
             Tx::Host(q) => q.send_burst(bufs),
+            Tx::Guest(q) => q.send_burst(bufs),
         }
     }
 
     fn wait_send(&mut self, timeout: Duration) {
         match self {
             Tx::Host(q) => q.wait_send(timeout),
+            Tx::Guest(q) => q.wait_send(timeout),
         }
     }
 }

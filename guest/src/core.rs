@@ -386,9 +386,25 @@ impl RxCore {
         let want = usize::from(ready).min(bufs.len()) as u16;
         let hdr = VIRTIO_NET_HDR_LEN;
         let max = self.desc_len;
+        // n packets delivered out of k used elements consumed.
         let mut n = 0u16;
-        while n < want {
-            match self.c.complete(n, hdr, max) {
+        let mut k = 0u16;
+        while n < want && k < ready {
+            k += 1;
+            let k = k - 1;
+            match self.c.complete(k, 0, max) {
+                // A device returns a buffer unused with length 0 (it dropped
+                // the packet meant for it): straight back into the ring.
+                Ok((id, b, 0)) => self.c.post(id, b, max, DESC_F_WRITE),
+                Ok((id, _, len)) if len < hdr => {
+                    self.c.fail(Violation::UsedLen {
+                        id,
+                        len,
+                        min: hdr,
+                        max,
+                    });
+                    break;
+                }
                 Ok((id, b, len)) => {
                     let (mine, _) = bufs[usize::from(n)].replace(b, len - hdr);
                     self.c.post(id, mine, max, DESC_F_WRITE);
@@ -400,7 +416,7 @@ impl RxCore {
                 }
             }
         }
-        self.c.q.consume(n);
+        self.c.q.consume(k);
         self.c.publish();
         self.c.stats.packets += u64::from(n);
         usize::from(n)

@@ -349,3 +349,36 @@ fn a_partial_burst_before_a_violation_is_delivered() {
     assert!(rx.failure().is_some());
     let _ = PACKET_HEADROOM;
 }
+
+#[test]
+fn rx_buffers_returned_unused_go_back_into_the_ring() {
+    let (mut r, q, stock, bell) = Rig::new(100, false);
+    let mut rx = RxCore::new(q, r.view, r.addr, &stock, bell);
+    let mut hand = rx.take_buffers(4).unwrap();
+    let before: Vec<u32> = hand.iter().map(|h| h.index().get()).collect();
+    let (h0, d0) = r.dev.pop().unwrap();
+    let (h1, _) = r.dev.pop().unwrap();
+    r.dev.used(u32::from(h0), 0);
+    r.dev.used(u32::from(h1), 12 + 60);
+    assert_eq!(rx.recv_burst(&mut hand), 1);
+    assert_eq!(hand[0].len(), 60);
+    assert_eq!(
+        hand[1..]
+            .iter()
+            .map(|h| h.index().get())
+            .collect::<Vec<_>>(),
+        before[1..]
+    );
+    let mut again = Vec::new();
+    while let Some((h, d)) = r.dev.pop() {
+        again.push((h, d.addr));
+    }
+    assert_eq!(again.len(), 16);
+    assert_eq!(
+        again[14],
+        (h0, d0.addr),
+        "the unused buffer is offered again"
+    );
+    assert_eq!(again[15].1, r.addr.desc_addr(BufferIndex::new(before[0])));
+    assert!(rx.failure().is_none());
+}

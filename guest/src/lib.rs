@@ -10,9 +10,13 @@ pub mod core;
 pub mod error;
 pub mod init;
 pub mod pool;
+pub mod queue;
+pub mod transport;
+pub mod vhost_user;
 pub mod virtq;
 
 #[cfg(test)]
 mod testdev;
 
 pub use error::{Direction, GuestError, Violation};
+pub use queue::{GuestRx, GuestTx};

@@ -18,7 +18,10 @@ use zc::{QueueEnd, Receiver};
 buffers are swapped for empty ones and only their lengths are read, unless --verify asks \
 for each packet's sequence number and payload checksum (as written by zsend) to be checked.\n\n\
 Names: zc:<cluster>@<queue> is queue <queue> of the cluster that `zc-hostd -c <cluster>` \
-serves (e.g. zc:99@0). One process consumes a queue at a time.\n\n\
+serves (e.g. zc:99@0). One process consumes a queue at a time. Inside a VM the same name \
+opens the zc virtio-net device that exports the queue (zc:<interface>, e.g. zc:eth1, takes \
+over that interface's device); --vhost-user PATH runs that guest driver over the export's \
+vhost-user socket without a VM.\n\n\
 Once a second zcount prints PF_RING-style `Absolute Stats` and `Actual Stats` lines to \
 stderr. It stops after -n packets, after -t seconds, or on Ctrl-C, and prints a summary \
 (and with --json one JSON line on stdout: packets, bytes, drops, seconds, pps, gbps, and \
@@ -49,6 +52,28 @@ struct Args {
     /// Print the final summary as one JSON line on stdout.
     #[arg(long)]
     json: bool,
+
+    /// Run the zc guest driver as the vhost-user frontend of the export at
+    /// this socket (no VM needed: containers, tests), for the export that
+    /// serves the queue NAME names.
+    #[arg(long = "vhost-user", value_name = "PATH")]
+    vhost_user: Option<std::path::PathBuf>,
+
+    /// With --vhost-user: the cluster's pool file (default: asked from the
+    /// cluster's zc-hostd, else /dev/hugepages/zc/<cluster>/pool or
+    /// /dev/shm/zc/<cluster>/pool).
+    #[arg(long, value_name = "PATH", requires = "vhost_user")]
+    pool: Option<std::path::PathBuf>,
+}
+
+impl Args {
+    fn options(&self) -> zc::Options {
+        zc::Options {
+            vhost_user: self.vhost_user.clone(),
+            pool: self.pool.clone(),
+            ..zc::Options::default()
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -72,7 +97,7 @@ fn run(args: &Args) -> Result<(), String> {
         tool::pin_to_core(core).map_err(|e| format!("-g: {e}"))?;
     }
     let stop = tool::stop_on_signals();
-    let mut rx = zc::open_rx(&args.name).map_err(|e| e.to_string())?;
+    let mut rx = zc::open_rx_with(&args.name, &args.options()).map_err(|e| e.to_string())?;
     let mut hand = rx
         .take_buffers(BURST)
         .map_err(|e| format!("{}: {e}", args.name))?;
@@ -93,6 +118,9 @@ fn run(args: &Args) -> Result<(), String> {
         if n == 0 {
             idle += 1;
             if idle > IDLE_POLLS {
+                if let Some(e) = rx.failure() {
+                    return Err(format!("{}: {e}", args.name));
+                }
                 rx.wait_recv(IDLE_SLEEP);
                 if deadline.is_some_and(|d| start.elapsed() >= d) {
                     break;

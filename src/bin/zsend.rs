@@ -19,7 +19,10 @@ packet is written into a pool buffer once and handed over by swapping buffer han
 Every packet carries a 64-bit sequence number and a payload checksum that \
 `zcount --verify` checks.\n\n\
 Names: zc:<cluster>@<queue> is queue <queue> of the cluster that `zc-hostd -c <cluster>` \
-serves (e.g. zc:99@0). One process sends into a queue at a time.\n\n\
+serves (e.g. zc:99@0). One process sends into a queue at a time. Inside a VM the same name \
+opens the zc virtio-net device that exports the queue (zc:<interface>, e.g. zc:eth1, takes \
+over that interface's device); --vhost-user PATH runs that guest driver over the export's \
+vhost-user socket without a VM.\n\n\
 Once a second zsend prints PF_RING-style `Absolute Stats` and `Actual Stats` lines to \
 stderr; at the end a summary (and with --json one JSON line on stdout).",
     after_help = "Examples:\n  zsend -i zc:99@0                    # 60-byte packets, unlimited rate, until Ctrl-C\n  zsend -i zc:99@0 -l 1500 -n 1000000  # one million 1500-byte packets\n  zsend -i zc:99@0 -r 1000 -g 1        # 1000 packets/s from a thread pinned to core 1"
@@ -48,6 +51,28 @@ struct Args {
     /// Print the final summary as one JSON line on stdout.
     #[arg(long)]
     json: bool,
+
+    /// Run the zc guest driver as the vhost-user frontend of the export at
+    /// this socket (no VM needed: containers, tests), for the export that
+    /// serves the queue NAME names.
+    #[arg(long = "vhost-user", value_name = "PATH")]
+    vhost_user: Option<std::path::PathBuf>,
+
+    /// With --vhost-user: the cluster's pool file (default: asked from the
+    /// cluster's zc-hostd, else /dev/hugepages/zc/<cluster>/pool or
+    /// /dev/shm/zc/<cluster>/pool).
+    #[arg(long, value_name = "PATH", requires = "vhost_user")]
+    pool: Option<std::path::PathBuf>,
+}
+
+impl Args {
+    fn options(&self) -> zc::Options {
+        zc::Options {
+            vhost_user: self.vhost_user.clone(),
+            pool: self.pool.clone(),
+            ..zc::Options::default()
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -94,7 +119,7 @@ fn run(args: &Args) -> Result<(), String> {
         tool::pin_to_core(core).map_err(|e| format!("-g: {e}"))?;
     }
     let stop = tool::stop_on_signals();
-    let mut tx = zc::open_tx(&args.name).map_err(|e| e.to_string())?;
+    let mut tx = zc::open_tx_with(&args.name, &args.options()).map_err(|e| e.to_string())?;
     let max = tx.pool().layout().max_packet() as usize;
     if args.len > max {
         return Err(format!(
@@ -138,6 +163,9 @@ fn run(args: &Args) -> Result<(), String> {
                     if stop.load(Ordering::Relaxed) {
                         break;
                     }
+                    if let Some(e) = tx.failure() {
+                        return Err(format!("{}: {e}", args.name));
+                    }
                     tx.wait_send(IDLE_SLEEP);
                 }
             }
@@ -148,6 +176,14 @@ fn run(args: &Args) -> Result<(), String> {
         }
         sent += done as u64;
         counters.publish(sent, sent * args.len as u64);
+    }
+    // A guest device stops when closed: let it finish what is in flight.
+    if !tx.flush(Duration::from_secs(5)) {
+        return Err(format!(
+            "{}: the device did not complete the last packets within 5 s{}",
+            args.name,
+            tx.failure().map_or(String::new(), |e| format!(": {e}"))
+        ));
     }
     let elapsed = start.elapsed();
     drop(reporter);

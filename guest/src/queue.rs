@@ -1,0 +1,188 @@
+//! The zc API (`Receiver`, `Sender`) over the driver core, whatever the
+//! transport.
+
+use crate::core::{CoreStats, RxCore, TxCore};
+use crate::error::{Direction, GuestError, Result, Violation};
+use crate::pool::PoolMap;
+use crate::transport::{bring_up, Core};
+use crate::vhost_user::VhostUser;
+use std::fs::OpenOptions;
+use std::io;
+use std::path::Path;
+use std::time::Duration;
+use zc_proto::{BufferHandle, PoolView, QueueEnd, Receiver, Sender};
+
+/// The device a queue runs on; dropping it stops the device.
+pub enum Device {
+    VhostUser(VhostUser),
+}
+
+/// One opened queue. Field order matters: the core's pointers go first,
+/// then the device (stopped or reset while the pool is still mapped), then
+/// the pool mapping.
+struct Opened<C> {
+    core: C,
+    view: PoolView,
+    _dev: Device,
+    _pool: PoolMap,
+}
+
+/// The receiving end of a zc queue served by a virtio-net export.
+pub struct GuestRx(Opened<RxCore>);
+/// The sending end of a zc queue served by a virtio-net export.
+pub struct GuestTx(Opened<TxCore>);
+
+/// Maps the pool file for the vhost-user transport.
+fn map_pool_file(pool_path: &Path) -> Result<(std::fs::File, PoolMap)> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(pool_path)
+        .map_err(|e| {
+            GuestError::Pool(format!(
+                "cannot open the pool file {}: {e}",
+                pool_path.display()
+            ))
+        })?;
+    let size = file
+        .metadata()
+        .map_err(|e| GuestError::io(pool_path, e))?
+        .len();
+    let pool = PoolMap::map(&file, size, pool_path)?;
+    Ok((file, pool))
+}
+
+/// Opens cluster queue `queue` through the vhost-user export at `socket`,
+/// sharing the pool file at `pool_path`.
+fn open_vhost_user(
+    socket: &Path,
+    pool_path: &Path,
+    queue: u16,
+    dir: Direction,
+) -> Result<(Core, Device, PoolMap)> {
+    let (file, pool) = map_pool_file(pool_path)?;
+    let (slot, entry) = pool.export_for_queue(queue, dir)?;
+    let mut vu = VhostUser::connect(socket, file, pool.base(), pool.layout().pool_size)?;
+    vu.expect_mac = Some(entry.mac);
+    let core = bring_up(&mut vu, &pool, slot, &entry, dir)?;
+    Ok((core, Device::VhostUser(vu), pool))
+}
+
+impl GuestRx {
+    /// Receives cluster queue `queue` as the vhost-user frontend of the
+    /// export at `socket` (no VM), sharing the pool file `pool_path`.
+    pub fn open_vhost_user(socket: &Path, pool_path: &Path, queue: u16) -> Result<Self> {
+        let (core, dev, pool) = open_vhost_user(socket, pool_path, queue, Direction::Rx)?;
+        Self::from_parts(core, dev, pool)
+    }
+
+    pub(crate) fn from_parts(core: Core, dev: Device, pool: PoolMap) -> Result<Self> {
+        let Core::Rx(core) = core else {
+            unreachable!("bring_up returns the core of the direction asked for")
+        };
+        Ok(GuestRx(Opened {
+            core,
+            view: pool.view(),
+            _dev: dev,
+            _pool: pool,
+        }))
+    }
+
+    /// Why the queue stopped, if the device broke the contract.
+    pub fn failure(&self) -> Option<Violation> {
+        self.0.core.failure()
+    }
+
+    pub fn stats(&self) -> CoreStats {
+        self.0.core.stats()
+    }
+}
+
+impl GuestTx {
+    /// Sends into cluster queue `queue` as the vhost-user frontend of the
+    /// export at `socket` (no VM), sharing the pool file `pool_path`.
+    pub fn open_vhost_user(socket: &Path, pool_path: &Path, queue: u16) -> Result<Self> {
+        let (core, dev, pool) = open_vhost_user(socket, pool_path, queue, Direction::Tx)?;
+        Self::from_parts(core, dev, pool)
+    }
+
+    pub(crate) fn from_parts(core: Core, dev: Device, pool: PoolMap) -> Result<Self> {
+        let Core::Tx(core) = core else {
+            unreachable!("bring_up returns the core of the direction asked for")
+        };
+        Ok(GuestTx(Opened {
+            core,
+            view: pool.view(),
+            _dev: dev,
+            _pool: pool,
+        }))
+    }
+
+    pub fn failure(&self) -> Option<Violation> {
+        self.0.core.failure()
+    }
+
+    pub fn stats(&self) -> CoreStats {
+        self.0.core.stats()
+    }
+
+    /// Descriptors the device has not completed yet.
+    pub fn in_flight(&self) -> usize {
+        self.0.core.in_flight()
+    }
+
+    /// Waits up to `timeout` for the device to complete everything sent
+    /// (zsend's last burst before it exits).
+    pub fn flush(&mut self, timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        while self.0.core.in_flight() > 0 && self.0.core.failure().is_none() {
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            self.0.core.wait(Duration::from_millis(1));
+        }
+        self.0.core.failure().is_none()
+    }
+}
+
+impl QueueEnd for GuestRx {
+    fn take_buffers(&mut self, n: usize) -> io::Result<Vec<BufferHandle>> {
+        self.0.core.take_buffers(n)
+    }
+
+    fn pool(&self) -> &PoolView {
+        &self.0.view
+    }
+}
+
+impl Receiver for GuestRx {
+    #[inline]
+    fn recv_burst(&mut self, bufs: &mut [BufferHandle]) -> usize {
+        self.0.core.recv_burst(bufs)
+    }
+
+    fn wait_recv(&mut self, timeout: Duration) {
+        self.0.core.wait(timeout)
+    }
+}
+
+impl QueueEnd for GuestTx {
+    fn take_buffers(&mut self, n: usize) -> io::Result<Vec<BufferHandle>> {
+        self.0.core.take_buffers(n)
+    }
+
+    fn pool(&self) -> &PoolView {
+        &self.0.view
+    }
+}
+
+impl Sender for GuestTx {
+    #[inline]
+    fn send_burst(&mut self, bufs: &mut [BufferHandle]) -> usize {
+        self.0.core.send_burst(bufs)
+    }
+
+    fn wait_send(&mut self, timeout: Duration) {
+        self.0.core.wait(timeout)
+    }
+}
