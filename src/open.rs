@@ -56,13 +56,14 @@ impl Default for Options {
 pub enum Rx {
     Host(HostRx),
     /// The zc guest driver (in a VM over PCI, or over a vhost-user socket).
-    Guest(GuestRx),
+    /// Boxed: it is large, and one pointer per burst costs nothing.
+    Guest(Box<GuestRx>),
 }
 
 /// The sending end of a queue, whatever the transport.
 pub enum Tx {
     Host(HostTx),
-    Guest(GuestTx),
+    Guest(Box<GuestTx>),
 }
 
 /// Where a name leads.
@@ -148,7 +149,7 @@ pub fn open_rx_with(name: &str, opts: &Options) -> Result<Rx, Error> {
             pool,
             queue,
         } => GuestRx::open_vhost_user(&socket, &pool, queue)
-            .map(Rx::Guest)
+            .map(|q| Rx::Guest(Box::new(q)))
             .map_err(guest_err(name)),
     }
 }
@@ -171,7 +172,7 @@ pub fn open_tx_with(name: &str, opts: &Options) -> Result<Tx, Error> {
             pool,
             queue,
         } => GuestTx::open_vhost_user(&socket, &pool, queue)
-            .map(Tx::Guest)
+            .map(|q| Tx::Guest(Box::new(q)))
             .map_err(guest_err(name)),
     }
 }
