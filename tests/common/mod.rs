@@ -217,3 +217,21 @@ pub fn assert_one_line_error(out: &Output, want: &str) {
         lines[0]
     );
 }
+
+/// Per-export counters of a running daemon (`zc-hostd stats`).
+pub fn export_stats(d: &Daemon) -> Vec<zc_host::export::stats::ExportStats> {
+    use zc_host::control::{Reply, Request};
+    let sock = zc_host::client::connect(d.run_dir.path(), d.id).expect("control socket");
+    match zc_host::client::call(&sock, &Request::Stats).expect("stats") {
+        (Reply::Stats { exports, .. }, _) => exports,
+        (r, _) => panic!("unexpected reply {r:?}"),
+    }
+}
+
+/// The export of `d` whose socket is `path`.
+pub fn export_named(d: &Daemon, path: &Path) -> zc_host::export::stats::ExportStats {
+    export_stats(d)
+        .into_iter()
+        .find(|e| Path::new(&e.path) == path)
+        .unwrap_or_else(|| panic!("no export {}", path.display()))
+}
