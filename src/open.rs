@@ -14,10 +14,16 @@ pub enum Error {
     Name(#[from] NameError),
     #[error("{name}: {source}")]
     Host { name: String, source: ClientError },
-    #[error("{0}: interface names are for the zc guest driver inside a VM; on the host, open a cluster queue such as zc:99@0")]
+    #[error("{0}: interface names are for the zc guest driver inside a VM attached to a zc cluster (none is: no ivshmem zc pool on the PCI bus); on the host, open a cluster queue such as zc:99@0")]
     InterfaceOnHost(String),
     #[error("{name}: {source}")]
     Guest { name: String, source: GuestError },
+    #[error("{name}: {host}; nor is this a VM with a zc pool: no ivshmem-plain device (PCI 1af4:1110) holds the pool of cluster {cluster}")]
+    NoCluster {
+        name: String,
+        cluster: u32,
+        host: ClientError,
+    },
     #[error("{name}: no pool file for cluster {cluster}: zc-hostd -c {cluster} is not running here (no {}) and neither {} nor {} exists; give the pool file with --pool PATH", ctl.display(), huge.display(), shm.display())]
     NoPoolFile {
         name: String,
@@ -72,6 +78,11 @@ enum Route {
         cluster: u32,
         queue: u16,
     },
+    Pci {
+        cluster: u32,
+        queue: u16,
+    },
+    Interface(String),
     VhostUser {
         socket: PathBuf,
         pool: PathBuf,
@@ -115,12 +126,38 @@ fn resolve(name: &str, opts: &Options) -> Result<Route, Error> {
                 pool: pool_file(name, opts, cluster.0)?,
                 queue: queue.0,
             }),
+            // A cluster of this host wins; else, in a VM, its PCI pool.
+            None if !zc_host::daemon::server::control_path(&opts.run_dir, cluster.0).exists()
+                && zc_guest::has_pci_pool(cluster.0) =>
+            {
+                Ok(Route::Pci {
+                    cluster: cluster.0,
+                    queue: queue.0,
+                })
+            }
             None => Ok(Route::Host {
                 cluster: cluster.0,
                 queue: queue.0,
             }),
         },
+        Name::Interface(ifname) if zc_guest::has_any_pci_pool() => Ok(Route::Interface(ifname)),
         Name::Interface(_) => Err(Error::InterfaceOnHost(name.to_string())),
+    }
+}
+
+/// The host transport's error, with the guest side's view when the cluster
+/// is simply not there.
+fn host_err(name: &str, cluster: u32) -> impl FnOnce(ClientError) -> Error + '_ {
+    move |source| match source {
+        ClientError::NotRunning { .. } => Error::NoCluster {
+            name: name.to_string(),
+            cluster,
+            host: source,
+        },
+        source => Error::Host {
+            name: name.to_string(),
+            source,
+        },
     }
 }
 
@@ -140,10 +177,13 @@ pub fn open_rx_with(name: &str, opts: &Options) -> Result<Rx, Error> {
     match resolve(name, opts)? {
         Route::Host { cluster, queue } => HostRx::open(&opts.run_dir, cluster, queue)
             .map(Rx::Host)
-            .map_err(|source| Error::Host {
-                name: name.to_string(),
-                source,
-            }),
+            .map_err(host_err(name, cluster)),
+        Route::Pci { cluster, queue } => GuestRx::open_pci(cluster, queue)
+            .map(|q| Rx::Guest(Box::new(q)))
+            .map_err(guest_err(name)),
+        Route::Interface(ifname) => GuestRx::open_interface(&ifname)
+            .map(|q| Rx::Guest(Box::new(q)))
+            .map_err(guest_err(name)),
         Route::VhostUser {
             socket,
             pool,
@@ -163,10 +203,13 @@ pub fn open_tx_with(name: &str, opts: &Options) -> Result<Tx, Error> {
     match resolve(name, opts)? {
         Route::Host { cluster, queue } => HostTx::open(&opts.run_dir, cluster, queue)
             .map(Tx::Host)
-            .map_err(|source| Error::Host {
-                name: name.to_string(),
-                source,
-            }),
+            .map_err(host_err(name, cluster)),
+        Route::Pci { cluster, queue } => GuestTx::open_pci(cluster, queue)
+            .map(|q| Tx::Guest(Box::new(q)))
+            .map_err(guest_err(name)),
+        Route::Interface(ifname) => GuestTx::open_interface(&ifname)
+            .map(|q| Tx::Guest(Box::new(q)))
+            .map_err(guest_err(name)),
         Route::VhostUser {
             socket,
             pool,

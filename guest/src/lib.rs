@@ -6,9 +6,11 @@
 //! virtio-pci device of a VM ([`pci`]) and a vhost-user socket without a VM
 //! ([`vhost_user`]). [`queue`] puts the zc API on top.
 
+pub mod cleanup;
 pub mod core;
 pub mod error;
 pub mod init;
+pub mod pci;
 pub mod pool;
 pub mod queue;
 pub mod transport;
@@ -20,3 +22,24 @@ mod testdev;
 
 pub use error::{Direction, GuestError, Violation};
 pub use queue::{GuestRx, GuestTx};
+
+/// Whether this machine (a VM) has an ivshmem device holding the pool of
+/// `cluster`: then `zc:<cluster>@<queue>` opens the PCI transport.
+pub fn has_pci_pool(cluster: u32) -> bool {
+    pci::has_pool(&pci::sysfs::sys_root(), cluster)
+}
+
+/// Whether any ivshmem device on the bus holds a zc pool (this is a VM
+/// attached to a zc cluster).
+pub fn has_any_pci_pool() -> bool {
+    let root = pci::sysfs::sys_root();
+    pci::sysfs::devices(&root)
+        .into_iter()
+        .filter(pci::sysfs::PciDev::is_ivshmem)
+        .any(|d| {
+            std::fs::File::open(d.resource_path(2))
+                .ok()
+                .and_then(|f| pool::PoolMap::peek_cluster(&f))
+                .is_some()
+        })
+}

@@ -15,6 +15,7 @@ use zc_proto::{BufferHandle, PoolView, QueueEnd, Receiver, Sender};
 /// The device a queue runs on; dropping it stops the device.
 pub enum Device {
     VhostUser(VhostUser),
+    Pci(crate::pci::PciDevice),
 }
 
 /// One opened queue. Field order matters: the core's pointers go first,
@@ -69,6 +70,19 @@ fn open_vhost_user(
 }
 
 impl GuestRx {
+    /// Receives cluster queue `queue` inside a VM, on the virtio-net device
+    /// that exports it (PCI transport).
+    pub fn open_pci(cluster: u32, queue: u16) -> Result<Self> {
+        let (core, dev, pool) = crate::pci::open_queue(cluster, queue, Direction::Rx)?;
+        Self::from_parts(core, Device::Pci(dev), pool)
+    }
+
+    /// Receives on the virtio-net device behind interface `ifname` (zc:eth1).
+    pub fn open_interface(ifname: &str) -> Result<Self> {
+        let (core, dev, pool) = crate::pci::open_interface(ifname, Direction::Rx)?;
+        Self::from_parts(core, Device::Pci(dev), pool)
+    }
+
     /// Receives cluster queue `queue` as the vhost-user frontend of the
     /// export at `socket` (no VM), sharing the pool file `pool_path`.
     pub fn open_vhost_user(socket: &Path, pool_path: &Path, queue: u16) -> Result<Self> {
@@ -99,6 +113,19 @@ impl GuestRx {
 }
 
 impl GuestTx {
+    /// Sends into cluster queue `queue` inside a VM, on the virtio-net
+    /// device that exports it (PCI transport).
+    pub fn open_pci(cluster: u32, queue: u16) -> Result<Self> {
+        let (core, dev, pool) = crate::pci::open_queue(cluster, queue, Direction::Tx)?;
+        Self::from_parts(core, Device::Pci(dev), pool)
+    }
+
+    /// Sends on the virtio-net device behind interface `ifname` (zc:eth1).
+    pub fn open_interface(ifname: &str) -> Result<Self> {
+        let (core, dev, pool) = crate::pci::open_interface(ifname, Direction::Tx)?;
+        Self::from_parts(core, Device::Pci(dev), pool)
+    }
+
     /// Sends into cluster queue `queue` as the vhost-user frontend of the
     /// export at `socket` (no VM), sharing the pool file `pool_path`.
     pub fn open_vhost_user(socket: &Path, pool_path: &Path, queue: u16) -> Result<Self> {

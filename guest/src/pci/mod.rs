@@ -1,0 +1,568 @@
+//! The PCI transport, inside a VM: the pool is the BAR2 of an ivshmem-plain
+//! device, the export is a virtio-net PCI function taken from its kernel
+//! driver for as long as the queue is open.
+//!
+//! Taking a function over: lock it (one process at a time, a lock file with
+//! flock), remember its driver, keep drivers off it (driver_override),
+//! unbind, enable memory decoding, set Bus Master and INTx-disable, map the
+//! modern BAR and walk the capabilities. Giving it back (drop, panic,
+//! signal): reset, restore the command register, clear the override, bind
+//! the driver it had. After a crash the lock file says which driver that
+//! was, and the next open resets the device first anyway.
+
+pub mod caps;
+pub mod sysfs;
+
+use crate::cleanup::{self, Registration, Release};
+use crate::core::Bell;
+use crate::error::{mac_string, Direction, GuestError, Result};
+use crate::init::{self, QueueAddrs, Regs};
+use crate::pool::PoolMap;
+use crate::transport::{QueueOffsets, Transport};
+use caps::VirtioCaps;
+use std::ffi::CString;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use sysfs::{PciDev, CMD_INTX_DISABLE, CMD_MASTER, CMD_MEMORY};
+
+/// A shared mapping of a sysfs `resourceN` file.
+pub struct Bar {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: device memory accessed only with volatile operations.
+unsafe impl Send for Bar {}
+
+impl Bar {
+    pub fn map(path: &Path) -> Result<(File, Bar)> {
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| GuestError::io(path, e))?;
+        let len = f.metadata().map_err(|e| GuestError::io(path, e))?.len() as usize;
+        // SAFETY: a fresh shared mapping of the whole resource; checked below.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                f.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED || len == 0 {
+            return Err(GuestError::io(path, std::io::Error::last_os_error()));
+        }
+        Ok((f, Bar { ptr: p.cast(), len }))
+    }
+
+    /// Pointer to `len` bytes at `off`, if inside the BAR.
+    fn at(&self, off: u64, len: u64) -> Option<*mut u8> {
+        let end = off.checked_add(len)?;
+        // SAFETY: off + len <= self.len, inside the mapping.
+        (end <= self.len as u64).then(|| unsafe { self.ptr.add(off as usize) })
+    }
+}
+
+impl Drop for Bar {
+    fn drop(&mut self) {
+        // SAFETY: the mapping this value created.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+/// virtio_pci_common_cfg offsets (virtio 1.x, 4.1.4.3).
+mod cc {
+    pub const DFSELECT: u64 = 0x00;
+    pub const DF: u64 = 0x04;
+    pub const GFSELECT: u64 = 0x08;
+    pub const GF: u64 = 0x0c;
+    pub const MSIX: u64 = 0x10;
+    pub const NUMQ: u64 = 0x12;
+    pub const STATUS: u64 = 0x14;
+    pub const Q_SELECT: u64 = 0x16;
+    pub const Q_SIZE: u64 = 0x18;
+    pub const Q_MSIX: u64 = 0x1a;
+    pub const Q_ENABLE: u64 = 0x1c;
+    pub const Q_NOFF: u64 = 0x1e;
+    pub const Q_DESC: u64 = 0x20;
+    pub const Q_AVAIL: u64 = 0x28;
+    pub const Q_USED: u64 = 0x30;
+    pub const SIZE: u64 = 0x38;
+}
+
+/// The common configuration registers in the mapped BAR.
+pub struct ModernRegs {
+    base: *mut u8,
+}
+
+impl ModernRegs {
+    fn r8(&self, o: u64) -> u8 {
+        // SAFETY: o < cc::SIZE, inside the common structure (checked when built).
+        unsafe { std::ptr::read_volatile(self.base.add(o as usize)) }
+    }
+    fn w8(&mut self, o: u64, v: u8) {
+        // SAFETY: as in r8.
+        unsafe { std::ptr::write_volatile(self.base.add(o as usize), v) }
+    }
+    fn r16(&self, o: u64) -> u16 {
+        // SAFETY: as in r8; naturally aligned.
+        u16::from_le(unsafe { std::ptr::read_volatile(self.base.add(o as usize).cast()) })
+    }
+    fn w16(&mut self, o: u64, v: u16) {
+        // SAFETY: as in r16.
+        unsafe { std::ptr::write_volatile(self.base.add(o as usize).cast(), v.to_le()) }
+    }
+    fn r32(&self, o: u64) -> u32 {
+        // SAFETY: as in r8; naturally aligned.
+        u32::from_le(unsafe { std::ptr::read_volatile(self.base.add(o as usize).cast()) })
+    }
+    fn w32(&mut self, o: u64, v: u32) {
+        // SAFETY: as in r32.
+        unsafe { std::ptr::write_volatile(self.base.add(o as usize).cast(), v.to_le()) }
+    }
+    fn w64(&mut self, o: u64, v: u64) {
+        self.w32(o, v as u32);
+        self.w32(o + 4, (v >> 32) as u32);
+    }
+}
+
+impl Regs for ModernRegs {
+    fn status(&self) -> u8 {
+        self.r8(cc::STATUS)
+    }
+    fn set_status(&mut self, s: u8) {
+        self.w8(cc::STATUS, s)
+    }
+    fn device_features(&mut self) -> u64 {
+        self.w32(cc::DFSELECT, 0);
+        let lo = self.r32(cc::DF);
+        self.w32(cc::DFSELECT, 1);
+        let hi = self.r32(cc::DF);
+        u64::from(lo) | (u64::from(hi) << 32)
+    }
+    fn set_driver_features(&mut self, f: u64) {
+        self.w32(cc::GFSELECT, 0);
+        self.w32(cc::GF, f as u32);
+        self.w32(cc::GFSELECT, 1);
+        self.w32(cc::GF, (f >> 32) as u32);
+    }
+    fn num_queues(&self) -> u16 {
+        self.r16(cc::NUMQ)
+    }
+    fn select_queue(&mut self, q: u16) {
+        self.w16(cc::Q_SELECT, q)
+    }
+    fn queue_size(&self) -> u16 {
+        self.r16(cc::Q_SIZE)
+    }
+    fn set_queue_size(&mut self, n: u16) {
+        self.w16(cc::Q_SIZE, n)
+    }
+    fn set_queue_vector(&mut self, v: u16) {
+        self.w16(cc::Q_MSIX, v)
+    }
+    fn set_queue_addrs(&mut self, desc: u64, avail: u64, used: u64) {
+        self.w64(cc::Q_DESC, desc);
+        self.w64(cc::Q_AVAIL, avail);
+        self.w64(cc::Q_USED, used);
+    }
+    fn set_queue_enable(&mut self) {
+        self.w16(cc::Q_ENABLE, 1)
+    }
+}
+
+/// Where per-device lock files live (`$ZC_GUEST_STATE`, default /run/zc-guest).
+fn state_dir() -> PathBuf {
+    std::env::var_os("ZC_GUEST_STATE").map_or_else(|| PathBuf::from("/run/zc-guest"), PathBuf::from)
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// The lock on one PCI function: held while the file is open.
+struct Lock {
+    file: File,
+    path: PathBuf,
+}
+
+impl Lock {
+    /// Takes the lock of `bdf`; returns it and the driver a previous owner
+    /// recorded (a crashed one's).
+    fn take(bdf: &str) -> Result<(Lock, Option<String>)> {
+        let dir = state_dir();
+        std::fs::create_dir_all(&dir).map_err(|e| GuestError::io(&dir, e))?;
+        let path = dir.join(format!("{bdf}.lock"));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| GuestError::io(&path, e))?;
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let pid = std::fs::read_to_string(&path)
+                .ok()
+                .and_then(|s| s.lines().next()?.trim().parse().ok())
+                .unwrap_or(0);
+            return Err(GuestError::Busy {
+                what: format!("PCI device {bdf}"),
+                pid,
+            });
+        }
+        let previous = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|s| s.lines().nth(1).map(str::trim).map(String::from))
+            .filter(|d| !d.is_empty() && d != "-");
+        Ok((Lock { file, path }, previous))
+    }
+
+    fn record(&mut self, driver: Option<&str>) {
+        let _ = self.file.set_len(0);
+        let _ = (&self.file)
+            .write_all(format!("{}\n{}\n", std::process::id(), driver.unwrap_or("-")).as_bytes());
+    }
+}
+
+impl Drop for Lock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// A virtio-net PCI function owned by this process.
+pub struct PciDevice {
+    dev: PciDev,
+    root: PathBuf,
+    regs: ModernRegs,
+    caps: VirtioCaps,
+    notify: Bar,
+    common: Bar,
+    pool_gpa: u64,
+    driver: Option<String>,
+    command: u16,
+    enabled_by_us: bool,
+    _release: Option<Registration>,
+    _lock: Lock,
+}
+
+// SAFETY: the raw pointers point into BAR mappings owned by this value.
+unsafe impl Send for PciDevice {}
+
+impl PciDevice {
+    /// Takes `dev` over (see the module comment).
+    fn take(root: &Path, dev: PciDev, pool_gpa: u64) -> Result<Self> {
+        if !is_root() {
+            return Err(GuestError::NotRoot { bdf: dev.bdf });
+        }
+        let (mut lock, previous) = Lock::take(&dev.bdf)?;
+        let driver = dev.driver().or(previous);
+        lock.record(driver.as_deref());
+        let give_back = |dev: &PciDev| {
+            let _ = dev.set_override(None);
+            if let Some(d) = &driver {
+                let _ = dev.bind(root, d);
+            }
+        };
+        match Self::claim(root, &dev, driver.clone(), pool_gpa, lock) {
+            Ok(p) => Ok(p),
+            Err(e) => {
+                give_back(&dev);
+                Err(e)
+            }
+        }
+    }
+
+    fn claim(
+        root: &Path,
+        dev: &PciDev,
+        driver: Option<String>,
+        pool_gpa: u64,
+        lock: Lock,
+    ) -> Result<Self> {
+        let dev = dev.clone();
+        dev.set_override(Some("zc-guest"))?;
+        dev.unbind()?;
+        let enabled_by_us = dev.enable()?;
+        let command = dev.command()? & !CMD_INTX_DISABLE;
+        dev.set_command(command | CMD_MEMORY | CMD_MASTER | CMD_INTX_DISABLE)?;
+        let caps = caps::walk(&dev.config()?).ok_or_else(|| GuestError::Device {
+            bdf: dev.bdf.clone(),
+            msg: "no virtio-pci modern capabilities: start QEMU with a modern or transitional virtio-net-pci".into(),
+        })?;
+        let (_, common) = Bar::map(&dev.resource_path(caps.common.bar))?;
+        let (_, notify) = if caps.notify.bar == caps.common.bar {
+            Bar::map(&dev.resource_path(caps.common.bar))?
+        } else {
+            Bar::map(&dev.resource_path(caps.notify.bar))?
+        };
+        let base = common
+            .at(u64::from(caps.common.offset), cc::SIZE)
+            .filter(|_| u64::from(caps.common.length) >= cc::SIZE)
+            .ok_or_else(|| GuestError::Device {
+                bdf: dev.bdf.clone(),
+                msg: "common configuration lies outside its BAR".into(),
+            })?;
+        let mut writes = vec![];
+        let override_path = dev.dir.join("driver_override");
+        if override_path.exists() {
+            writes.push((cstr(&override_path), b"\n".to_vec()));
+        }
+        if let Some(d) = &driver {
+            writes.push((
+                cstr(&root.join("bus/pci/drivers").join(d).join("bind")),
+                dev.bdf.clone().into_bytes(),
+            ));
+        }
+        let release = cleanup::register(Release {
+            // SAFETY: STATUS < cc::SIZE, inside the checked common structure.
+            status: unsafe { base.add(cc::STATUS as usize) },
+            writes,
+        });
+        log::info!(
+            "zc-guest: took over PCI device {} (driver {})",
+            dev.bdf,
+            driver.as_deref().unwrap_or("none")
+        );
+        Ok(PciDevice {
+            regs: ModernRegs { base },
+            root: root.to_path_buf(),
+            caps,
+            notify,
+            common,
+            pool_gpa,
+            driver,
+            command,
+            enabled_by_us,
+            _release: release,
+            _lock: lock,
+            dev,
+        })
+    }
+
+    pub fn bdf(&self) -> &str {
+        &self.dev.bdf
+    }
+
+    fn err(&self, msg: impl Into<String>) -> GuestError {
+        GuestError::Device {
+            bdf: self.dev.bdf.clone(),
+            msg: msg.into(),
+        }
+    }
+}
+
+fn cstr(p: &Path) -> CString {
+    CString::new(p.as_os_str().as_encoded_bytes()).unwrap_or_default()
+}
+
+impl Transport for PciDevice {
+    fn begin(&mut self) -> Result<u64> {
+        Ok(init::begin(&mut self.regs)?)
+    }
+
+    fn queue_size(&mut self, q: u16, limit: u16) -> Result<u16> {
+        Ok(init::queue_size(&mut self.regs, q, limit)?)
+    }
+
+    fn setup_queue(&mut self, q: u16, at: QueueOffsets) -> Result<Bell> {
+        let gpa = |off: u64| self.pool_gpa + off;
+        let a = QueueAddrs {
+            size: at.size,
+            desc: gpa(at.desc),
+            avail: gpa(at.avail),
+            used: gpa(at.used),
+        };
+        self.regs.select_queue(q);
+        let noff = u64::from(self.regs.r16(cc::Q_NOFF));
+        init::setup_queue(&mut self.regs, q, a);
+        let off =
+            u64::from(self.caps.notify.offset) + noff * u64::from(self.caps.notify_multiplier);
+        let notify = self.notify.at(off, 2).ok_or_else(|| {
+            self.err(format!(
+                "notify address {off:#x} of queue {q} lies outside its BAR"
+            ))
+        })?;
+        Ok(Bell::Mmio {
+            notify: notify.cast(),
+            queue: q,
+        })
+    }
+
+    fn start(&mut self) -> Result<()> {
+        // Interrupts off for the device as a whole (no MSI-X vector).
+        self.regs.w16(cc::MSIX, init::NO_VECTOR);
+        Ok(init::finish(&mut self.regs)?)
+    }
+
+    fn pool_gpa(&self) -> u64 {
+        self.pool_gpa
+    }
+}
+
+impl Drop for PciDevice {
+    fn drop(&mut self) {
+        let _ = init::reset(&mut self.regs);
+        let _ = self.dev.set_command(self.command & !CMD_MASTER);
+        if self.enabled_by_us {
+            let _ = self.dev.disable();
+        }
+        let _ = self.dev.set_override(None);
+        if let Some(d) = &self.driver {
+            if let Err(e) = self.dev.bind(&self.root, d) {
+                log::warn!("zc-guest: cannot give {} back to {d}: {e}", self.dev.bdf);
+            }
+        }
+        let _ = &self.common;
+        log::info!("zc-guest: gave PCI device {} back", self.dev.bdf);
+    }
+}
+
+/// The ivshmem pool of `cluster`: the device, its pool mapping and the
+/// guest-physical base of its BAR2.
+pub fn find_pool(root: &Path, cluster: u32) -> Result<(PciDev, PoolMap, u64)> {
+    for d in sysfs::devices(root).into_iter().filter(PciDev::is_ivshmem) {
+        let path = d.resource_path(2);
+        let Ok(f) = File::open(&path) else { continue };
+        if crate::pool::PoolMap::peek_cluster(&f) != Some(cluster) {
+            continue;
+        }
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| GuestError::io(&path, e))?;
+        let (gpa, size) = d.bar(2)?;
+        let pool = PoolMap::map(&f, size, &path)?;
+        return Ok((d, pool, gpa));
+    }
+    Err(GuestError::NoPool { cluster })
+}
+
+/// Whether any ivshmem device on the bus holds the pool of `cluster`.
+pub fn has_pool(root: &Path, cluster: u32) -> bool {
+    sysfs::devices(root)
+        .into_iter()
+        .filter(PciDev::is_ivshmem)
+        .any(|d| {
+            File::open(d.resource_path(2))
+                .ok()
+                .and_then(|f| PoolMap::peek_cluster(&f))
+                == Some(cluster)
+        })
+}
+
+/// Every ivshmem zc pool on the bus, mapped.
+fn all_pools(root: &Path) -> Vec<(PoolMap, u64)> {
+    let mut v = Vec::new();
+    for d in sysfs::devices(root).into_iter().filter(PciDev::is_ivshmem) {
+        let path = d.resource_path(2);
+        let Ok(f) = File::open(&path) else { continue };
+        let Some(cluster) = PoolMap::peek_cluster(&f) else {
+            continue;
+        };
+        if let Ok((_, p, gpa)) = find_pool(root, cluster) {
+            v.push((p, gpa));
+        }
+    }
+    v
+}
+
+/// MAC of a virtio-net function: from its kernel interface, or (unbound)
+/// from its device configuration.
+fn device_mac(d: &PciDev) -> Option<[u8; 6]> {
+    if let Some(m) = d.kernel_mac() {
+        return Some(m);
+    }
+    if d.driver().is_some() {
+        return None;
+    }
+    let c = caps::walk(&d.config().ok()?)?;
+    let dc = c.device?;
+    let _ = d.enable();
+    let cmd = d.command().ok()?;
+    if cmd & CMD_MEMORY == 0 {
+        d.set_command(cmd | CMD_MEMORY).ok()?;
+    }
+    let (_, bar) = Bar::map(&d.resource_path(dc.bar)).ok()?;
+    let p = bar.at(u64::from(dc.offset), 6)?;
+    let mut m = [0u8; 6];
+    for (i, b) in m.iter_mut().enumerate() {
+        // SAFETY: p..p + 6 lies in the device config structure inside the BAR.
+        *b = unsafe { std::ptr::read_volatile(p.add(i)) };
+    }
+    Some(m)
+}
+
+/// The virtio-net function with MAC `mac`.
+fn find_net(root: &Path, mac: [u8; 6]) -> Option<PciDev> {
+    sysfs::devices(root)
+        .into_iter()
+        .filter(PciDev::is_virtio_net)
+        .find(|d| device_mac(d) == Some(mac))
+}
+
+/// Opens queue `queue` of `cluster` for `dir` on the export's PCI device.
+pub fn open_queue(
+    cluster: u32,
+    queue: u16,
+    dir: Direction,
+) -> Result<(crate::transport::Core, PciDevice, PoolMap)> {
+    let root = sysfs::sys_root();
+    let (_, pool, gpa) = find_pool(&root, cluster)?;
+    let (slot, entry) = pool.export_for_queue(queue, dir)?;
+    let dev = find_net(&root, entry.mac).ok_or_else(|| GuestError::NoDevice {
+        cluster,
+        mac: mac_string(&entry.mac),
+    })?;
+    let mut pci = PciDevice::take(&root, dev, gpa)?;
+    let core = crate::transport::bring_up(&mut pci, &pool, slot, &entry, dir)?;
+    Ok((core, pci, pool))
+}
+
+/// Opens the virtio-net device behind interface `ifname` for `dir`; its
+/// export is found by MAC among the zc pools on the bus.
+pub fn open_interface(
+    ifname: &str,
+    dir: Direction,
+) -> Result<(crate::transport::Core, PciDevice, PoolMap)> {
+    let root = sysfs::sys_root();
+    let dev_dir = match sysfs::interface_device(&root, ifname) {
+        Some(d) => d,
+        None if root.join("class/net").join(ifname).exists() => {
+            return Err(GuestError::NotVirtio {
+                ifname: ifname.into(),
+            })
+        }
+        None => return Err(GuestError::NoInterface(ifname.into())),
+    };
+    let dev = sysfs::devices(&root)
+        .into_iter()
+        .find(|d| std::fs::canonicalize(&d.dir).ok().as_deref() == Some(dev_dir.as_path()))
+        .filter(PciDev::is_virtio_net)
+        .ok_or_else(|| GuestError::NotVirtio {
+            ifname: ifname.into(),
+        })?;
+    let mac = dev.kernel_mac().ok_or_else(|| GuestError::NotVirtio {
+        ifname: ifname.into(),
+    })?;
+    for (pool, gpa) in all_pools(&root) {
+        if let Some((slot, entry)) = pool.export_for_mac(mac) {
+            let mut pci = PciDevice::take(&root, dev, gpa)?;
+            let core = crate::transport::bring_up(&mut pci, &pool, slot, &entry, dir)?;
+            return Ok((core, pci, pool));
+        }
+    }
+    Err(GuestError::NotAnExport {
+        ifname: ifname.into(),
+        mac: mac_string(&mac),
+    })
+}
