@@ -99,7 +99,7 @@ pub(crate) mod tests {
         c[PCI_CAP_PTR] = 0x98;
         // MSI-X first (id 0x11), then the vendor capabilities.
         c[0x98] = 0x11;
-        c[0x99] = 0x84;
+        c[0x99] = 0x88;
         let mut put = |at: usize, next: u8, len: u8, ty: u8, off: u32, size: u32| {
             c[at] = CAP_VENDOR;
             c[at + 1] = next;
@@ -109,13 +109,13 @@ pub(crate) mod tests {
             c[at + 8..at + 12].copy_from_slice(&off.to_le_bytes());
             c[at + 12..at + 16].copy_from_slice(&size.to_le_bytes());
         };
-        put(0x84, 0x70, 16, TYPE_COMMON, 0, 0x1000);
-        put(0x70, 0x60, 16, TYPE_ISR, 0x1000, 0x1000);
-        put(0x60, 0x50, 16, TYPE_DEVICE, 0x2000, 0x1000);
-        put(0x50, 0x40, 20, TYPE_NOTIFY, 0x3000, 0x1000);
+        put(0x88, 0x78, 16, TYPE_COMMON, 0, 0x1000);
+        put(0x78, 0x68, 16, TYPE_ISR, 0x1000, 0x1000);
+        put(0x68, 0x54, 16, TYPE_DEVICE, 0x2000, 0x1000);
+        put(0x54, 0x40, 20, TYPE_NOTIFY, 0x3000, 0x1000);
         // A PCI config access capability (type 5), ignored.
         put(0x40, 0, 20, 5, 0, 0);
-        c[0x50 + 16..0x50 + 20].copy_from_slice(&4u32.to_le_bytes());
+        c[0x54 + 16..0x54 + 20].copy_from_slice(&4u32.to_le_bytes());
         c
     }
 
@@ -149,7 +149,7 @@ pub(crate) mod tests {
         assert_eq!(walk(&c), None);
         assert_eq!(walk(&[]), None);
         let mut c = qemu_net_config();
-        c[0x84 + 4] = 9; // common cfg in a BAR that does not exist
+        c[0x88 + 4] = 9; // common cfg in a BAR that does not exist
         assert_eq!(walk(&c), None);
     }
 }
