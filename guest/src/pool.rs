@@ -80,13 +80,36 @@ impl PoolMap {
         Ok(map)
     }
 
-    /// Reads just the cluster id of a would-be pool, without mapping it all
-    /// (discovery looks at every ivshmem device).
+    /// Reads just the cluster id of a would-be pool, mapping only its first
+    /// page (discovery looks at every ivshmem device; sysfs `resource` files
+    /// of memory BARs can be mapped but not read).
     pub fn peek_cluster(file: &File) -> Option<u32> {
+        let len = file.metadata().ok()?.len();
+        if len < HEADER_SIZE {
+            return None;
+        }
+        // SAFETY: a fresh read-only shared mapping of the first page; checked.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                HEADER_SIZE as usize,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return None;
+        }
         let mut h = [0u8; 16];
-        // SAFETY: pread into a local buffer of 16 bytes.
-        let n = unsafe { libc::pread(file.as_raw_fd(), h.as_mut_ptr().cast(), h.len(), 0) };
-        if n != 16 || h[..8] != zc_proto::layout::POOL_MAGIC {
+        for (i, b) in h.iter_mut().enumerate() {
+            // SAFETY: i < 16 < HEADER_SIZE, inside the mapping.
+            *b = unsafe { std::ptr::read_volatile(p.cast::<u8>().add(i)) };
+        }
+        // SAFETY: the mapping made above.
+        unsafe { libc::munmap(p, HEADER_SIZE as usize) };
+        if h[..8] != zc_proto::layout::POOL_MAGIC {
             return None;
         }
         Some(u32::from_le_bytes([h[12], h[13], h[14], h[15]]))
@@ -371,6 +394,12 @@ mod tests {
         std::fs::write(&path, vec![0u8; 8192]).unwrap();
         let f = File::open(&path).unwrap();
         assert_eq!(PoolMap::peek_cluster(&f), None);
+        let (_d, map) = fixture();
+        let _ = map;
+        let layout = PoolLayout::new(7, 2048, 64).unwrap();
+        let p2 = dir.path().join("pool7");
+        let f7 = create_pool_file(&p2, &layout).unwrap();
+        assert_eq!(PoolMap::peek_cluster(&f7), Some(7));
         let f = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
