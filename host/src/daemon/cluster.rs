@@ -459,6 +459,73 @@ mod tests {
         c.remove_files();
     }
 
+    struct FakeExport {
+        held: Vec<BufferIndex>,
+        pauses: std::sync::atomic::AtomicU32,
+        resumes: std::sync::atomic::AtomicU32,
+        refuse: bool,
+    }
+
+    impl BufferHolder for FakeExport {
+        fn pause(&self) -> Option<Vec<BufferIndex>> {
+            self.pauses
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            (!self.refuse).then(|| self.held.clone())
+        }
+        fn resume(&self) {
+            self.resumes
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        fn name(&self) -> String {
+            "fake".into()
+        }
+    }
+
+    #[test]
+    fn reclaim_never_frees_what_an_export_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = cluster(dir.path());
+        c.attach_export("/tmp/vm.sock", 1, Role::Consumer).unwrap();
+        assert_eq!(
+            c.attach(9, 900, 1, Role::Consumer).unwrap_err().to_string(),
+            "queue 1 of cluster 7 is the consumer side of the vhost-user export /tmp/vm.sock; use another queue or drop that --export"
+        );
+        assert!(matches!(
+            c.attach_export("/tmp/other.sock", 1, Role::Consumer),
+            Err(AttachError::HeldByExport { .. })
+        ));
+        let held = c.take_spare(40).unwrap();
+        assert_eq!(c.spare_count(), 472);
+        let fake = Arc::new(FakeExport {
+            held: held.clone(),
+            pauses: Default::default(),
+            resumes: Default::default(),
+            refuse: false,
+        });
+        c.add_buffer_holder(fake.clone());
+        c.attach(1, 100, 0, Role::Producer).unwrap();
+        c.alloc(1, 100).unwrap();
+        c.release(1);
+        assert_eq!(c.spare_count(), 472, "the export's 40 stay taken");
+        assert!(c.spare.iter().all(|b| !held.contains(b)));
+        assert_eq!(fake.pauses.load(std::sync::atomic::Ordering::Relaxed), 1);
+        assert_eq!(fake.resumes.load(std::sync::atomic::Ordering::Relaxed), 1);
+        // An export that cannot pause: nothing is reclaimed (never a guess).
+        let stuck = Arc::new(FakeExport {
+            held: vec![],
+            pauses: Default::default(),
+            resumes: Default::default(),
+            refuse: true,
+        });
+        c.add_buffer_holder(stuck);
+        c.attach(2, 200, 0, Role::Producer).unwrap();
+        c.alloc(2, 10).unwrap();
+        c.release(2);
+        assert_eq!(c.spare_count(), 462);
+        assert_eq!(fake.resumes.load(std::sync::atomic::Ordering::Relaxed), 2);
+        c.remove_files();
+    }
+
     #[test]
     fn rings_must_leave_spare_buffers() {
         let dir = tempfile::tempdir().unwrap();

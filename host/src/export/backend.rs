@@ -4,16 +4,16 @@
 
 use super::shared::ExportShared;
 use std::io;
+use std::os::linux::net::SocketAddrExt;
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock};
 use virtio_bindings::virtio_config::{VIRTIO_F_IN_ORDER, VIRTIO_F_VERSION_1};
-use virtio_bindings::virtio_net::{
-    VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
-};
+use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_STATUS};
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
@@ -21,13 +21,14 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-/// VHOST_USER_F_PROTOCOL_FEATURES.
-const PROTOCOL_FEATURES: u64 = 1 << 30;
-
 /// The virtio-net features an export offers: no offloads yet.
 /// IN_ORDER: the export always uses buffers in the order they were made
 /// available (both paths), which lets DPDK's virtio-user use its cheaper
 /// in-order paths; drivers that do not know it (Linux) simply do not ack it.
+///
+/// VHOST_USER_F_PROTOCOL_FEATURES (with no protocol features): QEMU's
+/// vhost-user-net does not start without it (see `shim` for the one message
+/// that needs help).
 pub const FEATURES: u64 = (1 << VIRTIO_F_VERSION_1)
     | (1 << VIRTIO_F_IN_ORDER)
     | (1 << VIRTIO_RING_F_EVENT_IDX)
@@ -35,6 +36,9 @@ pub const FEATURES: u64 = (1 << VIRTIO_F_VERSION_1)
     | (1 << VIRTIO_NET_F_MAC)
     | (1 << VIRTIO_NET_F_STATUS)
     | PROTOCOL_FEATURES;
+
+/// VHOST_USER_F_PROTOCOL_FEATURES.
+const PROTOCOL_FEATURES: u64 = 1 << 30;
 
 #[derive(Clone)]
 pub struct Backend(pub Arc<ExportShared>);
@@ -60,7 +64,7 @@ impl VhostUserBackend for Backend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::REPLY_ACK
+        VhostUserProtocolFeatures::empty()
     }
 
     fn reset_device(&self) {
@@ -69,20 +73,6 @@ impl VhostUserBackend for Backend {
 
     fn set_event_idx(&self, _enabled: bool) {
         // Read from the acked features when the rings start.
-    }
-
-    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        // struct virtio_net_config: mac, status, max_virtqueue_pairs, mtu.
-        let mut cfg = Vec::with_capacity(12);
-        cfg.extend_from_slice(&self.0.mac);
-        cfg.extend_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
-        cfg.extend_from_slice(&1u16.to_le_bytes());
-        cfg.extend_from_slice(&0u16.to_le_bytes());
-        let start = (offset as usize).min(cfg.len());
-        let end = start.saturating_add(size as usize).min(cfg.len());
-        let mut out = cfg[start..end].to_vec();
-        out.resize(size as usize, 0);
-        out
     }
 
     fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
@@ -137,30 +127,72 @@ impl VhostUserBackend for Backend {
     }
 }
 
-/// Serves frontends on `shared.spec.path`, one after another, forever.
-pub fn serve(shared: Arc<ExportShared>, listener: Listener) {
-    let mut listener = listener;
+/// The export's sockets: the public one frontends connect to (mode 0660),
+/// and a private abstract one that vhost-user-backend listens on behind the
+/// relay (`shim`).
+pub struct Sockets {
+    public: UnixListener,
+    internal: Listener,
+    internal_addr: SocketAddr,
+}
+
+/// Creates the sockets of the export at `path`.
+pub fn listen(path: &std::path::Path) -> io::Result<Sockets> {
+    let _ = std::fs::remove_file(path);
+    let public = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    let name = format!("zc-export-{}-{}", std::process::id(), path.display());
+    let internal_addr = SocketAddr::from_abstract_name(name.as_bytes())?;
+    let internal = Listener::from(UnixListener::bind_addr(&internal_addr)?);
+    Ok(Sockets {
+        public,
+        internal,
+        internal_addr,
+    })
+}
+
+/// Serves frontends on the export's socket, one after another, forever.
+pub fn serve(shared: Arc<ExportShared>, sockets: Sockets) {
+    let Sockets {
+        public,
+        mut internal,
+        internal_addr,
+    } = sockets;
     let name = shared.name.clone();
     loop {
+        let front = match public.accept() {
+            Ok((s, _)) => s,
+            Err(e) => {
+                log::warn!("export {name}: accept failed: {e}");
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                continue;
+            }
+        };
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let backend = Backend(shared.clone());
         let mut daemon = match VhostUserDaemon::new(format!("zc-{name}"), backend, mem) {
             Ok(d) => d,
             Err(e) => {
-                log::error!("export {name}: {e}; retrying in 1 s");
-                std::thread::sleep(std::time::Duration::from_secs(1));
+                log::error!("export {name}: {e}");
                 continue;
             }
         };
-        if let Err(e) = daemon.start(&mut listener) {
-            log::error!("export {name}: accepting a frontend failed: {e}");
-            std::thread::sleep(std::time::Duration::from_millis(100));
+        let back = match UnixStream::connect_addr(&internal_addr) {
+            Ok(b) => b,
+            Err(e) => {
+                log::error!("export {name}: internal socket: {e}");
+                continue;
+            }
+        };
+        if let Err(e) = daemon.start(&mut internal) {
+            log::error!("export {name}: starting the vhost-user handler failed: {e}");
             continue;
         }
         let dev = &shared.counters.dev;
         dev.connections.fetch_add(1, Ordering::Relaxed);
         dev.connected.store(1, Ordering::Relaxed);
         log::info!("export {name}: frontend connected");
+        let relay = super::shim::relay(front, back);
         let r = daemon.wait();
         dev.connected.store(0, Ordering::Relaxed);
         shared.request(
@@ -176,16 +208,10 @@ pub fn serve(shared: Arc<ExportShared>, listener: Listener) {
         if let Some(n) = shared.exit.lock().unwrap_or_else(|e| e.into_inner()).take() {
             let _ = n.notify();
         }
-        match r {
-            Ok(()) => log::info!("export {name}: frontend disconnected"),
-            Err(e) => log::info!("export {name}: frontend disconnected ({e})"),
+        match (relay, r) {
+            (Err(e), _) => log::info!("export {name}: frontend disconnected ({e})"),
+            (_, Err(e)) => log::info!("export {name}: frontend disconnected ({e})"),
+            _ => log::info!("export {name}: frontend disconnected"),
         }
     }
-}
-
-/// Creates the socket (mode 0660).
-pub fn listen(path: &std::path::Path) -> io::Result<Listener> {
-    let l = Listener::new(path, true).map_err(|e| io::Error::other(e.to_string()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
-    Ok(l)
 }

@@ -15,6 +15,7 @@ pub mod poll;
 pub mod qemu_args;
 pub mod rx;
 pub mod shared;
+pub mod shim;
 pub mod spec;
 pub mod stats;
 pub mod tx;

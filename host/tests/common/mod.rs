@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::message::VhostUserVirtioFeatures;
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vmm_sys_util::eventfd::EventFd;
@@ -452,11 +452,15 @@ impl TestFrontend {
         fe.set_owner().unwrap();
         let offered = fe.get_features().unwrap();
         let pf = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        assert_ne!(
+            offered & pf,
+            0,
+            "QEMU's vhost-user-net needs PROTOCOL_FEATURES"
+        );
         let features = s.features & offered;
         fe.set_features(features | pf).unwrap();
         let prot = fe.get_protocol_features().unwrap();
-        fe.set_protocol_features(prot & VhostUserProtocolFeatures::CONFIG)
-            .unwrap();
+        fe.set_protocol_features(prot).unwrap();
         let mut regions = vec![VhostUserMemoryRegionInfo {
             guest_phys_addr: 0,
             memory_size: RAM_SIZE as u64,
