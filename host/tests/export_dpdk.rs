@@ -24,7 +24,15 @@ fn can_run() -> bool {
 /// testpmd in interactive mode on the export's socket, lcores on both cores.
 fn testpmd(sock: &std::path::Path, prefix: &str, mode: &str) -> Child {
     Command::new("dpdk-testpmd")
-        .args(["--lcores", "0@0,1@1", "-n", "1", "--no-pci", "--socket-mem", "256"])
+        .args([
+            "--lcores",
+            "0@0,1@1",
+            "-n",
+            "1",
+            "--no-pci",
+            "--socket-mem",
+            "256",
+        ])
         .args(["--file-prefix", prefix, "--single-file-segments"])
         .arg("--vdev")
         .arg(format!("virtio_user0,path={},queues=1", sock.display()))
@@ -41,8 +49,8 @@ fn finish(mut tp: Child) -> String {
     let _ = tp.stdin.as_mut().unwrap().write_all(b"quit\n");
     drop(tp.stdin.take());
     let out = tp.wait_with_output().unwrap();
-    let s = String::from_utf8_lossy(&out.stdout).into_owned()
-        + &String::from_utf8_lossy(&out.stderr);
+    let s =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     eprintln!("{s}");
     s
 }
@@ -86,7 +94,11 @@ fn testpmd_txonly_into_an_export_is_counted_exactly_by_zcount() {
     let s = h.export("tp.sock");
     eprintln!("testpmd sent {sent}; zcount {j}; export {s:?}");
     assert_eq!(s.tx.packets, sent, "export counted what testpmd sent");
-    assert_eq!(j["packets"].as_u64(), Some(sent), "zcount counted what testpmd sent");
+    assert_eq!(
+        j["packets"].as_u64(),
+        Some(sent),
+        "zcount counted what testpmd sent"
+    );
     assert_eq!(s.tx.invalid_desc + s.tx.drop_bad_len, 0);
     assert_eq!(s.tx.copied, sent, "virtio-user buffers take the copy path");
 }

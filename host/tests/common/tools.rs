@@ -42,7 +42,17 @@ pub fn tool(name: &str) -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
     BUILT.get_or_init(|| {
         let st = Command::new(env!("CARGO"))
-            .args(["build", "--release", "-q", "-p", "zc", "--bin", "zcount", "--bin", "zsend"])
+            .args([
+                "build",
+                "--release",
+                "-q",
+                "-p",
+                "zc",
+                "--bin",
+                "zcount",
+                "--bin",
+                "zsend",
+            ])
             .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
             .status()
             .expect("run cargo build for zsend/zcount");
