@@ -801,3 +801,70 @@ fn a_pool_region_added_later_enables_zero_copy() {
     let s = h.export("p.sock");
     assert_eq!((s.rx.copied, s.rx.exchanged), (4, 8));
 }
+
+#[test]
+fn interrupts_follow_no_interrupt_and_event_idx() {
+    let h = Hostd::start(9112, &["n.sock,rx=0"], &[]);
+    // Without EVENT_IDX: VRING_AVAIL_F_NO_INTERRUPT decides.
+    let mut f = TestFrontend::connect(
+        &h,
+        "n.sock",
+        Setup {
+            features: VERSION_1 | MRG_RXBUF,
+            ..Setup::default()
+        },
+    );
+    assert_eq!(f.features & EVENT_IDX, 0);
+    f.mem.w16(f.rx.avail, 1); // NO_INTERRUPT
+    post_rx_ram(&mut f, 64, 2048);
+    host_send(&h, 0, (0..20).map(|i| payload(i, 64)).collect())
+        .join()
+        .unwrap();
+    f.rx.wait_used(&f.mem, 20);
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        f.rx.call.read().is_err(),
+        "no interrupt while NO_INTERRUPT is set"
+    );
+    assert_eq!(h.export("n.sock").rx.interrupts, 0);
+    f.mem.w16(f.rx.avail, 0);
+    host_send(&h, 0, vec![payload(99, 64)]).join().unwrap();
+    f.rx.wait_used(&f.mem, 1);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while f.rx.call.read().is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "no interrupt once the guest wants them"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    drop(f);
+    h.wait_stats("n.sock", "disconnect", |s| s.dev.connected == 0);
+    // With EVENT_IDX: used_event decides. Ask for an interrupt only after
+    // the 10th used buffer.
+    let mut f = TestFrontend::connect(&h, "n.sock", Setup::default());
+    assert_ne!(f.features & EVENT_IDX, 0);
+    let used_event = f.rx.avail + 4 + 2 * u64::from(f.rx.size);
+    f.mem.w16(used_event, 9);
+    post_rx_ram(&mut f, 64, 2048);
+    let before = h.export("n.sock").rx.interrupts;
+    host_send(&h, 0, (0..5).map(|i| payload(i, 64)).collect())
+        .join()
+        .unwrap();
+    f.rx.wait_used(&f.mem, 5);
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(f.rx.call.read().is_err(), "5 used < used_event + 1");
+    host_send(&h, 0, (0..5).map(|i| payload(i, 64)).collect())
+        .join()
+        .unwrap();
+    f.rx.wait_used(&f.mem, 5);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while f.rx.call.read().is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "no interrupt when used passed used_event"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(h.export("n.sock").rx.interrupts > before);
+}

@@ -190,14 +190,8 @@ impl Worker {
                 0
             };
             if moved > 0 {
-                if idle > 0 || iter.is_multiple_of(16) {
-                    self.publish();
-                }
                 idle = 0;
                 continue;
-            }
-            if idle == 0 {
-                self.publish();
             }
             idle += 1;
             // Back off a little: re-reading the guest's avail index in a
@@ -216,7 +210,7 @@ impl Worker {
         }
     }
 
-    fn publish(&self) {
+    pub fn publish(&self) {
         let c = &self.shared.counters;
         c.rx.publish(&self.rx_stats);
         c.tx.publish(&self.tx_stats);
@@ -466,19 +460,19 @@ impl Worker {
         }
     }
 
-    /// Signals the guest for ring `i` if it asked for it.
-    pub fn interrupt(&mut self, i: usize) -> bool {
-        let want = self
-            .dev
+    /// Whether the guest asked for an interrupt for ring `i`'s new used entries.
+    pub fn wants_interrupt(&mut self, i: usize) -> bool {
+        self.dev
             .as_mut()
             .and_then(|d| d.queues[i].as_mut())
-            .is_some_and(|q| q.needs_interrupt());
-        if want {
-            if let Some(v) = self.vrings.as_ref().and_then(|v| v.get(i)) {
-                let _ = v.signal_used_queue();
-            }
+            .is_some_and(|q| q.needs_interrupt())
+    }
+
+    /// Signals the guest's call eventfd of ring `i`.
+    pub fn signal(&self, i: usize) {
+        if let Some(v) = self.vrings.as_ref().and_then(|v| v.get(i)) {
+            let _ = v.signal_used_queue();
         }
-        want
     }
 }
 

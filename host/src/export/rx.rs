@@ -82,14 +82,18 @@ impl Worker {
             self.rx_pos += 1;
             moved += 1;
         }
+        // Counters first, so that whoever sees the packets sees them counted.
+        self.publish();
         let q = self
             .dev
             .as_mut()
             .and_then(|d| d.queues[RXQ].as_mut())
             .expect("checked");
         q.complete(taken, taken);
-        if taken > 0 && self.interrupt(RXQ) {
+        if taken > 0 && self.wants_interrupt(RXQ) {
             self.rx_stats.interrupts += 1;
+            self.publish();
+            self.signal(RXQ);
         }
         Ok(moved)
     }

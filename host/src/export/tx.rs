@@ -106,14 +106,18 @@ impl Worker {
             self.tx_pending.push(empty);
             self.tx_stats.copied += 1;
         }
+        // Counters first, so that whoever sees the packets sees them counted.
+        self.publish();
         let q = self
             .dev
             .as_mut()
             .and_then(|d| d.queues[TXQ].as_mut())
             .expect("checked");
         q.complete(avail, avail);
-        if avail > 0 && self.interrupt(TXQ) {
+        if avail > 0 && self.wants_interrupt(TXQ) {
             self.tx_stats.interrupts += 1;
+            self.publish();
+            self.signal(TXQ);
         }
         self.flush_tx();
         Ok(usize::from(avail))
