@@ -129,6 +129,13 @@ fn guest_kernel_virtio_net_receives_and_sends_exact_counts() {
     .stdin(Stdio::null())
     .stdout(Stdio::piped())
     .stderr(Stdio::piped());
+    // SAFETY: prctl is async-signal-safe; nothing else runs in the child.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut qemu, || {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        })
+    };
     eprintln!("{qemu:?}");
     let mut child = qemu.spawn().expect("start qemu");
     let stdout = child.stdout.take().unwrap();

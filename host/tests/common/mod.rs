@@ -52,6 +52,14 @@ impl Hostd {
                 .arg(format!("{}/{e}", dir.path().display()));
         }
         cmd.args(extra);
+        // If the test process dies (a timeout kills it), so does the daemon.
+        // SAFETY: prctl is async-signal-safe; nothing else runs in the child.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            })
+        };
         cmd.env("RUST_LOG", "info")
             .stderr(Stdio::piped())
             .stdout(Stdio::null());
