@@ -194,11 +194,5 @@ fn start_one(
         .name(format!("zc-vhost-{slot}"))
         .spawn(move || backend::serve(s2, listener))
         .map_err(thread)?;
-    log::info!(
-        "export {name}: rx {:?} tx {:?} mac {}",
-        spec.rx,
-        spec.tx,
-        spec::MacDisplay(&mac)
-    );
     Ok(Export { shared })
 }
