@@ -421,6 +421,16 @@ fn hostile_descriptors_are_dropped_and_counted() {
     let looped = f.tx.add(&f.mem, &[good_seg]);
     f.tx.write_desc(&f.mem, looped, g, 100, 1, looped);
     posted += 1;
+    // A chain longer than the export follows (64 descriptors).
+    let long: Vec<Seg> = (0..65)
+        .map(|_| Seg {
+            gpa: g,
+            len: 10,
+            write: false,
+        })
+        .collect();
+    f.tx.add(&f.mem, &long);
+    posted += 1;
     // Lengths: header only, and larger than a buffer.
     f.tx.add(
         &f.mem,
@@ -449,7 +459,7 @@ fn hostile_descriptors_are_dropped_and_counted() {
     assert_eq!(got.len(), 3, "exactly the valid packets arrive");
     assert!(got.iter().all(|p| p == &good));
     let s = h.export("h.sock");
-    assert_eq!(s.tx.invalid_desc, nbad + 4, "{s:#?}");
+    assert_eq!(s.tx.invalid_desc, nbad + 5, "{s:#?}");
     assert_eq!(s.tx.drop_bad_len, 2);
     assert_eq!(s.tx.packets, 3);
     assert_eq!(
