@@ -396,14 +396,6 @@ impl Consumer {
     pub fn disarm_wakeup(&mut self) {
         self.ring.shared().cons_sleeping.store(0, Ordering::Relaxed);
     }
-
-    /// Whether packets are waiting (refreshes the cached producer index).
-    pub fn has_packets(&mut self) -> bool {
-        if self.ready() == 0 {
-            self.prod_cache = self.ring.shared().prod.load(Ordering::Acquire);
-        }
-        self.ready() != 0
-    }
 }
 
 #[cfg(test)]
