@@ -148,7 +148,11 @@ mod tests {
     }
 
     /// A paused QEMU with nothing to boot: enough to talk QMP to.
-    struct Qemu(std::process::Child, tempfile::TempDir);
+    struct Qemu {
+        child: std::process::Child,
+        // Holds the directory of the QMP socket for as long as QEMU runs.
+        _dir: tempfile::TempDir,
+    }
     impl Qemu {
         fn start() -> (Qemu, PathBuf) {
             let dir = tempfile::tempdir().unwrap();
@@ -180,13 +184,13 @@ mod tests {
                 );
                 std::thread::sleep(Duration::from_millis(20));
             }
-            (Qemu(child, dir), sock)
+            (Qemu { child, _dir: dir }, sock)
         }
     }
     impl Drop for Qemu {
         fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
+            let _ = self.child.kill();
+            let _ = self.child.wait();
         }
     }
 
