@@ -289,6 +289,30 @@ impl Common {
         }
     }
 
+    /// Every buffer this driver holds once the device has stopped: what the
+    /// bookkeeping says, with each in-flight descriptor counted by the buffer
+    /// it names now (the device may have exchanged it without the driver
+    /// seeing the completion). Only meaningful after the device stopped.
+    fn holdings(&mut self) -> Vec<BufferIndex> {
+        for id in 0..self.q.size() {
+            let old = self.posted[usize::from(id)];
+            if old == NOT_POSTED {
+                continue;
+            }
+            let old = BufferIndex::new(old);
+            if let Some(b) = self.addr.buffer(self.q.desc_addr(id)) {
+                if b != old && !self.held.holds(b) {
+                    self.held.give(old);
+                    self.held.take(b);
+                }
+            }
+        }
+        (0..self.addr.layout.buf_count)
+            .map(BufferIndex::new)
+            .filter(|&b| self.held.holds(b))
+            .collect()
+    }
+
     fn take_buffers(&mut self, n: usize) -> std::io::Result<Vec<BufferHandle>> {
         if n > self.free.len() {
             return Err(std::io::Error::other(format!(
@@ -328,6 +352,8 @@ impl Common {
 pub struct RxCore {
     c: Common,
     desc_len: u32,
+    /// Buffers returned unused in a row (a device refusing our buffers).
+    unused_run: u32,
 }
 
 /// Buffers an RX core keeps back from the ring for `take_buffers`.
@@ -354,11 +380,20 @@ impl RxCore {
             c.post(id, b, desc_len, DESC_F_WRITE);
         }
         c.publish();
-        RxCore { c, desc_len }
+        RxCore {
+            c,
+            desc_len,
+            unused_run: 0,
+        }
     }
 
     pub fn take_buffers(&mut self, n: usize) -> std::io::Result<Vec<BufferHandle>> {
         self.c.take_buffers(n)
+    }
+
+    /// See [`Common::holdings`]: call after the device stopped.
+    pub fn holdings(&mut self) -> Vec<BufferIndex> {
+        self.c.holdings()
     }
 
     /// Descriptors in the ring waiting for packets.
@@ -395,7 +430,16 @@ impl RxCore {
             match self.c.complete(k, 0, max) {
                 // A device returns a buffer unused with length 0 (it dropped
                 // the packet meant for it): straight back into the ring.
-                Ok((id, b, 0)) => self.c.post(id, b, max, DESC_F_WRITE),
+                Ok((id, b, 0)) => {
+                    self.c.post(id, b, max, DESC_F_WRITE);
+                    self.unused_run += 1;
+                    if self.unused_run > 4 * u32::from(self.c.q.size()) {
+                        self.c.fail(Violation::Rejected {
+                            count: self.unused_run,
+                        });
+                        break;
+                    }
+                }
                 Ok((id, _, len)) if len < hdr => {
                     self.c.fail(Violation::UsedLen {
                         id,
@@ -408,6 +452,7 @@ impl RxCore {
                 Ok((id, b, len)) => {
                     let (mine, _) = bufs[usize::from(n)].replace(b, len - hdr);
                     self.c.post(id, mine, max, DESC_F_WRITE);
+                    self.unused_run = 0;
                     n += 1;
                 }
                 Err(v) => {
@@ -459,6 +504,11 @@ impl TxCore {
 
     pub fn take_buffers(&mut self, n: usize) -> std::io::Result<Vec<BufferHandle>> {
         self.c.take_buffers(n)
+    }
+
+    /// See [`Common::holdings`]: call after the device stopped.
+    pub fn holdings(&mut self) -> Vec<BufferIndex> {
+        self.c.holdings()
     }
 
     /// Takes back what the device completed.

@@ -382,3 +382,43 @@ fn rx_buffers_returned_unused_go_back_into_the_ring() {
     assert_eq!(again[15].1, r.addr.desc_addr(BufferIndex::new(before[0])));
     assert!(rx.failure().is_none());
 }
+
+#[test]
+fn holdings_after_a_stop_count_unseen_exchanges() {
+    let (mut r, q, stock, bell) = Rig::new(40, false);
+    let mut tx = TxCore::new(q, r.view, r.addr, &stock, bell);
+    let mut hand = tx.take_buffers(4).unwrap();
+    assert_eq!(tx.send_burst(&mut hand), 4);
+    // The device exchanges two descriptors but the driver never reaps them.
+    let (h0, d0) = r.dev.pop().unwrap();
+    let (h1, _) = r.dev.pop().unwrap();
+    r.dev.set_addr(h0, r.addr.desc_addr(BufferIndex::new(200)));
+    r.dev.set_addr(h1, r.addr.desc_addr(BufferIndex::new(201)));
+    let held = tx.holdings();
+    assert_eq!(
+        held.len(),
+        40,
+        "as many as the stock: buffers only change hands"
+    );
+    assert!(held.contains(&BufferIndex::new(200)) && held.contains(&BufferIndex::new(201)));
+    assert!(!held.contains(&r.addr.buffer(d0.addr).unwrap()));
+}
+
+#[test]
+fn a_device_that_returns_every_buffer_unused_is_an_error_not_a_livelock() {
+    let (mut r, q, stock, bell) = Rig::new(100, false);
+    let mut rx = RxCore::new(q, r.view, r.addr, &stock, bell);
+    let mut hand = rx.take_buffers(4).unwrap();
+    for _ in 0..10 {
+        while let Some((h, _)) = r.dev.pop() {
+            r.dev.used(u32::from(h), 0);
+        }
+        assert_eq!(rx.recv_burst(&mut hand), 0);
+        let _ = rx.recv_burst(&mut hand);
+    }
+    assert!(
+        matches!(rx.failure(), Some(Violation::Rejected { .. })),
+        "{:?}",
+        rx.failure()
+    );
+}

@@ -41,6 +41,8 @@ pub enum Violation {
     Addr { id: u16, addr: u64 },
     #[error("descriptor {id} came back with buffer #{buf}, which this driver already holds")]
     Duplicate { id: u16, buf: u32 },
+    #[error("the device returned {count} receive buffers in a row unused: it does not accept this driver's buffers (a stale stock list after a crash? restart the export's VM or zc-hostd)")]
+    Rejected { count: u32 },
 }
 
 #[derive(Debug, Error)]

@@ -263,14 +263,20 @@ impl Transport for VhostUser {
     }
 }
 
-impl Drop for VhostUser {
-    fn drop(&mut self) {
-        // Stop the rings (the backend writes their state back and stops
-        // touching them) before the memory goes away.
+impl VhostUser {
+    /// Stops the rings: the backend writes their state back and stops
+    /// touching them and the buffers.
+    pub fn stop(&mut self) {
         for i in 0..2 {
-            if self.started[i] {
+            if std::mem::take(&mut self.started[i]) {
                 let _ = self.fe.get_vring_base(i);
             }
         }
+    }
+}
+
+impl Drop for VhostUser {
+    fn drop(&mut self) {
+        self.stop();
     }
 }

@@ -352,6 +352,12 @@ impl PciDevice {
         &self.dev.bdf
     }
 
+    /// Resets the device (it stops using rings and buffers); the kernel
+    /// driver gets it back when this value drops.
+    pub fn stop(&mut self) {
+        let _ = init::reset(&mut self.regs);
+    }
+
     fn err(&self, msg: impl Into<String>) -> GuestError {
         GuestError::Device {
             bdf: self.dev.bdf.clone(),
@@ -515,7 +521,7 @@ pub fn open_queue(
     cluster: u32,
     queue: u16,
     dir: Direction,
-) -> Result<(crate::transport::Core, PciDevice, PoolMap)> {
+) -> Result<(crate::transport::Core, PciDevice, PoolMap, usize)> {
     let root = sysfs::sys_root();
     let (_, pool, gpa) = find_pool(&root, cluster)?;
     let (slot, entry) = pool.export_for_queue(queue, dir)?;
@@ -525,7 +531,7 @@ pub fn open_queue(
     })?;
     let mut pci = PciDevice::take(&root, dev, gpa)?;
     let core = crate::transport::bring_up(&mut pci, &pool, slot, &entry, dir)?;
-    Ok((core, pci, pool))
+    Ok((core, pci, pool, slot))
 }
 
 /// Opens the virtio-net device behind interface `ifname` for `dir`; its
@@ -533,7 +539,7 @@ pub fn open_queue(
 pub fn open_interface(
     ifname: &str,
     dir: Direction,
-) -> Result<(crate::transport::Core, PciDevice, PoolMap)> {
+) -> Result<(crate::transport::Core, PciDevice, PoolMap, usize)> {
     let root = sysfs::sys_root();
     let dev_dir = match sysfs::interface_device(&root, ifname) {
         Some(d) => d,
@@ -558,7 +564,7 @@ pub fn open_interface(
         if let Some((slot, entry)) = pool.export_for_mac(mac) {
             let mut pci = PciDevice::take(&root, dev, gpa)?;
             let core = crate::transport::bring_up(&mut pci, &pool, slot, &entry, dir)?;
-            return Ok((core, pci, pool));
+            return Ok((core, pci, pool, slot));
         }
     }
     Err(GuestError::NotAnExport {
