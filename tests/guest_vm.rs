@@ -12,7 +12,7 @@
 //!    dead driver's ring are lost with it);
 //! 4. after every zc tool exited the kernel's virtio-pci/virtio_net own the
 //!    device again and the interface works: the guest pings through it and
-//!    host zcount counts exactly those packets (kernel buffers: copy path).
+//!    host zcount counts what it sent (kernel buffers: copy path).
 //!
 //! Needs root, qemu-system-x86_64 and the guest image (built here); skips
 //! without them unless CI is set.
@@ -324,19 +324,28 @@ fn guest_pci_driver_in_a_vm_exact_both_ways_recovers_and_gives_the_device_back()
     );
 
     // 4. standard networking works again: the kernel's packets (copy path).
+    // Besides the pings the kernel may send an IGMP report when the link
+    // comes up: the host counts whatever the interface sent, at least the
+    // pings, all through the copy path.
     let before = export_named(&d, &sock);
-    let count = tool(
-        "zcount",
-        &["-i", &d.name(1), "-n", &PINGS.to_string(), "--json"],
-    );
+    let count = tool("zcount", &["-i", &d.name(1), "-t", "25", "--json"]);
     con.wait_for("ZC-S4", 120);
-    // The kernel counts transmissions when it reaps completions, lazily:
-    // the host's count is the exact one.
     let tx_packets: u64 = con.wait_for("ZC-R4", 120).parse().unwrap();
-    assert!(tx_packets <= PINGS, "the guest sent only its pings: {tx_packets}");
+    assert!(
+        tx_packets >= PINGS,
+        "the guest sent its pings: {tx_packets}"
+    );
     let h4: serde_json::Value = serde_json::from_str(finish(count, "host zcount").trim()).unwrap();
-    assert_eq!(h4["packets"], PINGS);
+    let got = h4["packets"].as_u64().unwrap();
+    assert!(
+        got >= PINGS && got <= tx_packets,
+        "host got {got}, guest sent {tx_packets}"
+    );
     let e = export_named(&d, &sock);
-    assert_eq!(e.tx.copied - before.tx.copied, PINGS, "{e:?}");
+    assert_eq!(e.tx.copied - before.tx.copied, got, "{e:?}");
+    assert_eq!(
+        e.tx.exchanged, N,
+        "kernel buffers are never exchanged: {e:?}"
+    );
     assert_eq!(e.rx.invalid_desc + e.tx.invalid_desc, 0, "{e:?}");
 }
