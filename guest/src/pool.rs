@@ -17,13 +17,7 @@ use zc_proto::layout::{
 };
 use zc_proto::{BufferIndex, PoolLayout, PoolView};
 
-/// Where the stock list sits in an export's ring area: the host writes
-/// `u32 count, u32 reserved, u32 index[count]` there, naming the buffers a
-/// driver starts with. (Mirrors zc-host's export directory; a test checks
-/// both agree.)
-pub const STOCK_OFFSET: u64 = RING_AREA_SIZE / 2;
-/// Most buffers a stock list can name.
-pub const MAX_STOCK: usize = ((RING_AREA_SIZE - STOCK_OFFSET) as usize - 8) / 4;
+pub use zc_proto::layout::{MAX_STOCK, STOCK_OFFSET};
 
 /// A MAP_SHARED mapping of a pool, unmapped on drop.
 pub struct PoolMap {

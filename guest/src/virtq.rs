@@ -8,13 +8,11 @@
 //! to check. The queue only knows offsets and indices; what a descriptor's
 //! address means is the driver core's business.
 
-use std::mem::{offset_of, size_of};
 use std::sync::atomic::{fence, Ordering};
 
-pub const DESC_F_NEXT: u16 = 1;
-pub const DESC_F_WRITE: u16 = 2;
-pub const AVAIL_F_NO_INTERRUPT: u16 = 1;
-pub const USED_F_NO_NOTIFY: u16 = 1;
+pub use zc_proto::virtio::{
+    Desc, UsedElem, AVAIL_F_NO_INTERRUPT, DESC_F_NEXT, DESC_F_WRITE, USED_F_NO_NOTIFY,
+};
 
 /// Largest queue the driver places in an export's ring area (two queues of
 /// this size fit in the area's first half; the second half is the host's
@@ -22,29 +20,6 @@ pub const USED_F_NO_NOTIFY: u16 = 1;
 pub const MAX_QUEUE_SIZE: u16 = 512;
 /// Bytes of ring area each of the two queues gets.
 pub const QUEUE_SLOT_BYTES: u64 = 16 << 10;
-
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Desc {
-    pub addr: u64,
-    pub len: u32,
-    pub flags: u16,
-    pub next: u16,
-}
-const _: () = assert!(size_of::<Desc>() == 16);
-const _: () = assert!(offset_of!(Desc, addr) == 0);
-const _: () = assert!(offset_of!(Desc, len) == 8);
-const _: () = assert!(offset_of!(Desc, flags) == 12);
-const _: () = assert!(offset_of!(Desc, next) == 14);
-
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct UsedElem {
-    pub id: u32,
-    pub len: u32,
-}
-const _: () = assert!(size_of::<UsedElem>() == 8);
-const _: () = assert!(offset_of!(UsedElem, len) == 4);
 
 /// Offsets of one queue's three parts, relative to the queue's memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -31,6 +31,16 @@ pub const RING_AREA_SIZE: u64 = 64 << 10;
 pub const MAX_EXPORTS: usize = 31;
 pub const BUFFERS_OFFSET: u64 = RING_AREAS_OFFSET + RING_AREA_SIZE * MAX_EXPORTS as u64;
 
+/// Offset of an export's stock list inside its ring area. The first half of
+/// the area holds the guest driver's virtqueues (two of up to 512 entries);
+/// the second half lists the buffers the guest starts with:
+/// `u32 count, u32 reserved, u32 index[count]`. The host's truth is its
+/// private owner table; the guest may scribble on this list.
+pub const STOCK_OFFSET: u64 = RING_AREA_SIZE / 2;
+/// Most buffers a stock list can name.
+pub const MAX_STOCK: usize = ((RING_AREA_SIZE - STOCK_OFFSET) as usize - 8) / 4;
+const _: () = assert!(STOCK_OFFSET + 8 + 4 * MAX_STOCK as u64 <= RING_AREA_SIZE);
+
 /// `rx_queue`/`tx_queue` value of an export that has no such direction.
 pub const NO_QUEUE: u16 = u16::MAX;
 

@@ -10,6 +10,7 @@ pub mod buffer;
 pub mod layout;
 pub mod name;
 pub mod packet;
+pub mod virtio;
 
 pub use api::{QueueEnd, Receiver, Sender};
 pub use buffer::{BufferHandle, BufferIndex};

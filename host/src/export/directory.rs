@@ -13,12 +13,8 @@
 use std::mem::offset_of;
 use std::sync::atomic::{fence, Ordering};
 use zc_proto::layout::{ExportEntry, PoolHeader, RING_AREA_SIZE};
+pub use zc_proto::layout::{MAX_STOCK, STOCK_OFFSET};
 use zc_proto::{BufferIndex, PoolLayout, PoolView};
-
-/// Offset of the stock list inside a ring area.
-pub const STOCK_OFFSET: u64 = RING_AREA_SIZE / 2;
-/// Most buffers a stock list can name.
-pub const MAX_STOCK: usize = ((RING_AREA_SIZE - STOCK_OFFSET) as usize - 8) / 4;
 
 /// Publishes (or, with `None`, clears) export `slot`'s directory entry.
 pub fn write_entry(view: &PoolView, slot: usize, entry: Option<ExportEntry>) {
@@ -111,5 +107,3 @@ pub fn read_stock(view: &PoolView, slot: usize) -> Vec<u32> {
             .collect()
     }
 }
-
-const _: () = assert!(STOCK_OFFSET + 8 + 4 * MAX_STOCK as u64 <= RING_AREA_SIZE);

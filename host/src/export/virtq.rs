@@ -7,42 +7,17 @@
 
 use super::guest_mem::{GuestMap, Target};
 use super::owner::OwnerTable;
-use std::mem::{offset_of, size_of};
 use std::sync::atomic::{fence, Ordering};
 use thiserror::Error;
 use zc_proto::buffer::VIRTIO_NET_HDR_LEN;
 use zc_proto::{BufferIndex, PoolLayout};
 
-pub const DESC_F_NEXT: u16 = 1;
-pub const DESC_F_WRITE: u16 = 2;
-pub const DESC_F_INDIRECT: u16 = 4;
-pub const AVAIL_F_NO_INTERRUPT: u16 = 1;
-pub const USED_F_NO_NOTIFY: u16 = 1;
+pub use zc_proto::virtio::{Desc, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, USED_F_NO_NOTIFY};
+use zc_proto::virtio::{UsedElem, AVAIL_F_NO_INTERRUPT};
 /// Largest queue the export accepts.
 pub const MAX_QUEUE_SIZE: u16 = 1024;
 /// Longest descriptor chain the export follows.
 pub const MAX_CHAIN: usize = 64;
-
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Desc {
-    pub addr: u64,
-    pub len: u32,
-    pub flags: u16,
-    pub next: u16,
-}
-const _: () = assert!(size_of::<Desc>() == 16);
-const _: () = assert!(offset_of!(Desc, len) == 8);
-const _: () = assert!(offset_of!(Desc, flags) == 12);
-const _: () = assert!(offset_of!(Desc, next) == 14);
-
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-struct UsedElem {
-    id: u32,
-    len: u32,
-}
-const _: () = assert!(size_of::<UsedElem>() == 8);
 
 /// Guest-physical addresses and size of one virtqueue, from the frontend.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,0 +1,36 @@
+//! The virtio 1.x split ring (spec 2.7) as both sides see it: the host's
+//! export reads what a driver wrote, the guest driver reads what the device
+//! wrote. Layouts are checked at compile time.
+
+use std::mem::{offset_of, size_of};
+
+pub const DESC_F_NEXT: u16 = 1;
+pub const DESC_F_WRITE: u16 = 2;
+pub const DESC_F_INDIRECT: u16 = 4;
+pub const AVAIL_F_NO_INTERRUPT: u16 = 1;
+pub const USED_F_NO_NOTIFY: u16 = 1;
+
+/// One descriptor table entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Desc {
+    pub addr: u64,
+    pub len: u32,
+    pub flags: u16,
+    pub next: u16,
+}
+const _: () = assert!(size_of::<Desc>() == 16);
+const _: () = assert!(offset_of!(Desc, addr) == 0);
+const _: () = assert!(offset_of!(Desc, len) == 8);
+const _: () = assert!(offset_of!(Desc, flags) == 12);
+const _: () = assert!(offset_of!(Desc, next) == 14);
+
+/// One used ring entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UsedElem {
+    pub id: u32,
+    pub len: u32,
+}
+const _: () = assert!(size_of::<UsedElem>() == 8);
+const _: () = assert!(offset_of!(UsedElem, len) == 4);
