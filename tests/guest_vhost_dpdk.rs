@@ -24,9 +24,9 @@ impl Testpmd {
         std::fs::read_to_string(&self.log)
             .unwrap_or_default()
             .lines()
+            .rev()
             .filter_map(|l| l.trim().strip_prefix("RX-packets:"))
-            .filter_map(|r| r.split_whitespace().next()?.parse().ok())
-            .last()
+            .find_map(|r| r.split_whitespace().next()?.parse().ok())
             .unwrap_or(0)
     }
 }
