@@ -245,7 +245,8 @@ pub struct PciDevice {
     regs: ModernRegs,
     caps: VirtioCaps,
     notify: Bar,
-    common: Bar,
+    /// Keeps the mapping `regs` points into.
+    _common: Bar,
     pool_gpa: u64,
     driver: Option<String>,
     command: u16,
@@ -337,7 +338,7 @@ impl PciDevice {
             root: root.to_path_buf(),
             caps,
             notify,
-            common,
+            _common: common,
             pool_gpa,
             driver,
             command,
@@ -427,7 +428,6 @@ impl Drop for PciDevice {
                 log::warn!("zc-guest: cannot give {} back to {d}: {e}", self.dev.bdf);
             }
         }
-        let _ = &self.common;
         log::info!("zc-guest: gave PCI device {} back", self.dev.bdf);
     }
 }
