@@ -34,7 +34,7 @@ cargo build --release -q -p zc-host --bin zc-hostd
 HOSTD=target/release/zc-hostd
 
 # Median of the numbers on stdin.
-median() { sort -n | awk '{a[NR]=$1} END {if (NR==0) print 0; else if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
+median() { sort -g | awk '{a[NR]=$1} END {if (NR==0) print 0; else if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
 
 # Runs the frontend for SECS seconds against socket $1 with packets of $2
 # bytes; prints the median Tx-pps.
