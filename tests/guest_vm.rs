@@ -19,55 +19,16 @@
 
 mod common;
 
+use common::vm;
 use common::*;
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-/// VMs boot one at a time.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
 const N: u64 = 2000;
 const M: u64 = 500;
 const PINGS: u64 = 5;
-
-fn image() -> Option<(PathBuf, PathBuf)> {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let out = Command::new("bash")
-        .arg(root.join("vm-images/build.sh"))
-        .current_dir(&root)
-        .output()
-        .ok()?;
-    if !out.status.success() {
-        eprintln!(
-            "vm-images/build.sh: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        return None;
-    }
-    let dir = root.join("target/vm-images");
-    Some((dir.join("vmlinuz"), dir.join("initramfs.cpio.gz")))
-}
-
-fn have(cmd: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {cmd}")])
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
-fn accel() -> &'static str {
-    let m = std::fs::read_to_string("/proc/modules").unwrap_or_default();
-    if m.lines()
-        .any(|l| l.starts_with("kvm_intel ") || l.starts_with("kvm_amd "))
-    {
-        "kvm"
-    } else {
-        "tcg"
-    }
-}
 
 struct Kill(Child);
 
@@ -115,16 +76,13 @@ fn guest_json(line: &str) -> serde_json::Value {
 
 #[test]
 fn guest_pci_driver_in_a_vm_exact_both_ways_recovers_and_gives_the_device_back() {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     if !require(is_root(), "root (QEMU, PCI takeover in the guest)")
-        || !require(have("qemu-system-x86_64"), "qemu-system-x86_64")
+        || !require(vm::have_qemu(), "qemu-system-x86_64")
     {
         return;
     }
-    let Some((kernel, initrd)) = image() else {
-        require(false, "the guest image (vm-images/build.sh)");
-        return;
-    };
+    let _g = vm::serialise();
+    let vm::Image { kernel, initrd } = vm::image();
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("vm.sock");
     let export = format!("{},rx=0,tx=1", sock.display());
@@ -178,7 +136,7 @@ fn guest_pci_driver_in_a_vm_exact_both_ways_recovers_and_gives_the_device_back()
         "-machine",
         "pc",
         "-accel",
-        accel(),
+        vm::accel(),
         "-smp",
         "1",
         "-nographic",
