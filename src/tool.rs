@@ -208,6 +208,52 @@ pub const IDLE_POLLS: u32 = 20_000;
 /// How long one idle sleep lasts before stop conditions are re-checked.
 pub const IDLE_SLEEP: Duration = Duration::from_millis(50);
 
+/// The flags zsend and zcount share.
+#[derive(clap::Args, Debug)]
+pub struct CommonArgs {
+    /// Pin the busy-polling thread to this CPU core.
+    #[arg(short = 'g', value_name = "CORE")]
+    pub core: Option<usize>,
+
+    /// Print the final summary as one JSON line on stdout.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Run the zc guest driver as the vhost-user frontend of the export at
+    /// this socket (no VM needed: containers, tests), for the export that
+    /// serves the queue NAME names.
+    #[arg(long = "vhost-user", value_name = "PATH")]
+    pub vhost_user: Option<std::path::PathBuf>,
+
+    /// With --vhost-user: the cluster's pool file (default: asked from the
+    /// cluster's zc-hostd, else /dev/hugepages/zc/<cluster>/pool or
+    /// /dev/shm/zc/<cluster>/pool).
+    #[arg(long, value_name = "PATH", requires = "vhost_user")]
+    pub pool: Option<std::path::PathBuf>,
+}
+
+impl CommonArgs {
+    /// How `zc::open_*_with` should resolve the name.
+    pub fn options(&self) -> crate::Options {
+        crate::Options {
+            vhost_user: self.vhost_user.clone(),
+            pool: self.pool.clone(),
+            ..crate::Options::default()
+        }
+    }
+}
+
+/// A tool's exit: errors are one line, prefixed with the tool's name.
+pub fn exit(tool: &str, result: Result<(), String>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{tool}: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

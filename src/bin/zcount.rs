@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use zc::testpkt::{self, SeqTracker};
-use zc::tool::{self, Counters, Reporter, Summary, BURST, IDLE_POLLS, IDLE_SLEEP};
+use zc::tool::{self, CommonArgs, Counters, Reporter, Summary, BURST, IDLE_POLLS, IDLE_SLEEP};
 use zc::{QueueEnd, Receiver};
 
 #[derive(Parser, Debug)]
@@ -41,50 +41,17 @@ struct Args {
     #[arg(short = 't', value_name = "SECONDS")]
     seconds: Option<f64>,
 
-    /// Pin the receiving thread to this CPU core.
-    #[arg(short = 'g', value_name = "CORE")]
-    core: Option<usize>,
-
     /// Check every packet's sequence number and payload checksum (zsend's format).
     #[arg(long)]
     verify: bool,
 
-    /// Print the final summary as one JSON line on stdout.
-    #[arg(long)]
-    json: bool,
-
-    /// Run the zc guest driver as the vhost-user frontend of the export at
-    /// this socket (no VM needed: containers, tests), for the export that
-    /// serves the queue NAME names.
-    #[arg(long = "vhost-user", value_name = "PATH")]
-    vhost_user: Option<std::path::PathBuf>,
-
-    /// With --vhost-user: the cluster's pool file (default: asked from the
-    /// cluster's zc-hostd, else /dev/hugepages/zc/<cluster>/pool or
-    /// /dev/shm/zc/<cluster>/pool).
-    #[arg(long, value_name = "PATH", requires = "vhost_user")]
-    pool: Option<std::path::PathBuf>,
-}
-
-impl Args {
-    fn options(&self) -> zc::Options {
-        zc::Options {
-            vhost_user: self.vhost_user.clone(),
-            pool: self.pool.clone(),
-            ..zc::Options::default()
-        }
-    }
+    #[command(flatten)]
+    common: CommonArgs,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    match run(&args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("zcount: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    tool::exit("zcount", run(&args))
 }
 
 fn run(args: &Args) -> Result<(), String> {
@@ -93,11 +60,11 @@ fn run(args: &Args) -> Result<(), String> {
         Some(s) => return Err(format!("-t {s} is not a duration: give seconds above 0")),
         None => None,
     };
-    if let Some(core) = args.core {
+    if let Some(core) = args.common.core {
         tool::pin_to_core(core).map_err(|e| format!("-g: {e}"))?;
     }
     let stop = tool::stop_on_signals();
-    let mut rx = zc::open_rx_with(&args.name, &args.options()).map_err(|e| e.to_string())?;
+    let mut rx = zc::open_rx_with(&args.name, &args.common.options()).map_err(|e| e.to_string())?;
     let mut hand = rx
         .take_buffers(BURST)
         .map_err(|e| format!("{}: {e}", args.name))?;
@@ -154,7 +121,7 @@ fn run(args: &Args) -> Result<(), String> {
         summary.checksum_errors = Some(checksum_errors);
     }
     eprintln!("{}", summary.text());
-    if args.json {
+    if args.common.json {
         println!("{}", summary.json());
     }
     Ok(())

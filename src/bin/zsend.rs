@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use zc::testpkt::{Template, MIN_LEN};
-use zc::tool::{self, Counters, Reporter, Summary, BURST, IDLE_POLLS, IDLE_SLEEP};
+use zc::tool::{self, CommonArgs, Counters, Reporter, Summary, BURST, IDLE_POLLS, IDLE_SLEEP};
 use zc::{QueueEnd, Sender};
 
 #[derive(Parser, Debug)]
@@ -44,46 +44,13 @@ struct Args {
     #[arg(short = 'r', value_name = "PPS")]
     rate: Option<f64>,
 
-    /// Pin the sending thread to this CPU core.
-    #[arg(short = 'g', value_name = "CORE")]
-    core: Option<usize>,
-
-    /// Print the final summary as one JSON line on stdout.
-    #[arg(long)]
-    json: bool,
-
-    /// Run the zc guest driver as the vhost-user frontend of the export at
-    /// this socket (no VM needed: containers, tests), for the export that
-    /// serves the queue NAME names.
-    #[arg(long = "vhost-user", value_name = "PATH")]
-    vhost_user: Option<std::path::PathBuf>,
-
-    /// With --vhost-user: the cluster's pool file (default: asked from the
-    /// cluster's zc-hostd, else /dev/hugepages/zc/<cluster>/pool or
-    /// /dev/shm/zc/<cluster>/pool).
-    #[arg(long, value_name = "PATH", requires = "vhost_user")]
-    pool: Option<std::path::PathBuf>,
-}
-
-impl Args {
-    fn options(&self) -> zc::Options {
-        zc::Options {
-            vhost_user: self.vhost_user.clone(),
-            pool: self.pool.clone(),
-            ..zc::Options::default()
-        }
-    }
+    #[command(flatten)]
+    common: CommonArgs,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    match run(&args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("zsend: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    tool::exit("zsend", run(&args))
 }
 
 /// Paces bursts to a packet rate; unlimited when `pps` is None.
@@ -115,11 +82,11 @@ fn run(args: &Args) -> Result<(), String> {
             ));
         }
     }
-    if let Some(core) = args.core {
+    if let Some(core) = args.common.core {
         tool::pin_to_core(core).map_err(|e| format!("-g: {e}"))?;
     }
     let stop = tool::stop_on_signals();
-    let mut tx = zc::open_tx_with(&args.name, &args.options()).map_err(|e| e.to_string())?;
+    let mut tx = zc::open_tx_with(&args.name, &args.common.options()).map_err(|e| e.to_string())?;
     let max = tx.pool().layout().max_packet() as usize;
     if args.len > max {
         return Err(format!(
@@ -189,7 +156,7 @@ fn run(args: &Args) -> Result<(), String> {
     drop(reporter);
     let summary = Summary::new(&args.name, sent, sent * args.len as u64, 0, elapsed);
     eprintln!("{}", summary.text());
-    if args.json {
+    if args.common.json {
         println!("{}", summary.json());
     }
     Ok(())
