@@ -35,33 +35,16 @@ struct Opened<C> {
     core: C,
     view: PoolView,
     dev: Device,
-    pool: PoolMap,
-    /// The export's directory slot (for handing the stock back).
-    slot: usize,
+    /// Keeps the pool mapped until the device has stopped.
+    _pool: PoolMap,
 }
 
-impl<C> Opened<C> {
-    /// Stops the device and leaves the export's stock list naming exactly
-    /// the buffers this guest holds, so the next driver (this VM's next
-    /// open) starts with them. The host's owner table stays the truth; this
-    /// only spares the next open a stale list when the host does not
-    /// rewrite it on a device reset.
-    fn close(&mut self, holdings: impl FnOnce(&mut C) -> Vec<zc_proto::BufferIndex>) {
+impl<C> Drop for Opened<C> {
+    /// Stops the device first, while the core's rings are still mapped. The
+    /// host then lists every buffer this guest held as the stock the next
+    /// driver starts with (its owner table is the truth).
+    fn drop(&mut self) {
         self.dev.stop();
-        let held = holdings(&mut self.core);
-        self.pool.write_stock(self.slot, &held);
-    }
-}
-
-impl Drop for GuestRx {
-    fn drop(&mut self) {
-        self.0.close(RxCore::holdings);
-    }
-}
-
-impl Drop for GuestTx {
-    fn drop(&mut self) {
-        self.0.close(TxCore::holdings);
     }
 }
 
@@ -97,37 +80,37 @@ fn open_vhost_user(
     pool_path: &Path,
     queue: u16,
     dir: Direction,
-) -> Result<(Core, Device, PoolMap, usize)> {
+) -> Result<(Core, Device, PoolMap)> {
     let (file, pool) = map_pool_file(pool_path)?;
     let (slot, entry) = pool.export_for_queue(queue, dir)?;
     let mut vu = VhostUser::connect(socket, file, pool.base(), pool.layout().pool_size)?;
     vu.expect_mac = Some(entry.mac);
     let core = bring_up(&mut vu, &pool, slot, &entry, dir)?;
-    Ok((core, Device::VhostUser(vu), pool, slot))
+    Ok((core, Device::VhostUser(vu), pool))
 }
 
 impl GuestRx {
     /// Receives cluster queue `queue` inside a VM, on the virtio-net device
     /// that exports it (PCI transport).
     pub fn open_pci(cluster: u32, queue: u16) -> Result<Self> {
-        let (core, dev, pool, slot) = crate::pci::open_queue(cluster, queue, Direction::Rx)?;
-        Self::from_parts(core, Device::Pci(dev), pool, slot)
+        let (core, dev, pool) = crate::pci::open_queue(cluster, queue, Direction::Rx)?;
+        Self::from_parts(core, Device::Pci(dev), pool)
     }
 
     /// Receives on the virtio-net device behind interface `ifname` (zc:eth1).
     pub fn open_interface(ifname: &str) -> Result<Self> {
-        let (core, dev, pool, slot) = crate::pci::open_interface(ifname, Direction::Rx)?;
-        Self::from_parts(core, Device::Pci(dev), pool, slot)
+        let (core, dev, pool) = crate::pci::open_interface(ifname, Direction::Rx)?;
+        Self::from_parts(core, Device::Pci(dev), pool)
     }
 
     /// Receives cluster queue `queue` as the vhost-user frontend of the
     /// export at `socket` (no VM), sharing the pool file `pool_path`.
     pub fn open_vhost_user(socket: &Path, pool_path: &Path, queue: u16) -> Result<Self> {
-        let (core, dev, pool, slot) = open_vhost_user(socket, pool_path, queue, Direction::Rx)?;
-        Self::from_parts(core, dev, pool, slot)
+        let (core, dev, pool) = open_vhost_user(socket, pool_path, queue, Direction::Rx)?;
+        Self::from_parts(core, dev, pool)
     }
 
-    pub(crate) fn from_parts(core: Core, dev: Device, pool: PoolMap, slot: usize) -> Result<Self> {
+    pub(crate) fn from_parts(core: Core, dev: Device, pool: PoolMap) -> Result<Self> {
         let Core::Rx(core) = core else {
             unreachable!("bring_up returns the core of the direction asked for")
         };
@@ -135,8 +118,7 @@ impl GuestRx {
             core,
             view: pool.view(),
             dev,
-            pool,
-            slot,
+            _pool: pool,
         }))
     }
 
@@ -154,24 +136,24 @@ impl GuestTx {
     /// Sends into cluster queue `queue` inside a VM, on the virtio-net
     /// device that exports it (PCI transport).
     pub fn open_pci(cluster: u32, queue: u16) -> Result<Self> {
-        let (core, dev, pool, slot) = crate::pci::open_queue(cluster, queue, Direction::Tx)?;
-        Self::from_parts(core, Device::Pci(dev), pool, slot)
+        let (core, dev, pool) = crate::pci::open_queue(cluster, queue, Direction::Tx)?;
+        Self::from_parts(core, Device::Pci(dev), pool)
     }
 
     /// Sends on the virtio-net device behind interface `ifname` (zc:eth1).
     pub fn open_interface(ifname: &str) -> Result<Self> {
-        let (core, dev, pool, slot) = crate::pci::open_interface(ifname, Direction::Tx)?;
-        Self::from_parts(core, Device::Pci(dev), pool, slot)
+        let (core, dev, pool) = crate::pci::open_interface(ifname, Direction::Tx)?;
+        Self::from_parts(core, Device::Pci(dev), pool)
     }
 
     /// Sends into cluster queue `queue` as the vhost-user frontend of the
     /// export at `socket` (no VM), sharing the pool file `pool_path`.
     pub fn open_vhost_user(socket: &Path, pool_path: &Path, queue: u16) -> Result<Self> {
-        let (core, dev, pool, slot) = open_vhost_user(socket, pool_path, queue, Direction::Tx)?;
-        Self::from_parts(core, dev, pool, slot)
+        let (core, dev, pool) = open_vhost_user(socket, pool_path, queue, Direction::Tx)?;
+        Self::from_parts(core, dev, pool)
     }
 
-    pub(crate) fn from_parts(core: Core, dev: Device, pool: PoolMap, slot: usize) -> Result<Self> {
+    pub(crate) fn from_parts(core: Core, dev: Device, pool: PoolMap) -> Result<Self> {
         let Core::Tx(core) = core else {
             unreachable!("bring_up returns the core of the direction asked for")
         };
@@ -179,8 +161,7 @@ impl GuestTx {
             core,
             view: pool.view(),
             dev,
-            pool,
-            slot,
+            _pool: pool,
         }))
     }
 

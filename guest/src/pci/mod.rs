@@ -521,7 +521,7 @@ pub fn open_queue(
     cluster: u32,
     queue: u16,
     dir: Direction,
-) -> Result<(crate::transport::Core, PciDevice, PoolMap, usize)> {
+) -> Result<(crate::transport::Core, PciDevice, PoolMap)> {
     let root = sysfs::sys_root();
     let (_, pool, gpa) = find_pool(&root, cluster)?;
     let (slot, entry) = pool.export_for_queue(queue, dir)?;
@@ -531,7 +531,7 @@ pub fn open_queue(
     })?;
     let mut pci = PciDevice::take(&root, dev, gpa)?;
     let core = crate::transport::bring_up(&mut pci, &pool, slot, &entry, dir)?;
-    Ok((core, pci, pool, slot))
+    Ok((core, pci, pool))
 }
 
 /// Opens the virtio-net device behind interface `ifname` for `dir`; its
@@ -539,7 +539,7 @@ pub fn open_queue(
 pub fn open_interface(
     ifname: &str,
     dir: Direction,
-) -> Result<(crate::transport::Core, PciDevice, PoolMap, usize)> {
+) -> Result<(crate::transport::Core, PciDevice, PoolMap)> {
     let root = sysfs::sys_root();
     let dev_dir = match sysfs::interface_device(&root, ifname) {
         Some(d) => d,
@@ -564,7 +564,7 @@ pub fn open_interface(
         if let Some((slot, entry)) = pool.export_for_mac(mac) {
             let mut pci = PciDevice::take(&root, dev, gpa)?;
             let core = crate::transport::bring_up(&mut pci, &pool, slot, &entry, dir)?;
-            return Ok((core, pci, pool, slot));
+            return Ok((core, pci, pool));
         }
     }
     Err(GuestError::NotAnExport {

@@ -291,11 +291,7 @@ impl Worker {
             // Rebuild the device from the memory table, if there still is one.
             self.mem_gen = u64::MAX;
             self.clear_broken();
-            // The guest's buffers stay its export's: the next guest starts
-            // with the same stock.
-            let stock = self.owners.guest_buffers(self.shared.slot);
-            let view = self.view();
-            super::directory::write_stock(&view, self.shared.slot, &stock);
+            self.publish_stock();
         }
         self.apply(&mut g);
         if g.pause {
@@ -385,7 +381,16 @@ impl Worker {
             .is_some_and(|d| d.queues.iter().all(Option::is_none))
         {
             self.clear_broken();
+            self.publish_stock();
         }
+    }
+
+    /// With every ring stopped (a device reset, or the frontend gone) the
+    /// driver that held the guest's buffers is gone: list all of them, from
+    /// the owner table, as the stock the next driver starts with.
+    fn publish_stock(&self) {
+        let stock = self.owners.guest_buffers(self.shared.slot);
+        super::directory::write_stock(&self.view(), self.shared.slot, &stock);
     }
 
     /// Starts using rings the frontend made ready, drops those it stopped.
