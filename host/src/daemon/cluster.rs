@@ -160,13 +160,8 @@ impl Cluster {
         }
     }
 
-    pub fn attach(
-        &mut self,
-        conn: ConnId,
-        pid: u32,
-        queue: u16,
-        role: Role,
-    ) -> Result<(), AttachError> {
+    /// Gives `role` on `queue` to `holder`, unless someone holds it already.
+    fn take_role(&mut self, queue: u16, role: Role, holder: Holder) -> Result<(), AttachError> {
         let cluster = self.id();
         let queues = self.queues.geometry().queue_count;
         let slot = self
@@ -177,26 +172,34 @@ impl Cluster {
                 queue,
                 queues,
             })?;
-        match &slot[role_slot(role)] {
-            Some(Holder::Process { pid, .. }) => {
-                return Err(AttachError::RoleTaken {
+        if let Some(h) = &slot[role_slot(role)] {
+            return Err(match h {
+                Holder::Process { pid, .. } => AttachError::RoleTaken {
                     cluster,
                     queue,
                     role,
                     pid: *pid,
-                })
-            }
-            Some(Holder::Export { name }) => {
-                return Err(AttachError::HeldByExport {
+                },
+                Holder::Export { name } => AttachError::HeldByExport {
                     cluster,
                     queue,
                     role,
                     export: name.clone(),
-                })
-            }
-            None => {}
+                },
+            });
         }
-        slot[role_slot(role)] = Some(Holder::Process { conn, pid });
+        slot[role_slot(role)] = Some(holder);
+        Ok(())
+    }
+
+    pub fn attach(
+        &mut self,
+        conn: ConnId,
+        pid: u32,
+        queue: u16,
+        role: Role,
+    ) -> Result<(), AttachError> {
+        self.take_role(queue, role, Holder::Process { conn, pid })?;
         self.active.entry(conn).or_insert(0);
         log::info!("pid {pid} attached to queue {queue} as {role}");
         Ok(())
@@ -320,34 +323,7 @@ impl Cluster {
 
     /// An export takes `role` on `queue` for the daemon's lifetime.
     pub fn attach_export(&mut self, name: &str, queue: u16, role: Role) -> Result<(), AttachError> {
-        let cluster = self.id();
-        let queues = self.queues.geometry().queue_count;
-        let slot = self
-            .holders
-            .get_mut(usize::from(queue))
-            .ok_or(AttachError::QueueRange {
-                cluster,
-                queue,
-                queues,
-            })?;
-        if let Some(h) = &slot[role_slot(role)] {
-            return Err(match h {
-                Holder::Process { pid, .. } => AttachError::RoleTaken {
-                    cluster,
-                    queue,
-                    role,
-                    pid: *pid,
-                },
-                Holder::Export { name } => AttachError::HeldByExport {
-                    cluster,
-                    queue,
-                    role,
-                    export: name.clone(),
-                },
-            });
-        }
-        slot[role_slot(role)] = Some(Holder::Export { name: name.into() });
-        Ok(())
+        self.take_role(queue, role, Holder::Export { name: name.into() })
     }
 
     /// Buffers for an export (its hands and its guest's stock), from the spare list.
