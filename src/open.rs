@@ -24,6 +24,8 @@ pub enum Error {
         cluster: u32,
         host: ClientError,
     },
+    #[error("{source} (waited {secs} s for it to appear)")]
+    Waited { secs: u64, source: Box<Error> },
     #[error("{name}: no pool file for cluster {cluster}: zc-hostd -c {cluster} is not running here (no {}) and neither {} nor {} exists; give the pool file with --pool PATH", ctl.display(), huge.display(), shm.display())]
     NoPoolFile {
         name: String,
@@ -46,6 +48,9 @@ pub struct Options {
     /// cluster's control socket, else /dev/hugepages/zc/<cluster>/pool or
     /// /dev/shm/zc/<cluster>/pool).
     pub pool: Option<PathBuf>,
+    /// Retry this long while the name leads nowhere yet (devices being
+    /// hot-plugged, a daemon starting).
+    pub wait: Option<Duration>,
 }
 
 impl Default for Options {
@@ -54,6 +59,7 @@ impl Default for Options {
             run_dir: client::run_dir_from_env(),
             vhost_user: None,
             pool: None,
+            wait: None,
         }
     }
 }
@@ -168,12 +174,62 @@ fn guest_err(name: &str) -> impl FnOnce(GuestError) -> Error + '_ {
     }
 }
 
+impl Error {
+    /// The name leads nowhere yet, but may once a daemon starts or devices
+    /// are hot-plugged.
+    fn is_absent(&self) -> bool {
+        match self {
+            Error::NoCluster { .. } | Error::InterfaceOnHost(_) | Error::NoPoolFile { .. } => true,
+            Error::Host { source, .. } => matches!(
+                source,
+                ClientError::NotRunning { .. } | ClientError::Stale { .. }
+            ),
+            Error::Guest { source, .. } => matches!(
+                source,
+                GuestError::NoPool { .. }
+                    | GuestError::NoExport { .. }
+                    | GuestError::NoDevice { .. }
+                    | GuestError::NoInterface(_)
+                    | GuestError::NotAnExport { .. }
+            ),
+            _ => false,
+        }
+    }
+}
+
+/// Runs `open` until it succeeds, fails for a reason waiting cannot fix,
+/// or `opts.wait` has passed.
+fn retry<T>(opts: &Options, mut open: impl FnMut() -> Result<T, Error>) -> Result<T, Error> {
+    let Some(wait) = opts.wait else {
+        return open();
+    };
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        match open() {
+            Err(e) if e.is_absent() => {
+                if std::time::Instant::now() >= deadline {
+                    return Err(Error::Waited {
+                        secs: wait.as_secs(),
+                        source: Box::new(e),
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            r => return r,
+        }
+    }
+}
+
 /// Opens `name` (e.g. `zc:99@0`) for receiving.
 pub fn open_rx(name: &str) -> Result<Rx, Error> {
     open_rx_with(name, &Options::default())
 }
 
 pub fn open_rx_with(name: &str, opts: &Options) -> Result<Rx, Error> {
+    retry(opts, || open_rx_once(name, opts))
+}
+
+fn open_rx_once(name: &str, opts: &Options) -> Result<Rx, Error> {
     match resolve(name, opts)? {
         Route::Host { cluster, queue } => HostRx::open(&opts.run_dir, cluster, queue)
             .map(Rx::Host)
@@ -200,6 +256,10 @@ pub fn open_tx(name: &str) -> Result<Tx, Error> {
 }
 
 pub fn open_tx_with(name: &str, opts: &Options) -> Result<Tx, Error> {
+    retry(opts, || open_tx_once(name, opts))
+}
+
+fn open_tx_once(name: &str, opts: &Options) -> Result<Tx, Error> {
     match resolve(name, opts)? {
         Route::Host { cluster, queue } => HostTx::open(&opts.run_dir, cluster, queue)
             .map(Tx::Host)

@@ -230,6 +230,12 @@ pub struct CommonArgs {
     /// /dev/shm/zc/<cluster>/pool).
     #[arg(long, value_name = "PATH", requires = "vhost_user")]
     pub pool: Option<std::path::PathBuf>,
+
+    /// If NAME is not there yet (no cluster, pool or device: a VM whose
+    /// export `zc-hostd attach` is still hot-plugging), retry for up to
+    /// SECONDS instead of failing at once.
+    #[arg(long, value_name = "SECONDS")]
+    pub wait: Option<f64>,
 }
 
 impl CommonArgs {
@@ -238,6 +244,9 @@ impl CommonArgs {
         crate::Options {
             vhost_user: self.vhost_user.clone(),
             pool: self.pool.clone(),
+            wait: self
+                .wait
+                .map(|s| std::time::Duration::from_secs_f64(s.clamp(0.0, 1e6))),
             ..crate::Options::default()
         }
     }

@@ -42,6 +42,19 @@ pub enum Request {
     Info,
     /// Cluster and per-export statistics.
     Stats,
+    /// Hot-plug an export of `rx`/`tx` into the running VM whose QMP socket is `qmp`.
+    AttachVm {
+        qmp: String,
+        rx: Option<u16>,
+        tx: Option<u16>,
+        mac: Option<[u8; 6]>,
+    },
+    /// Remove that export from the VM again.
+    DetachVm {
+        qmp: String,
+        rx: Option<u16>,
+        tx: Option<u16>,
+    },
 }
 
 /// What an attached process needs to map the cluster's memory.
@@ -71,7 +84,11 @@ pub enum Reply {
     Stats {
         info: ClusterInfo,
         exports: Vec<crate::export::stats::ExportStats>,
+        #[serde(default)]
+        attachments: Vec<crate::daemon::vm::AttachmentInfo>,
     },
+    VmAttached(crate::daemon::vm::AttachmentInfo),
+    VmDetached(crate::daemon::vm::Detached),
     Error {
         message: String,
     },

@@ -2,14 +2,16 @@
 //!
 //! The pool (`pool`), the shared queues (`ring`, `queues`), the control
 //! protocol between zc-hostd and the processes that attach (`control`), the
-//! daemon itself (`daemon`) and the client end a host application uses
-//! (`client`).
+//! daemon itself (`daemon`), its vhost-user exports (`export`) and their
+//! hot-plug into running VMs (`qmp`, `hotplug`), and the client end a host
+//! application uses (`client`).
 
 pub mod client;
 pub mod control;
 pub mod daemon;
 pub mod export;
 pub mod futex;
+pub mod hotplug;
 pub mod pool;
 pub mod qmp;
 pub mod queues;

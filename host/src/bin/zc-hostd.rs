@@ -3,14 +3,17 @@
 //! virtual machines.
 
 use clap::{Parser, Subcommand};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 use zc_host::client;
 use zc_host::control::{ClusterInfo, Reply, Request};
+use zc_host::daemon::registry::ExportDefaults;
 use zc_host::daemon::server::{Daemon, DaemonOptions};
+use zc_host::daemon::vm::{queues_text, AttachmentInfo};
 use zc_host::export::qemu_args::QemuArgs;
-use zc_host::export::spec::parse_mac;
+use zc_host::export::spec::{parse_mac, QueueSpec};
 use zc_host::export::stats::{format_line, ExportStats};
 use zc_host::export::{ExportConfig, ExportSpec, DEFAULT_STOCK};
 use zc_host::pool::PoolOptions;
@@ -30,13 +33,18 @@ by swapping buffer handles: nothing is copied.\n\n\
 With --export, queues are also served to virtual machines as vhost-user virtio-net \
 devices: what a host process sends on queue rx=Q reaches the guest, what the guest sends \
 arrives on queue tx=Q. `zc-hostd -c ID --qemu-args SOCKET` prints the QEMU options that \
-attach a VM; `zc-hostd -c ID stats` shows per-export counters.\n\n\
+attach a VM at its start; `zc-hostd -c ID attach --qmp QMP --export rx=Q,tx=Q` hot-plugs an \
+export (and the pool) into a VM that is already running, `detach` removes it again; \
+`zc-hostd -c ID stats` shows per-export counters and the attachments.\n\n\
 Stop the daemon with Ctrl-C or SIGTERM: it removes the cluster's files. A cluster left \
 behind by a killed daemon is cleaned up by the next start.",
     after_help = "Example:\n  zc-hostd -c 99 -q 4 &\n  zcount -i zc:99@0 &\n  zsend -i zc:99@0 -n 1000000 -l 64\n\n\
 Serving queues 0 and 1 to a VM:\n  zc-hostd -c 99 --export /tmp/vm1.sock,rx=0,tx=1 &\n  \
 qemu-system-x86_64 ... $(zc-hostd -c 99 --qemu-args /tmp/vm1.sock)\n  \
-zsend -i zc:99@0 -n 1000     # the guest receives these\n  zcount -i zc:99@1        # counts what the guest sends"
+zsend -i zc:99@0 -n 1000     # the guest receives these\n  zcount -i zc:99@1        # counts what the guest sends\n\n\
+Hot-plugging into a running VM (started with shared RAM and -qmp unix:/tmp/vm1.qmp,server=on,wait=off):\n  \
+zc-hostd -c 99 attach --qmp /tmp/vm1.qmp --export rx=2\n  \
+zc-hostd -c 99 detach --qmp /tmp/vm1.qmp --export rx=2"
 )]
 struct Args {
     #[command(subcommand)]
@@ -118,12 +126,42 @@ struct Args {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Print the running daemon's per-export statistics.
+    /// Print the running daemon's per-export statistics and attachments.
     Stats {
-        /// As JSON (one object: cluster info and exports).
+        /// As JSON (one object: cluster info, exports, attachments).
         #[arg(long)]
         json: bool,
     },
+    /// Hot-plug an export into a running VM through its QMP socket.
+    #[command(
+        long_about = "Hot-plug an export into a running VM through its QMP socket. \
+The running zc-hostd starts a vhost-user export of the queues and adds to the VM, over QMP: \
+the pool (memory-backend-file + ivshmem-plain, once per VM and cluster), a vhost-user chardev \
+and netdev, and a virtio-net-pci device. The guest's kernel sees the devices through ACPI PCI \
+hot-plug; inside it, `zcount -i zc:<cluster>@<rx> --wait 60` opens the new queue. The VM needs \
+shared RAM (-object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem) and \
+-qmp unix:PATH,server=on,wait=off. If a step fails, the steps before it are undone."
+    )]
+    Attach(VmArgs),
+    /// Remove an export from a running VM and return its buffers to the pool.
+    #[command(
+        long_about = "Remove an export that `attach` added: device_del (waiting for the \
+guest to release the device), netdev_del, chardev-remove, and the pool device when it was the \
+VM's last export; then the export stops and every buffer it or its guest held returns to the \
+pool. If the VM is gone, only the host side is removed."
+    )]
+    Detach(VmArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct VmArgs {
+    /// The VM's QMP socket (QEMU started with -qmp unix:PATH,server=on,wait=off).
+    #[arg(long, value_name = "PATH")]
+    qmp: PathBuf,
+    /// The queues: rx=Q is delivered to the guest, tx=Q receives what it
+    /// sends; mac=MAC overrides 02:7a:<cluster>:<queue> (attach only).
+    #[arg(long = "export", value_name = "rx=Q,tx=Q[,mac=MAC]")]
+    export: QueueSpec,
 }
 
 fn main() -> ExitCode {
@@ -142,15 +180,88 @@ fn main() -> ExitCode {
     }
 }
 
-fn stats(
-    run_dir: &Path,
-    cluster: u32,
-) -> Result<(ClusterInfo, Vec<ExportStats>), Box<dyn std::error::Error>> {
+type Stats = (ClusterInfo, Vec<ExportStats>, Vec<AttachmentInfo>);
+
+fn stats(run_dir: &Path, cluster: u32) -> Result<Stats, Box<dyn std::error::Error>> {
     let sock = client::connect(run_dir, cluster)?;
     match client::call(&sock, &Request::Stats)? {
-        (Reply::Stats { info, exports }, _) => Ok((info, exports)),
+        (
+            Reply::Stats {
+                info,
+                exports,
+                attachments,
+            },
+            _,
+        ) => Ok((info, exports, attachments)),
         _ => Err("unexpected reply from zc-hostd".into()),
     }
+}
+
+fn attachment_line(a: &AttachmentInfo) -> String {
+    format!(
+        "VM {}: device {} = export {} ({}, mac {})",
+        a.vm,
+        a.device,
+        queues_text(a.rx_queue, a.tx_queue),
+        a.socket,
+        a.mac
+    )
+}
+
+/// `attach` and `detach`: one request to the running daemon, which does the QMP work.
+fn vm_command(
+    args: &Args,
+    cluster: u32,
+    attach: bool,
+    v: &VmArgs,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let qmp = std::path::absolute(&v.qmp)?.display().to_string();
+    let q = v.export;
+    let req = if attach {
+        Request::AttachVm {
+            qmp,
+            rx: q.rx,
+            tx: q.tx,
+            mac: q.mac,
+        }
+    } else {
+        if q.mac.is_some() {
+            return Err("detach finds the export by its queues: leave out mac=".into());
+        }
+        Request::DetachVm {
+            qmp,
+            rx: q.rx,
+            tx: q.tx,
+        }
+    };
+    let sock = client::connect(&args.run_dir, cluster)?;
+    match client::call(&sock, &req)?.0 {
+        Reply::VmAttached(a) => {
+            println!("attached: {}", attachment_line(&a));
+            if let Some(q) = a.rx_queue {
+                println!("in the guest: zcount -i zc:{cluster}@{q} --wait 60");
+            }
+            if let Some(q) = a.tx_queue {
+                println!("in the guest: zsend -i zc:{cluster}@{q} --wait 60");
+            }
+        }
+        Reply::VmDetached(d) => {
+            if let Some(why) = &d.vm_gone {
+                eprintln!(
+                    "zc-hostd: warning: VM {} is gone: {why}; removed the host side only",
+                    d.attachment.vm
+                );
+            }
+            println!(
+                "detached: {}; {} buffers back in the pool ({} spare)",
+                attachment_line(&d.attachment),
+                d.returned,
+                d.spare
+            );
+        }
+        _ => return Err("unexpected reply from zc-hostd".into()),
+    }
+    Ok(())
 }
 
 fn print_qemu_args(
@@ -158,7 +269,7 @@ fn print_qemu_args(
     cluster: u32,
     socket: &Path,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    let (info, exports) = stats(&args.run_dir, cluster)?;
+    let (info, exports, _) = stats(&args.run_dir, cluster)?;
     let want = std::fs::canonicalize(socket).unwrap_or_else(|_| socket.to_path_buf());
     let (index, e) = exports
         .iter()
@@ -196,23 +307,31 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let cluster = args
         .cluster
         .ok_or("the cluster id is required: -c ID (e.g. -c 99)")?;
-    if let Some(Cmd::Stats { json }) = &args.cmd {
-        let (info, exports) = stats(&args.run_dir, cluster)?;
-        if *json {
-            println!(
-                "{}",
-                serde_json::json!({ "cluster": info, "exports": exports })
-            );
-        } else {
-            println!(
-                "cluster {}: {} queues, {} buffers ({} spare), pool {}",
-                info.cluster, info.queues, info.buf_count, info.spare_buffers, info.pool_path
-            );
-            for e in &exports {
-                println!("{}", format_line(e, None));
+    match &args.cmd {
+        Some(Cmd::Stats { json }) => {
+            let (info, exports, attachments) = stats(&args.run_dir, cluster)?;
+            if *json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "cluster": info, "exports": exports, "attachments": attachments })
+                );
+            } else {
+                println!(
+                    "cluster {}: {} queues, {} buffers ({} spare), pool {}",
+                    info.cluster, info.queues, info.buf_count, info.spare_buffers, info.pool_path
+                );
+                for e in &exports {
+                    println!("{}", format_line(e, None));
+                }
+                for a in &attachments {
+                    println!("{}", attachment_line(a));
+                }
             }
+            return Ok(());
         }
-        return Ok(());
+        Some(Cmd::Attach(v)) => return vm_command(&args, cluster, true, v),
+        Some(Cmd::Detach(v)) => return vm_command(&args, cluster, false, v),
+        None => {}
     }
     if let Some(socket) = &args.qemu_args {
         return print_qemu_args(&args, cluster, socket);
@@ -241,6 +360,10 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         },
         run_dir: args.run_dir.clone(),
         exports,
+        defaults: ExportDefaults {
+            stock: args.stock,
+            cores: args.cores.clone(),
+        },
     };
     let daemon = Daemon::start(opts)?;
     let guard = daemon.cluster();
@@ -262,30 +385,36 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         daemon.control_path().display(),
     );
     drop(guard);
-    for e in daemon.exports() {
+    for e in daemon.registry().shared() {
         eprintln!(
             "zc-hostd: export {} ready: rx {} tx {} mac {}; QEMU options: zc-hostd -c {cluster} --qemu-args {}",
-            e.shared.spec.path.display(),
-            e.shared.spec.rx.map_or("-".into(), |q| format!("zc:{cluster}@{q}")),
-            e.shared.spec.tx.map_or("-".into(), |q| format!("zc:{cluster}@{q}")),
-            zc_host::export::spec::MacDisplay(&e.shared.mac),
-            e.shared.spec.path.display(),
+            e.spec.path.display(),
+            e.spec.rx.map_or("-".into(), |q| format!("zc:{cluster}@{q}")),
+            e.spec.tx.map_or("-".into(), |q| format!("zc:{cluster}@{q}")),
+            zc_host::export::spec::MacDisplay(&e.mac),
+            e.spec.path.display(),
         );
     }
-    if args.verbose && !daemon.exports().is_empty() {
-        let shared: Vec<_> = daemon.exports().iter().map(|e| e.shared.clone()).collect();
+    if args.verbose {
+        // Exports come and go (attach, detach): list them every second.
+        let registry = daemon.registry().clone();
         std::thread::spawn(move || {
-            let mut prev: Vec<ExportStats> = shared.iter().map(|s| s.stats()).collect();
+            let mut prev: HashMap<String, ExportStats> = HashMap::new();
             let mut t = Instant::now();
             loop {
                 std::thread::sleep(Duration::from_secs(1));
                 let secs = t.elapsed().as_secs_f64();
                 t = Instant::now();
-                for (s, p) in shared.iter().zip(prev.iter_mut()) {
+                let mut next = HashMap::new();
+                for s in registry.shared() {
                     let now = s.stats();
-                    eprintln!("zc-hostd: {}", format_line(&now, Some((p, secs))));
-                    *p = now;
+                    eprintln!(
+                        "zc-hostd: {}",
+                        format_line(&now, prev.get(&now.path).map(|p| (p, secs)))
+                    );
+                    next.insert(now.path.clone(), now);
                 }
+                prev = next;
             }
         });
     }

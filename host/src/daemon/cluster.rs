@@ -64,7 +64,7 @@ enum Holder {
         conn: ConnId,
         pid: u32,
     },
-    /// A vhost-user export's poll thread (lives as long as the daemon).
+    /// A vhost-user export's poll thread.
     Export {
         name: String,
     },
@@ -321,7 +321,7 @@ impl Cluster {
         }
     }
 
-    /// An export takes `role` on `queue` for the daemon's lifetime.
+    /// An export takes `role` on `queue` until it is removed.
     pub fn attach_export(&mut self, name: &str, queue: u16, role: Role) -> Result<(), AttachError> {
         self.take_role(queue, role, Holder::Export { name: name.into() })
     }
@@ -341,6 +341,36 @@ impl Cluster {
 
     pub fn add_buffer_holder(&mut self, h: Arc<dyn BufferHolder>) {
         self.exports.push(h);
+    }
+
+    /// An export is removed (or failed to start): it no longer holds
+    /// buffers (`holder`, if it was added) nor its queue roles (rx: consumer,
+    /// tx: producer, taken under `name`).
+    pub fn detach_export(
+        &mut self,
+        holder: Option<&Arc<dyn BufferHolder>>,
+        name: &str,
+        rx: Option<u16>,
+        tx: Option<u16>,
+    ) {
+        if let Some(h) = holder {
+            self.exports
+                .retain(|e| !std::ptr::addr_eq(Arc::as_ptr(e), Arc::as_ptr(h)));
+        }
+        for (q, role) in [(rx, Role::Consumer), (tx, Role::Producer)] {
+            let Some(slot) = q.and_then(|q| self.holders.get_mut(usize::from(q))) else {
+                continue;
+            };
+            let r = &mut slot[role_slot(role)];
+            if matches!(r, Some(Holder::Export { name: n }) if n == name) {
+                *r = None;
+            }
+        }
+    }
+
+    /// Buffers an export held come back (it was removed).
+    pub fn give_spare(&mut self, bufs: Vec<BufferIndex>) {
+        self.spare.extend(bufs);
     }
 
     pub fn owners(&self) -> &Arc<OwnerTable> {

@@ -2,8 +2,10 @@
 //! attached connections and a signalfd for Ctrl-C/SIGTERM.
 
 use super::cluster::{Cluster, ConnId, CreateError};
+use super::registry::{ExportDefaults, Registry};
+use super::vm::Vms;
 use crate::control::{self, Reply, Request};
-use crate::export::{self, Export, ExportConfig, ExportError};
+use crate::export::{self, ExportConfig, ExportError};
 use crate::pool::PoolOptions;
 use crate::queues::QueueGeometry;
 use std::collections::BTreeMap;
@@ -41,6 +43,8 @@ pub struct DaemonOptions {
     pub run_dir: PathBuf,
     /// Queues served to VMs over vhost-user.
     pub exports: Vec<ExportConfig>,
+    /// For exports attached to VMs at run time.
+    pub defaults: ExportDefaults,
 }
 
 fn lock_cluster(c: &Mutex<Cluster>) -> MutexGuard<'_, Cluster> {
@@ -176,7 +180,8 @@ struct Conn {
 
 pub struct Daemon {
     cluster: Arc<Mutex<Cluster>>,
-    exports: Vec<Export>,
+    registry: Arc<Registry>,
+    vms: Arc<Vms>,
     listener: UnixListener,
     signals: OwnedFd,
     lock: RunLock,
@@ -223,9 +228,12 @@ impl Daemon {
                 lock.remove();
                 listen(e)
             })?;
+        let registry = Arc::new(Registry::new(cluster.clone(), exports, opts.defaults));
+        let vms = Arc::new(Vms::new(registry.clone(), lock.dir.clone()));
         Ok(Daemon {
             cluster,
-            exports,
+            registry,
+            vms,
             listener,
             signals,
             lock,
@@ -238,8 +246,8 @@ impl Daemon {
         lock_cluster(&self.cluster)
     }
 
-    pub fn exports(&self) -> &[Export] {
-        &self.exports
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
     }
 
     pub fn control_path(&self) -> PathBuf {
@@ -326,13 +334,17 @@ impl Daemon {
             }
         };
         let pid = conn.pid;
+        if matches!(req, Request::AttachVm { .. } | Request::DetachVm { .. }) {
+            return self.serve_vm(id, req);
+        }
         let mut cluster = lock_cluster(&self.cluster);
         let (reply, fds): (Reply, Vec<i32>) = match req {
             Request::Info => (Reply::Info(cluster.info()), vec![]),
             Request::Stats => (
                 Reply::Stats {
                     info: cluster.info(),
-                    exports: self.exports.iter().map(|e| e.shared.stats()).collect(),
+                    exports: self.registry.shared().iter().map(|e| e.stats()).collect(),
+                    attachments: self.vms.list(),
                 },
                 vec![],
             ),
@@ -351,6 +363,7 @@ impl Daemon {
                     vec![],
                 ),
             },
+            Request::AttachVm { .. } | Request::DetachVm { .. } => unreachable!("served above"),
             Request::Alloc { count } => match cluster.alloc(id, count) {
                 Ok(indices) => (Reply::Buffers { indices }, vec![]),
                 Err(e) => (
@@ -370,10 +383,46 @@ impl Daemon {
         true
     }
 
+    /// Attach and detach run QMP sequences that wait for the guest
+    /// (seconds under TCG): on a thread of their own, so the control loop
+    /// keeps serving; the reply goes out on a clone of the connection.
+    fn serve_vm(&mut self, id: ConnId, req: Request) -> bool {
+        let sock = match self.conns[&id].sock.try_clone() {
+            Ok(s) => s,
+            Err(e) => {
+                log::warn!("control connection: {e}");
+                return false;
+            }
+        };
+        // The client waits for as long as the guest takes.
+        let _ = sock.set_write_timeout(None);
+        let vms = self.vms.clone();
+        let spawned = std::thread::Builder::new()
+            .name("zc-attach".into())
+            .spawn(move || {
+                let reply = match req {
+                    Request::AttachVm { qmp, rx, tx, mac } => vms
+                        .attach(Path::new(&qmp), rx, tx, mac)
+                        .map(Reply::VmAttached),
+                    Request::DetachVm { qmp, rx, tx } => {
+                        vms.detach(Path::new(&qmp), rx, tx).map(Reply::VmDetached)
+                    }
+                    _ => return,
+                };
+                let reply = reply.unwrap_or_else(|e| Reply::Error {
+                    message: e.to_string(),
+                });
+                if let Err(e) = control::send(&sock, &reply, &[]) {
+                    log::warn!("attach/detach reply failed: {e}");
+                }
+            });
+        spawned.is_ok()
+    }
+
     fn shutdown(&mut self) {
         self.conns.clear();
-        for e in &self.exports {
-            let _ = fs::remove_file(&e.shared.spec.path);
+        for p in self.registry.socket_paths() {
+            let _ = fs::remove_file(p);
         }
         self.cluster().remove_files();
         self.lock.remove();

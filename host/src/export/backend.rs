@@ -151,7 +151,8 @@ pub fn listen(path: &std::path::Path) -> io::Result<Sockets> {
     })
 }
 
-/// Serves frontends on the export's socket, one after another, forever.
+/// Serves frontends on the export's socket, one after another, until the
+/// export is removed (`closing`, then a connection to wake the accept).
 pub fn serve(shared: Arc<ExportShared>, sockets: Sockets) {
     let Sockets {
         public,
@@ -160,7 +161,11 @@ pub fn serve(shared: Arc<ExportShared>, sockets: Sockets) {
     } = sockets;
     let name = shared.name.clone();
     loop {
-        let front = match public.accept() {
+        let accepted = public.accept();
+        if shared.closing.load(Ordering::Acquire) {
+            return;
+        }
+        let front = match accepted {
             Ok((s, _)) => s,
             Err(e) => {
                 log::warn!("export {name}: accept failed: {e}");
@@ -214,4 +219,12 @@ pub fn serve(shared: Arc<ExportShared>, sockets: Sockets) {
             _ => log::info!("export {name}: frontend disconnected"),
         }
     }
+}
+
+/// Ends `serve` of the export whose public socket is `path`: sets `closing`
+/// and wakes the accept; removes the socket file.
+pub fn close(shared: &ExportShared, path: &std::path::Path) {
+    shared.closing.store(true, Ordering::Release);
+    let _ = UnixStream::connect(path);
+    let _ = std::fs::remove_file(path);
 }

@@ -47,6 +47,8 @@ pub enum ExportError {
         path: String,
         source: std::io::Error,
     },
+    #[error("export {export}: its poll thread did not stop in time; it keeps its buffers")]
+    Stuck { export: String },
     #[error("export {export}: {source}")]
     Thread {
         export: String,
@@ -66,6 +68,7 @@ pub struct ExportConfig {
 /// A running export.
 pub struct Export {
     pub shared: Arc<ExportShared>,
+    poll: Option<std::thread::JoinHandle<()>>,
 }
 
 impl BufferHolder for ExportShared {
@@ -104,44 +107,65 @@ pub fn start(
     Ok(out)
 }
 
-fn start_one(
-    cluster: &Arc<Mutex<Cluster>>,
+/// What an export took from the cluster when it started.
+struct Claim {
+    shared: Arc<ExportShared>,
+    rx_hand: Vec<BufferIndex>,
+    tx_hand: Vec<BufferIndex>,
+    stock: Vec<BufferIndex>,
+}
+
+impl Claim {
+    fn all(&self) -> Vec<BufferIndex> {
+        [&self.rx_hand, &self.tx_hand, &self.stock]
+            .into_iter()
+            .flatten()
+            .copied()
+            .collect()
+    }
+}
+
+/// Takes queue roles, hands and stock for an export in `slot`, and writes
+/// its directory entry; all or nothing.
+fn claim(
+    c: &mut Cluster,
     slot: usize,
     cfg: &ExportConfig,
-) -> Result<Export, ExportError> {
+    name: &str,
+) -> Result<Claim, AttachError> {
     let spec = &cfg.spec;
-    let name = spec.path.display().to_string();
-    let attach = |source| ExportError::Attach {
-        export: name.clone(),
-        source,
-    };
-    let mut c = cluster.lock().unwrap_or_else(|e| e.into_inner());
     let mac = spec.mac_for(c.id());
     if let Some(q) = spec.rx {
-        c.attach_export(&name, q, Role::Consumer).map_err(attach)?;
+        c.attach_export(name, q, Role::Consumer)?;
     }
-    if let Some(q) = spec.tx {
-        c.attach_export(&name, q, Role::Producer).map_err(attach)?;
-    }
-    let stock_n = cfg.stock.min(directory::MAX_STOCK as u32);
     let hands = if spec.rx.is_some() { BURST as u32 } else { 0 }
         + if spec.tx.is_some() { BURST as u32 } else { 0 };
-    let mut bufs = c.take_spare(stock_n + hands).map_err(attach)?;
-    let rx_hand: Vec<BufferIndex> = if spec.rx.is_some() {
-        bufs.drain(..BURST).collect()
-    } else {
-        Vec::new()
+    let stock_n = cfg.stock.min(directory::MAX_STOCK as u32);
+    let taken = spec
+        .tx
+        .map_or(Ok(()), |q| c.attach_export(name, q, Role::Producer))
+        .and_then(|()| c.take_spare(stock_n + hands));
+    let mut stock = match taken {
+        Ok(b) => b,
+        Err(e) => {
+            c.detach_export(None, name, spec.rx, spec.tx);
+            return Err(e);
+        }
     };
-    let tx_hand: Vec<BufferIndex> = if spec.tx.is_some() {
-        bufs.drain(..BURST).collect()
-    } else {
-        Vec::new()
+    let mut hand = |on: bool| -> Vec<BufferIndex> {
+        if on {
+            stock.drain(..BURST).collect()
+        } else {
+            Vec::new()
+        }
     };
-    for b in &bufs {
+    let rx_hand = hand(spec.rx.is_some());
+    let tx_hand = hand(spec.tx.is_some());
+    for b in &stock {
         c.owners().give_to_guest(*b, slot);
     }
     let view = c.pool().view();
-    directory::write_stock(&view, slot, &bufs);
+    directory::write_stock(&view, slot, &stock);
     directory::write_entry(
         &view,
         slot,
@@ -153,32 +177,90 @@ fn start_one(
             ..Default::default()
         }),
     );
-    let rx_end = spec.rx.map(|q| c.queues().consumer(q));
-    let tx_end = spec.tx.map(|q| c.queues().producer(q));
     let shared = Arc::new(ExportShared::new(spec.clone(), slot, mac));
     c.add_buffer_holder(shared.clone());
-    drop(c);
+    Ok(Claim {
+        shared,
+        rx_hand,
+        tx_hand,
+        stock,
+    })
+}
+
+/// Undoes `claim` (or ends an export): directory slot, roles, holder and
+/// buffers back to the cluster.
+fn release(c: &mut Cluster, shared: &Arc<ExportShared>, bufs: Vec<BufferIndex>) {
+    let view = c.pool().view();
+    directory::write_stock(&view, shared.slot, &[]);
+    directory::write_entry(&view, shared.slot, None);
+    for b in &bufs {
+        c.owners().take_from_guest(*b);
+    }
+    let holder: Arc<dyn BufferHolder> = shared.clone();
+    let name = shared.spec.path.display().to_string();
+    c.detach_export(Some(&holder), &name, shared.spec.rx, shared.spec.tx);
+    c.give_spare(bufs);
+}
+
+/// Starts one export in directory slot `slot` (free, below MAX_EXPORTS);
+/// on failure nothing of it is left.
+pub fn start_one(
+    cluster: &Arc<Mutex<Cluster>>,
+    slot: usize,
+    cfg: &ExportConfig,
+) -> Result<Export, ExportError> {
+    let spec = &cfg.spec;
+    let name = spec.path.display().to_string();
     let thread = |source| ExportError::Thread {
         export: name.clone(),
         source,
+    };
+    let listener = backend::listen(&spec.path).map_err(|source| ExportError::Listen {
+        export: name.clone(),
+        path: spec.path.display().to_string(),
+        source,
+    })?;
+    let claimed = {
+        let mut c = cluster.lock().unwrap_or_else(|e| e.into_inner());
+        claim(&mut c, slot, cfg, &name)
+    };
+    let claimed = match claimed {
+        Ok(cl) => cl,
+        Err(source) => {
+            let _ = std::fs::remove_file(&spec.path);
+            return Err(ExportError::Attach {
+                export: name,
+                source,
+            });
+        }
+    };
+    let all = claimed.all();
+    let shared = claimed.shared.clone();
+    let undo = |e: std::io::Error| {
+        let _ = std::fs::remove_file(&spec.path);
+        let mut c = cluster.lock().unwrap_or_else(|e| e.into_inner());
+        release(&mut c, &shared, all.clone());
+        thread(e)
+    };
+    let (rx_end, tx_end) = {
+        let c = cluster.lock().unwrap_or_else(|e| e.into_inner());
+        (
+            spec.rx.map(|q| c.queues().consumer(q)),
+            spec.tx.map(|q| c.queues().producer(q)),
+        )
     };
     let worker = Worker::new(WorkerParts {
         shared: shared.clone(),
         cluster: cluster.clone(),
         rx_end,
         tx_end,
-        rx_hand,
-        tx_hand,
+        rx_hand: claimed.rx_hand,
+        tx_hand: claimed.tx_hand,
     })
-    .map_err(thread)?;
-    let listener = backend::listen(&spec.path).map_err(|source| ExportError::Listen {
-        export: name.clone(),
-        path: spec.path.display().to_string(),
-        source,
-    })?;
+    .map_err(undo)?;
     let core = cfg.core;
     let wname = shared.name.clone();
-    std::thread::Builder::new()
+    let poll = std::thread::Builder::new()
         .name(format!("zc-poll-{slot}"))
         .spawn(move || {
             if let Some(core) = core {
@@ -188,11 +270,44 @@ fn start_one(
             }
             worker.run()
         })
-        .map_err(thread)?;
+        .map_err(undo)?;
     let s2 = shared.clone();
-    std::thread::Builder::new()
+    let export = Export {
+        shared,
+        poll: Some(poll),
+    };
+    if let Err(e) = std::thread::Builder::new()
         .name(format!("zc-vhost-{slot}"))
         .spawn(move || backend::serve(s2, listener))
-        .map_err(thread)?;
-    Ok(Export { shared })
+    {
+        // The poll thread runs: end it the normal way.
+        let _ = export.stop(cluster);
+        return Err(thread(e));
+    }
+    Ok(export)
+}
+
+impl Export {
+    /// Removes the export: ends its threads, clears its directory slot,
+    /// gives back its queue roles and returns every buffer it or its guest
+    /// held to the spare list. The frontend should be gone (the VM's device
+    /// removed); a guest still running on it loses the device. Returns the
+    /// number of buffers returned.
+    pub fn stop(mut self, cluster: &Arc<Mutex<Cluster>>) -> Result<usize, ExportError> {
+        let name = self.shared.spec.path.display().to_string();
+        backend::close(&self.shared, &self.shared.spec.path);
+        // The cluster stays locked throughout, so that no reclaim runs
+        // between the export leaving the holders and its buffers coming back.
+        let mut c = cluster.lock().unwrap_or_else(|e| e.into_inner());
+        let held = self
+            .shared
+            .quit()
+            .ok_or(ExportError::Stuck { export: name })?;
+        if let Some(t) = self.poll.take() {
+            let _ = t.join();
+        }
+        let n = held.len();
+        release(&mut c, &self.shared, held);
+        Ok(n)
+    }
 }

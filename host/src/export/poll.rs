@@ -169,8 +169,8 @@ impl Worker {
         let mut idle_start = Instant::now();
         loop {
             let s = self.shared.seq();
-            if s != self.seen {
-                self.control(s);
+            if s != self.seen && !self.control(s) {
+                return;
             }
             let kicked = self.shared.kicked.load(Ordering::Acquire)
                 && self.shared.kicked.swap(false, Ordering::AcqRel);
@@ -272,10 +272,29 @@ impl Worker {
         }
     }
 
-    /// Handles control requests up to `s`.
-    fn control(&mut self, s: u64) {
+    /// Handles control requests up to `s`; false when the export is removed
+    /// and the thread must end.
+    fn control(&mut self, s: u64) -> bool {
         let shared = self.shared.clone();
         let mut g = shared.lock();
+        if g.quit {
+            for i in 0..2 {
+                self.stop_queue(i);
+            }
+            self.dev = None;
+            let held = self.held();
+            for b in self.owners.guest_buffers(self.shared.slot) {
+                self.owners.take_from_guest(b);
+            }
+            self.rx_hand.clear();
+            self.tx_empties.clear();
+            self.tx_pending.clear();
+            g.held = held;
+            g.quitted = true;
+            self.seen = s;
+            shared.ack(&mut g, s);
+            return false;
+        }
         for i in 0..2 {
             if std::mem::take(&mut g.stop[i]) {
                 self.stop_queue(i);
@@ -303,6 +322,7 @@ impl Worker {
         }
         self.seen = s;
         shared.ack(&mut g, s);
+        true
     }
 
     pub fn view(&self) -> zc_proto::PoolView {

@@ -62,6 +62,9 @@ pub struct Ctl {
     pub pause: bool,
     pub paused: bool,
     pub held: Vec<BufferIndex>,
+    /// Detach: stop for good, hand back every buffer and end the thread.
+    pub quit: bool,
+    pub quitted: bool,
     /// Sequence number the poll thread has handled.
     pub acked: u64,
 }
@@ -79,6 +82,8 @@ pub struct ExportShared {
     pub kicked: AtomicBool,
     pub have_vrings: AtomicBool,
     pub exit: Mutex<Option<EventNotifier>>,
+    /// Set when the export is being removed: the accept loop ends.
+    pub closing: AtomicBool,
     /// The doorbell word of exports without an rx queue.
     pub own_word: AtomicU32,
     doorbell: Mutex<Option<Doorbell>>,
@@ -98,6 +103,7 @@ impl ExportShared {
             kicked: AtomicBool::new(false),
             have_vrings: AtomicBool::new(false),
             exit: Mutex::new(None),
+            closing: AtomicBool::new(false),
             own_word: AtomicU32::new(0),
             doorbell: Mutex::new(None),
         }
@@ -169,6 +175,15 @@ impl ExportShared {
             return None;
         }
         Some(std::mem::take(&mut g.held))
+    }
+
+    /// Ends the poll thread for good and returns every buffer the export
+    /// held (its hands and everything its guest held); `None` if the thread
+    /// did not answer in time (then it keeps them).
+    pub fn quit(&self) -> Option<Vec<BufferIndex>> {
+        self.request(|c| c.quit = true, true);
+        let mut g = self.lock();
+        g.quitted.then(|| std::mem::take(&mut g.held))
     }
 
     pub fn stats(&self) -> ExportStats {

@@ -59,6 +59,56 @@ impl fmt::Display for MacDisplay<'_> {
     }
 }
 
+/// The queues of an export without its socket: `rx=Q,tx=Q[,mac=MAC]`, as
+/// `zc-hostd attach --export` takes them (the daemon picks the socket).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QueueSpec {
+    pub rx: Option<u16>,
+    pub tx: Option<u16>,
+    pub mac: Option<[u8; 6]>,
+}
+
+impl QueueSpec {
+    /// Parses the options after the path; `whole` is the argument, for errors.
+    fn parse<'a>(whole: &str, opts: impl Iterator<Item = &'a str>) -> Result<Self, SpecError> {
+        let mut q = QueueSpec {
+            rx: None,
+            tx: None,
+            mac: None,
+        };
+        let queue = |v: &str| {
+            v.parse::<u16>()
+                .ok()
+                .filter(|&q| q != zc_proto::layout::NO_QUEUE)
+                .ok_or_else(|| SpecError::Queue(whole.into(), v.into()))
+        };
+        for opt in opts {
+            match opt.split_once('=') {
+                Some(("rx", v)) => q.rx = Some(queue(v)?),
+                Some(("tx", v)) => q.tx = Some(queue(v)?),
+                Some(("mac", v)) => {
+                    q.mac =
+                        Some(parse_mac(v).ok_or_else(|| SpecError::Mac(whole.into(), v.into()))?)
+                }
+                _ => return Err(SpecError::Option(whole.into(), opt.into())),
+            }
+        }
+        match (q.rx, q.tx) {
+            (None, None) => Err(SpecError::NoQueues(whole.into())),
+            (Some(r), Some(t)) if r == t => Err(SpecError::SameQueue(whole.into(), r)),
+            _ => Ok(q),
+        }
+    }
+}
+
+impl FromStr for QueueSpec {
+    type Err = SpecError;
+
+    fn from_str(s: &str) -> Result<Self, SpecError> {
+        QueueSpec::parse(s, s.split(','))
+    }
+}
+
 impl FromStr for ExportSpec {
     type Err = SpecError;
 
@@ -71,33 +121,13 @@ impl FromStr for ExportSpec {
         if path.contains('=') {
             return Err(SpecError::NoPath);
         }
-        let mut spec = ExportSpec {
+        let q = QueueSpec::parse(s, it)?;
+        Ok(ExportSpec {
             path: PathBuf::from(path),
-            rx: None,
-            tx: None,
-            mac: None,
-        };
-        let queue = |v: &str| {
-            v.parse::<u16>()
-                .ok()
-                .filter(|&q| q != zc_proto::layout::NO_QUEUE)
-                .ok_or_else(|| SpecError::Queue(s.into(), v.into()))
-        };
-        for opt in it {
-            match opt.split_once('=') {
-                Some(("rx", v)) => spec.rx = Some(queue(v)?),
-                Some(("tx", v)) => spec.tx = Some(queue(v)?),
-                Some(("mac", v)) => {
-                    spec.mac = Some(parse_mac(v).ok_or_else(|| SpecError::Mac(s.into(), v.into()))?)
-                }
-                _ => return Err(SpecError::Option(s.into(), opt.into())),
-            }
-        }
-        match (spec.rx, spec.tx) {
-            (None, None) => Err(SpecError::NoQueues(s.into())),
-            (Some(r), Some(t)) if r == t => Err(SpecError::SameQueue(s.into(), r)),
-            _ => Ok(spec),
-        }
+            rx: q.rx,
+            tx: q.tx,
+            mac: q.mac,
+        })
     }
 }
 
@@ -170,6 +200,19 @@ mod tests {
             "/a,rx=1,speed=9".parse::<ExportSpec>(),
             Err(SpecError::Option(..))
         ));
+        let q: QueueSpec = "rx=2,mac=02:00:00:00:00:aa".parse().unwrap();
+        assert_eq!(
+            (q.rx, q.tx, q.mac),
+            (Some(2), None, Some([2, 0, 0, 0, 0, 0xaa]))
+        );
+        assert_eq!(
+            "tx=1,rx=1".parse::<QueueSpec>().unwrap_err().to_string(),
+            "--export tx=1,rx=1: rx and tx are both queue 1; a queue loops back to itself only through a host process"
+        );
+        assert_eq!(
+            "/a.sock,rx=0".parse::<QueueSpec>().unwrap_err().to_string(),
+            "--export /a.sock,rx=0: unknown option \"/a.sock\" (use rx=Q, tx=Q, mac=MAC)"
+        );
         assert_eq!(
             MacDisplay(&[2, 0x7a, 0, 99, 0, 1]).to_string(),
             "02:7a:00:63:00:01"

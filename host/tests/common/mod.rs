@@ -98,7 +98,7 @@ impl Hostd {
     pub fn stats(&self) -> (ClusterInfo, Vec<ExportStats>) {
         let s = client::connect(&self.run_dir(), self.cluster).unwrap();
         match client::call(&s, &Request::Stats).unwrap() {
-            (Reply::Stats { info, exports }, _) => (info, exports),
+            (Reply::Stats { info, exports, .. }, _) => (info, exports),
             r => panic!("unexpected reply {r:?}"),
         }
     }
