@@ -25,7 +25,7 @@ pub enum Error {
         host: ClientError,
     },
     #[error("{source} (waited {secs} s for it to appear)")]
-    Waited { secs: u64, source: Box<Error> },
+    Waited { secs: f64, source: Box<Error> },
     #[error("{name}: no pool file for cluster {cluster}: zc-hostd -c {cluster} is not running here (no {}) and neither {} nor {} exists; give the pool file with --pool PATH", ctl.display(), huge.display(), shm.display())]
     NoPoolFile {
         name: String,
@@ -209,7 +209,7 @@ fn retry<T>(opts: &Options, mut open: impl FnMut() -> Result<T, Error>) -> Resul
             Err(e) if e.is_absent() => {
                 if std::time::Instant::now() >= deadline {
                     return Err(Error::Waited {
-                        secs: wait.as_secs(),
+                        secs: wait.as_secs_f64(),
                         source: Box::new(e),
                     });
                 }

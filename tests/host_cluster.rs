@@ -165,6 +165,42 @@ fn unknown_cluster_is_a_one_line_error() {
 }
 
 #[test]
+fn wait_lets_a_tool_start_before_its_cluster_and_says_how_long_it_waited() {
+    let out = std::process::Command::new(bin("zcount"))
+        .env("ZC_RUN_DIR", tempfile::tempdir().unwrap().path())
+        .args(["-i", "zc:4243@0", "--wait", "0.5"])
+        .output()
+        .unwrap();
+    assert_one_line_error(&out, "cluster 4243 is not running: ");
+    assert_one_line_error(&out, "(waited 0.5 s for it to appear)");
+
+    let id = unique_cluster();
+    let run_dir = tempfile::tempdir().unwrap();
+    let zcount = std::process::Command::new(bin("zcount"))
+        .env("ZC_RUN_DIR", run_dir.path())
+        .args(["-i", &format!("zc:{id}@0"), "--wait", "30", "-n", "500"])
+        .args(["--verify", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    let d = Daemon::start_in(
+        id,
+        run_dir,
+        &["-q", "1", "--buffers", "4096", "--no-hugepages"],
+    );
+    let send = d
+        .tool("zsend")
+        .args(["-i", &d.name(0), "-n", "500"])
+        .output()
+        .unwrap();
+    assert!(send.status.success());
+    let out = wait_output(zcount, std::time::Duration::from_secs(30));
+    assert_exact(&json(&out), 500, 60);
+}
+
+#[test]
 fn daemon_killed_hard_is_reported_and_restart_takes_over() {
     let mut d = Daemon::start(&["-q", "1", "--buffers", "4096", "--no-hugepages"]);
     let id = d.id;

@@ -1,0 +1,359 @@
+//! `zc-hostd attach` / `detach` against running guests (QEMU, TCG unless a
+//! real KVM module is loaded) booted with no zc devices at all: the pool
+//! and the export arrive by ACPI PCI hot-plug, the guest's `zcount --wait`
+//! opens them, and detach takes everything away again, buffers included.
+//!
+//! Needs root, qemu-system-x86_64 and the guest image (built here); skips
+//! without them unless CI is set.
+
+mod common;
+
+use common::vm::{self, Guest, GuestSpec};
+use common::*;
+use serde_json::{json, Value};
+use std::path::Path;
+use std::process::Output;
+use std::time::{Duration, Instant};
+use zc_host::qmp::Qmp;
+
+fn ready() -> bool {
+    require(vm::have_qemu() && is_root(), "root and qemu-system-x86_64")
+}
+
+/// A guest with shared RAM (vhost-user needs it), a QMP socket, and no zc
+/// device; it runs `script`.
+fn boot(name: &str, qmp: &Path, script: &str, extra: &[&str]) -> Guest {
+    let mut qemu_args: Vec<String> = [
+        "-m",
+        "256M",
+        "-object",
+        "memory-backend-memfd,id=mem,size=256M,share=on",
+        "-numa",
+        "node,memdev=mem",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    qemu_args.extend(extra.iter().map(|s| s.to_string()));
+    Guest::boot(&GuestSpec {
+        name: name.into(),
+        run: script.into(),
+        qemu_args,
+        qmp: Some(qmp.to_path_buf()),
+        ..Default::default()
+    })
+}
+
+/// Waits for a console line that starts with `prefix` (the echoed command
+/// line starts with ZC-RUN, so it never matches) and returns its rest.
+fn line(g: &Guest, prefix: &str, secs: u64) -> String {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(l) = g
+            .serial()
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(prefix).map(str::to_string))
+        {
+            return l.trim().to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "guest {} printed no {prefix} within {secs} s; serial:\n{}",
+            g.name,
+            g.serial()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The JSON summary a guest's zcount printed after `prefix`.
+fn summary(g: &Guest, prefix: &str) -> Value {
+    let l = line(g, prefix, 180);
+    let end = l.find('}').map_or(0, |i| i + 1);
+    serde_json::from_str(&l[..end]).unwrap_or_else(|e| panic!("{prefix} {l:?}: {e}"))
+}
+
+fn hostd(d: &Daemon, args: &[&str]) -> Output {
+    d.tool("zc-hostd")
+        .args(["-c", &d.id.to_string()])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn attach(d: &Daemon, qmp: &Path, export: &str) -> Output {
+    hostd(
+        d,
+        &["attach", "--qmp", qmp.to_str().unwrap(), "--export", export],
+    )
+}
+
+fn detach(d: &Daemon, qmp: &Path, export: &str) -> Output {
+    hostd(
+        d,
+        &["detach", "--qmp", qmp.to_str().unwrap(), "--export", export],
+    )
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+fn stats(d: &Daemon) -> Value {
+    serde_json::from_str(&ok(&hostd(d, &["stats", "--json"]))).unwrap()
+}
+
+fn spare(d: &Daemon) -> u32 {
+    d.info().spare_buffers
+}
+
+fn zsend(d: &Daemon, queue: u16, n: u64) {
+    let out = d
+        .tool("zsend")
+        .args(["-i", &d.name(queue), "-n", &n.to_string()])
+        .output()
+        .unwrap();
+    ok(&out);
+}
+
+/// The guest waits for its device, counts, then waits until the devices
+/// are gone (detach) and counts again on the re-attached export.
+fn count_twice_script(c: u32, q: u16, n1: u64, n2: u64) -> String {
+    format!(
+        "echo ZC-BOOTED; \
+         zcount -i zc:{c}@{q} --wait 180 -n {n1} --verify --json >/tmp/a 2>/tmp/e; echo ZC-R1 $(cat /tmp/a) $(tail -1 /tmp/e); \
+         i=0; while grep -q -e 0x1000 -e 0x1110 /sys/bus/pci/devices/*/device && [ $i -lt 600 ]; do sleep 0.2; i=$((i+1)); done; \
+         echo ZC-GONE $(cat /sys/bus/pci/devices/*/device); \
+         zcount -i zc:{c}@{q} --wait 180 -n {n2} --verify --json >/tmp/a 2>/tmp/e; echo ZC-R2 $(cat /tmp/a) $(tail -1 /tmp/e); \
+         sleep 600"
+    )
+}
+
+fn assert_exact(s: &Value, n: u64) {
+    assert_eq!(s["packets"], n, "{s}");
+    assert_eq!(s["seq_errors"], 0, "{s}");
+    assert_eq!(s["checksum_errors"], 0, "{s}");
+}
+
+#[test]
+fn attach_count_detach_and_attach_again() {
+    if !ready() {
+        return;
+    }
+    let _one_at_a_time = vm::serialise();
+    const N1: u64 = 3000;
+    const N2: u64 = 700;
+    let d = Daemon::start(&["-q", "4", "--buffers", "8192", "--no-hugepages"]);
+    let c = d.id;
+    let dir = tempfile::tempdir().unwrap();
+    let qmp = dir.path().join("vm.qmp");
+    let g = boot("hotplug", &qmp, &count_twice_script(c, 2, N1, N2), &[]);
+    line(&g, "ZC-BOOTED", 120);
+    let spare0 = spare(&d);
+
+    let out = ok(&attach(&d, &qmp, "rx=2"));
+    assert!(
+        out.contains(&format!(
+            "attached: VM {}: device zc{c}-rx2 = export rx=2",
+            qmp.display()
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("zcount -i zc:{c}@2 --wait 60")),
+        "{out}"
+    );
+    let st = stats(&d);
+    let att = &st["attachments"];
+    assert_eq!(att.as_array().unwrap().len(), 1, "{st}");
+    assert_eq!(att[0]["vm"], qmp.display().to_string());
+    assert_eq!(att[0]["device"], format!("zc{c}-rx2"));
+    assert_eq!(att[0]["rx_queue"], 2);
+    assert_eq!(
+        att[0]["mac"],
+        format!("02:7a:{:02x}:{:02x}:00:02", (c >> 8) & 0xff, c & 0xff)
+    );
+
+    zsend(&d, 2, N1);
+    assert_exact(&summary(&g, "ZC-R1"), N1);
+    let e = &stats(&d)["exports"][0];
+    assert_eq!(e["name"], "attach-rx2.sock", "{e}");
+    assert_eq!(e["rx"]["exchanged"], N1, "zero-copy: {e}");
+    assert_eq!(e["rx"]["copied"], 0, "{e}");
+
+    let out = ok(&detach(&d, &qmp, "rx=2"));
+    assert!(
+        out.contains(&format!("buffers back in the pool ({spare0} spare)")),
+        "{out}"
+    );
+    assert_eq!(spare(&d), spare0, "every buffer came back");
+    let st = stats(&d);
+    assert_eq!(st["exports"], json!([]), "{st}");
+    assert_eq!(st["attachments"], json!([]), "{st}");
+    let gone = line(&g, "ZC-GONE", 60);
+    assert!(
+        !gone.contains("0x1000") && !gone.contains("0x1110"),
+        "virtio-net and ivshmem gone from the guest's PCI bus: {gone}"
+    );
+
+    ok(&attach(&d, &qmp, "rx=2"));
+    zsend(&d, 2, N2);
+    assert_exact(&summary(&g, "ZC-R2"), N2);
+    assert_eq!(stats(&d)["exports"][0]["rx"]["exchanged"], N2);
+    ok(&detach(&d, &qmp, "rx=2"));
+    assert_eq!(spare(&d), spare0);
+}
+
+#[test]
+fn two_running_guests_attached_to_one_cluster_count_their_own_traffic() {
+    if !ready() {
+        return;
+    }
+    let _one_at_a_time = vm::serialise();
+    const NA: u64 = 1200;
+    const NB: u64 = 800;
+    let d = Daemon::start(&["-q", "4", "--buffers", "8192", "--no-hugepages"]);
+    let c = d.id;
+    let dir = tempfile::tempdir().unwrap();
+    let (qa, qb) = (dir.path().join("a.qmp"), dir.path().join("b.qmp"));
+    let script = |q: u16, n: u64| {
+        format!(
+            "echo ZC-BOOTED; zcount -i zc:{c}@{q} --wait 180 -n {n} --verify --json >/tmp/a 2>/tmp/e; \
+             echo ZC-R1 $(cat /tmp/a) $(tail -1 /tmp/e); sleep 600"
+        )
+    };
+    let a = boot("guest-a", &qa, &script(0, NA), &[]);
+    let b = boot("guest-b", &qb, &script(1, NB), &[]);
+    line(&a, "ZC-BOOTED", 180);
+    line(&b, "ZC-BOOTED", 180);
+    let spare0 = spare(&d);
+    ok(&attach(&d, &qa, "rx=0"));
+    ok(&attach(&d, &qb, "rx=1"));
+    let st = stats(&d);
+    let vms: Vec<&str> = st["attachments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["vm"].as_str().unwrap())
+        .collect();
+    assert_eq!(vms, [qa.to_str().unwrap(), qb.to_str().unwrap()], "{st}");
+    zsend(&d, 0, NA);
+    zsend(&d, 1, NB);
+    assert_exact(&summary(&a, "ZC-R1"), NA);
+    assert_exact(&summary(&b, "ZC-R1"), NB);
+    for (e, n) in stats(&d)["exports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip([NA, NB])
+    {
+        assert_eq!(e["rx"]["exchanged"], n, "{e}");
+    }
+    ok(&detach(&d, &qa, "rx=0"));
+    ok(&detach(&d, &qb, "rx=1"));
+    assert_eq!(spare(&d), spare0);
+}
+
+/// What QEMU has under `path` in its QOM tree (e.g. "/objects").
+fn qom_names(qmp: &Path, path: &str) -> Vec<String> {
+    let mut q = Qmp::connect(qmp).unwrap();
+    q.execute("qom-list", json!({ "path": path }))
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn bad_attaches_fail_clearly_and_leave_nothing_behind() {
+    if !ready() {
+        return;
+    }
+    let _one_at_a_time = vm::serialise();
+    let d = Daemon::start(&["-q", "4", "--buffers", "8192", "--no-hugepages"]);
+    let c = d.id;
+    let dir = tempfile::tempdir().unwrap();
+    let qmp = dir.path().join("vm.qmp");
+    // A device that already uses the id attach gives rx=1's virtio-net, so
+    // QEMU refuses the last step (device_add) after pool, chardev and netdev.
+    let taken = format!("virtio-rng-pci,id=zc{c}-rx1");
+    let g = boot(
+        "errors",
+        &qmp,
+        "echo ZC-BOOTED; sleep 600",
+        &["-device", &taken],
+    );
+    line(&g, "ZC-BOOTED", 120);
+    let spare0 = spare(&d);
+    let nothing_left = |why: &str| {
+        assert_eq!(spare(&d), spare0, "{why}: buffers");
+        let st = stats(&d);
+        assert_eq!(st["exports"], json!([]), "{why}: {st}");
+        assert_eq!(st["attachments"], json!([]), "{why}: {st}");
+        assert!(
+            !qom_names(&qmp, "/objects").contains(&format!("zcpool{c}")),
+            "{why}: pool memory backend left in QEMU"
+        );
+        let mut devices = qom_names(&qmp, "/machine/peripheral");
+        devices.sort();
+        assert_eq!(
+            devices,
+            ["type".to_string(), format!("zc{c}-rx1")],
+            "{why}: only the guest's own device"
+        );
+    };
+
+    let out = attach(&d, Path::new("/nonexistent/vm.qmp"), "rx=0");
+    assert_one_line_error(
+        &out,
+        "zc-hostd: error: VM /nonexistent/vm.qmp: cannot connect to QMP socket /nonexistent/vm.qmp: No such file or directory (os error 2) (start QEMU with -qmp unix:/nonexistent/vm.qmp,server=on,wait=off)",
+    );
+    nothing_left("bad QMP path");
+
+    let out = attach(&d, &qmp, "rx=9");
+    assert_one_line_error(
+        &out,
+        &format!("queue 9 does not exist: cluster {c} has queues 0..3"),
+    );
+    nothing_left("queue out of range");
+
+    let out = attach(&d, &qmp, "rx=1");
+    assert_one_line_error(
+        &out,
+        &format!(
+            "zc-hostd: error: VM {}: QEMU refused device_add: ",
+            qmp.display()
+        ),
+    );
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains(&format!("zc{c}-rx1")), "QEMU's words: {text}");
+    nothing_left("device_add refused");
+
+    ok(&attach(&d, &qmp, "rx=0"));
+    let out = attach(&d, &qmp, "rx=0");
+    assert_one_line_error(
+        &out,
+        &format!(
+            "zc-hostd: error: VM {} already has the export rx=0 (QEMU device zc{c}-rx0); detach it first",
+            qmp.display()
+        ),
+    );
+    let out = detach(&d, &qmp, "rx=3");
+    assert_one_line_error(
+        &out,
+        &format!(
+            "has no export rx=3 attached by this zc-hostd; attached: rx=0 on {}",
+            qmp.display()
+        ),
+    );
+    assert_eq!(stats(&d)["attachments"].as_array().unwrap().len(), 1);
+    ok(&detach(&d, &qmp, "rx=0"));
+    nothing_left("after detach");
+}
