@@ -224,7 +224,9 @@ fn two_running_guests_attached_to_one_cluster_count_their_own_traffic() {
     let script = |q: u16, n: u64| {
         format!(
             "echo ZC-BOOTED; zcount -i zc:{c}@{q} --wait 180 -n {n} --verify --json >/tmp/a 2>/tmp/e; \
-             echo ZC-R1 $(cat /tmp/a) $(tail -1 /tmp/e); sleep 600"
+             echo ZC-R1 $(cat /tmp/a) $(tail -1 /tmp/e); \
+             i=0; while grep -q -e 0x1000 -e 0x1110 /sys/bus/pci/devices/*/device && [ $i -lt 600 ]; do sleep 0.2; i=$((i+1)); done; \
+             echo ZC-GONE $(cat /sys/bus/pci/devices/*/device); sleep 600"
         )
     };
     let a = boot("guest-a", &qa, &script(0, NA), &[]);
@@ -255,8 +257,21 @@ fn two_running_guests_attached_to_one_cluster_count_their_own_traffic() {
         assert_eq!(e["rx"]["exchanged"], n, "{e}");
     }
     ok(&detach(&d, &qa, "rx=0"));
-    ok(&detach(&d, &qb, "rx=1"));
-    assert_eq!(spare(&d), spare0);
+    assert_eq!(stats(&d)["attachments"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        spare(&d),
+        spare0 - 1056,
+        "B's export still holds its stock (1024) and hands (32)"
+    );
+    assert!(!line(&a, "ZC-GONE", 60).contains("0x1000"));
+    // A daemon that stops takes its devices out of the VMs still attached.
+    let mut d = d;
+    d.stop(libc::SIGTERM);
+    let gone = line(&b, "ZC-GONE", 60);
+    assert!(
+        !gone.contains("0x1000") && !gone.contains("0x1110"),
+        "B's devices removed at shutdown: {gone}"
+    );
 }
 
 /// What QEMU has under `path` in its QOM tree (e.g. "/objects").

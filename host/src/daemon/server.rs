@@ -421,6 +421,9 @@ impl Daemon {
 
     fn shutdown(&mut self) {
         self.conns.clear();
+        // VMs must not keep devices of a cluster that is going away (a
+        // later attach would find a stale pool in them).
+        self.vms.detach_all(Duration::from_secs(10));
         for p in self.registry.socket_paths() {
             let _ = fs::remove_file(p);
         }

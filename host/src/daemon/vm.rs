@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 use thiserror::Error;
 
 /// One export attached to one VM, as `zc-hostd stats` shows it.
@@ -227,6 +228,28 @@ impl Vms {
         rx: Option<u16>,
         tx: Option<u16>,
     ) -> Result<Detached, VmError> {
+        self.detach_within(qmp_path, rx, tx, UNPLUG_TIMEOUT)
+    }
+
+    /// At shutdown: takes every export out of its VM, so that no VM keeps
+    /// a device (or a pool mapping) of a cluster that no longer exists.
+    pub fn detach_all(&self, timeout: Duration) {
+        for a in self.list() {
+            let vm = Path::new(&a.vm);
+            match self.detach_within(vm, a.rx_queue, a.tx_queue, timeout) {
+                Ok(_) => log::info!("detached {} from VM {}", a.device, a.vm),
+                Err(e) => log::warn!("{e}"),
+            }
+        }
+    }
+
+    fn detach_within(
+        &self,
+        qmp_path: &Path,
+        rx: Option<u16>,
+        tx: Option<u16>,
+        timeout: Duration,
+    ) -> Result<Detached, VmError> {
         let _op = lock(&self.op);
         let vm = qmp_path.display().to_string();
         let key = key_of(qmp_path);
@@ -272,9 +295,9 @@ impl Vms {
                     socket: &export.spec.path,
                     mac: export.mac,
                 };
-                net.remove(&mut qmp, UNPLUG_TIMEOUT).map_err(qmp_err)?;
+                net.remove(&mut qmp, timeout).map_err(qmp_err)?;
                 if others == 0 && lock(&self.pools).contains(&key) {
-                    PoolPlug::remove(&mut qmp, cluster, UNPLUG_TIMEOUT).map_err(qmp_err)?;
+                    PoolPlug::remove(&mut qmp, cluster, timeout).map_err(qmp_err)?;
                 }
                 None
             }
