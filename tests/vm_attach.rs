@@ -215,62 +215,110 @@ fn two_running_guests_attached_to_one_cluster_count_their_own_traffic() {
         return;
     }
     let _one_at_a_time = vm::serialise();
+    // Guest A holds two exports (rx=0, and rx=2,tx=3), guest B one (rx=1).
     const NA: u64 = 1200;
     const NB: u64 = 800;
+    const NA2: u64 = 600;
+    const NA3: u64 = 400;
     let d = Daemon::start(&["-q", "4", "--buffers", "8192", "--no-hugepages"]);
     let c = d.id;
     let dir = tempfile::tempdir().unwrap();
     let (qa, qb) = (dir.path().join("a.qmp"), dir.path().join("b.qmp"));
-    let script = |q: u16, n: u64| {
+    let gone = "i=0; while grep -q -e 0x1000 -e 0x1110 /sys/bus/pci/devices/*/device && [ $i -lt 600 ]; do sleep 0.2; i=$((i+1)); done; \
+                echo ZC-GONE $(cat /sys/bus/pci/devices/*/device); sleep 600";
+    let count = |tag: &str, q: u16, n: u64| {
         format!(
-            "echo ZC-BOOTED; zcount -i zc:{c}@{q} --wait 180 -n {n} --verify --json >/tmp/a 2>/tmp/e; \
-             echo ZC-R1 $(cat /tmp/a) $(tail -1 /tmp/e); \
-             i=0; while grep -q -e 0x1000 -e 0x1110 /sys/bus/pci/devices/*/device && [ $i -lt 600 ]; do sleep 0.2; i=$((i+1)); done; \
-             echo ZC-GONE $(cat /sys/bus/pci/devices/*/device); sleep 600"
+            "zcount -i zc:{c}@{q} --wait 180 -n {n} --verify --json >/tmp/a 2>/tmp/e; echo {tag} $(cat /tmp/a) $(tail -1 /tmp/e); "
         )
     };
-    let a = boot("guest-a", &qa, &script(0, NA), &[]);
-    let b = boot("guest-b", &qb, &script(1, NB), &[]);
+    let script_a = format!(
+        "echo ZC-BOOTED; {}{}zsend -i zc:{c}@3 --wait 180 -n {NA3} >/dev/null 2>/tmp/e; echo ZC-R3 $? $(tail -1 /tmp/e); {gone}",
+        count("ZC-R1", 0, NA),
+        count("ZC-R2", 2, NA2)
+    );
+    let script_b = format!("echo ZC-BOOTED; {}{gone}", count("ZC-R1", 1, NB));
+    let a = boot("guest-a", &qa, &script_a, &[]);
+    let b = boot("guest-b", &qb, &script_b, &[]);
     line(&a, "ZC-BOOTED", 180);
     line(&b, "ZC-BOOTED", 180);
     let spare0 = spare(&d);
     ok(&attach(&d, &qa, "rx=0"));
     ok(&attach(&d, &qb, "rx=1"));
+    ok(&attach(&d, &qa, "rx=2,tx=3"));
     let st = stats(&d);
-    let vms: Vec<&str> = st["attachments"]
+    let devices: Vec<(&str, &str)> = st["attachments"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|a| a["vm"].as_str().unwrap())
+        .map(|a| (a["vm"].as_str().unwrap(), a["device"].as_str().unwrap()))
         .collect();
-    assert_eq!(vms, [qa.to_str().unwrap(), qb.to_str().unwrap()], "{st}");
+    let (pa, pb) = (qa.to_str().unwrap(), qb.to_str().unwrap());
+    let (d0, d1, d2) = (
+        format!("zc{c}-rx0"),
+        format!("zc{c}-rx1"),
+        format!("zc{c}-rx2-tx3"),
+    );
+    assert_eq!(
+        devices,
+        [(pa, d0.as_str()), (pb, d1.as_str()), (pa, d2.as_str())],
+        "{st}"
+    );
+    let host_count = d
+        .tool("zcount")
+        .args([
+            "-i",
+            &d.name(3),
+            "-n",
+            &NA3.to_string(),
+            "--verify",
+            "--json",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     zsend(&d, 0, NA);
     zsend(&d, 1, NB);
+    zsend(&d, 2, NA2);
     assert_exact(&summary(&a, "ZC-R1"), NA);
     assert_exact(&summary(&b, "ZC-R1"), NB);
-    for (e, n) in stats(&d)["exports"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .zip([NA, NB])
-    {
-        assert_eq!(e["rx"]["exchanged"], n, "{e}");
+    assert_exact(&summary(&a, "ZC-R2"), NA2);
+    assert!(
+        line(&a, "ZC-R3", 180).starts_with('0'),
+        "guest zsend failed"
+    );
+    let out = wait_output(host_count, Duration::from_secs(60));
+    assert_exact(&common::json(&out), NA3);
+    let exports = stats(&d)["exports"].clone();
+    for (i, n) in [NA, NB, NA2].into_iter().enumerate() {
+        assert_eq!(exports[i]["rx"]["exchanged"], n, "{exports}");
     }
+    assert_eq!(exports[2]["tx"]["exchanged"], NA3, "{exports}");
+
     ok(&detach(&d, &qa, "rx=0"));
+    assert!(
+        qom_names(&qa, "/objects").contains(&format!("zcpool{c}")),
+        "A's pool stays while A has another export"
+    );
+    ok(&detach(&d, &qa, "rx=2,tx=3"));
+    let gone_a = line(&a, "ZC-GONE", 60);
+    assert!(
+        !gone_a.contains("0x1000") && !gone_a.contains("0x1110"),
+        "{gone_a}"
+    );
     assert_eq!(stats(&d)["attachments"].as_array().unwrap().len(), 1);
     assert_eq!(
         spare(&d),
         spare0 - 1056,
-        "B's export still holds its stock (1024) and hands (32)"
+        "B's export still holds its stock (1024) and hand (32)"
     );
-    assert!(!line(&a, "ZC-GONE", 60).contains("0x1000"));
     // A daemon that stops takes its devices out of the VMs still attached.
     let mut d = d;
     d.stop(libc::SIGTERM);
-    let gone = line(&b, "ZC-GONE", 60);
+    let gone_b = line(&b, "ZC-GONE", 60);
     assert!(
-        !gone.contains("0x1000") && !gone.contains("0x1110"),
-        "B's devices removed at shutdown: {gone}"
+        !gone_b.contains("0x1000") && !gone_b.contains("0x1110"),
+        "B's devices removed at shutdown: {gone_b}"
     );
 }
 
