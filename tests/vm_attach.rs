@@ -419,4 +419,21 @@ fn bad_attaches_fail_clearly_and_leave_nothing_behind() {
     assert_eq!(stats(&d)["attachments"].as_array().unwrap().len(), 1);
     ok(&detach(&d, &qmp, "rx=0"));
     nothing_left("after detach");
+
+    // A VM that died with an export attached: detach removes the host side.
+    ok(&attach(&d, &qmp, "rx=0"));
+    drop(g);
+    let out = detach(&d, &qmp, "rx=0");
+    let text = ok(&out);
+    assert!(text.contains("1056 buffers back in the pool"), "{text}");
+    let warn = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        warn.contains(&format!(
+            "zc-hostd: warning: VM {} is gone: its QMP socket does not answer",
+            qmp.display()
+        )) && warn.contains("removed the host side only"),
+        "{warn}"
+    );
+    assert_eq!(spare(&d), spare0);
+    assert_eq!(stats(&d)["exports"], json!([]));
 }
