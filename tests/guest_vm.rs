@@ -307,3 +307,72 @@ fn guest_pci_driver_in_a_vm_exact_both_ways_recovers_and_gives_the_device_back()
     );
     assert_eq!(e.rx.invalid_desc + e.tx.invalid_desc, 0, "{e:?}");
 }
+
+/// `zc:eth0` after its holder was killed: the interface is gone (the device
+/// has no driver), yet the name still finds the device, through the lock
+/// file the crashed holder left, and the next open receives exactly M.
+#[test]
+fn an_interface_name_finds_its_device_after_a_crash() {
+    if !require(is_root(), "root (QEMU, PCI takeover in the guest)")
+        || !require(vm::have_qemu(), "qemu-system-x86_64")
+    {
+        return;
+    }
+    let _g = vm::serialise();
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("vm.sock");
+    let export = format!("{},rx=0,tx=1", sock.display());
+    let d = Daemon::start_in(
+        unique_cluster(),
+        dir,
+        &["--buffers", "8192", "--no-hugepages", "--export", &export],
+    );
+    let qa = d
+        .tool("zc-hostd")
+        .args(["-c", &d.id.to_string(), "--qemu-args"])
+        .arg(&sock)
+        .args(["--vm-mem", "256M"])
+        .output()
+        .unwrap();
+    assert!(qa.status.success());
+    let script = format!(
+        "zcount -i zc:eth0 -t 600 >/dev/null 2>&1 & h=$!; sleep 3; kill -9 $h; wait $h; \
+         echo ZC-IF1 $(ls /sys/class/net); \
+         zcount -i zc:eth0 -n {M} -t 200 --verify --json >/tmp/a 2>/tmp/e & h=$!; sleep 5; echo ZC-S; wait $h; \
+         echo ZC-GOT $(cat /tmp/a) $(tail -1 /tmp/e); echo ZC-IF2 $(ls /sys/class/net)"
+    );
+    let g = vm::Guest::boot(&vm::GuestSpec {
+        name: "ifname-crash".into(),
+        run: script,
+        qemu_args: String::from_utf8(qa.stdout)
+            .unwrap()
+            .split_whitespace()
+            .map(String::from)
+            .collect(),
+        ..Default::default()
+    });
+    let t = Duration::from_secs(180);
+    assert_eq!(
+        g.line("ZC-IF1", t),
+        "lo",
+        "eth0 left with its killed holder"
+    );
+    g.line("ZC-S", t);
+    let send = d
+        .tool("zsend")
+        .args(["-i", &d.name(0), "-n", &M.to_string()])
+        .output()
+        .unwrap();
+    assert!(send.status.success());
+    let r = guest_json(&g.line("ZC-GOT", t));
+    assert_eq!(
+        (&r["packets"], &r["seq_errors"], &r["checksum_errors"]),
+        (&M.into(), &0.into(), &0.into()),
+        "{r}"
+    );
+    assert_eq!(
+        g.line("ZC-IF2", t),
+        "eth0 lo",
+        "eth0 back on the kernel driver"
+    );
+}

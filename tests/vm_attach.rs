@@ -13,7 +13,7 @@ use common::*;
 use serde_json::{json, Value};
 use std::path::Path;
 use std::process::Output;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use zc_host::qmp::Qmp;
 
 fn ready() -> bool {
@@ -44,26 +44,8 @@ fn boot(name: &str, qmp: &Path, script: &str, extra: &[&str]) -> Guest {
     })
 }
 
-/// Waits for a console line that starts with `prefix` (the echoed command
-/// line starts with ZC-RUN, so it never matches) and returns its rest.
 fn line(g: &Guest, prefix: &str, secs: u64) -> String {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(l) = g
-            .serial()
-            .lines()
-            .find_map(|l| l.trim().strip_prefix(prefix).map(str::to_string))
-        {
-            return l.trim().to_string();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "guest {} printed no {prefix} within {secs} s; serial:\n{}",
-            g.name,
-            g.serial()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    g.line(prefix, Duration::from_secs(secs))
 }
 
 /// The JSON summary a guest's zcount printed after `prefix`.

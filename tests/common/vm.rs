@@ -205,6 +205,29 @@ impl Guest {
         }
     }
 
+    /// Waits for a console line that starts with `prefix` (the echoed
+    /// command line starts with ZC-RUN, so it never matches) and returns
+    /// the rest of it.
+    pub fn line(&self, prefix: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(l) = self
+                .serial()
+                .lines()
+                .find_map(|l| l.trim().strip_prefix(prefix).map(str::to_string))
+            {
+                return l.trim().to_string();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "guest {} printed no {prefix} within {timeout:?}; serial:\n{}",
+                self.name,
+                self.serial()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Waits for `ZC-EXIT` and QEMU's exit; returns what the command printed.
     pub fn wait_exit(&mut self, timeout: Duration) -> GuestRun {
         let deadline = Instant::now() + timeout;

@@ -225,10 +225,27 @@ impl Lock {
         Ok((Lock { file, path }, previous))
     }
 
-    fn record(&mut self, driver: Option<&str>) {
+    /// Writes who holds the device, the driver to give it back to, and its
+    /// interface name (so that `zc:<ifname>` still finds it after a crash,
+    /// when the interface is gone).
+    fn record(&mut self, driver: Option<&str>, ifname: Option<&str>) {
         let _ = self.file.set_len(0);
-        let _ = (&self.file)
-            .write_all(format!("{}\n{}\n", std::process::id(), driver.unwrap_or("-")).as_bytes());
+        let _ = (&self.file).write_all(
+            format!(
+                "{}\n{}\n{}\n",
+                std::process::id(),
+                driver.unwrap_or("-"),
+                ifname.unwrap_or("-")
+            )
+            .as_bytes(),
+        );
+    }
+
+    /// The interface name a lock file at `path` recorded.
+    fn recorded_ifname(path: &Path) -> Option<String> {
+        let text = std::fs::read_to_string(path).ok()?;
+        let name = text.lines().nth(2)?.trim();
+        (!name.is_empty() && name != "-").then(|| name.to_string())
     }
 }
 
@@ -264,9 +281,12 @@ impl PciDevice {
         if !is_root() {
             return Err(GuestError::NotRoot { bdf: dev.bdf });
         }
+        let lock_path = state_dir().join(format!("{}.lock", dev.bdf));
+        let old_ifname = Lock::recorded_ifname(&lock_path);
         let (mut lock, previous) = Lock::take(&dev.bdf)?;
         let driver = dev.driver().or(previous);
-        lock.record(driver.as_deref());
+        let ifname = dev.kernel_ifname().or(old_ifname);
+        lock.record(driver.as_deref(), ifname.as_deref());
         let give_back = |dev: &PciDev| {
             let _ = dev.set_override(None);
             if let Some(d) = &driver {
@@ -548,7 +568,10 @@ pub fn open_interface(
                 ifname: ifname.into(),
             })
         }
-        None => return Err(GuestError::NoInterface(ifname.into())),
+        None => match recover_interface(&root, ifname)? {
+            Some(d) => d,
+            None => return Err(GuestError::NoInterface(ifname.into())),
+        },
     };
     let dev = sysfs::devices(&root)
         .into_iter()
@@ -571,4 +594,45 @@ pub fn open_interface(
         ifname: ifname.into(),
         mac: mac_string(&mac),
     })
+}
+
+/// After a crash the device behind `ifname` is left without a driver, so
+/// the interface is gone; the lock file the crashed holder left names it.
+/// Gives the device back to the driver recorded there and waits for the
+/// interface to return; its sysfs device directory, or `None` when no lock
+/// file names `ifname`.
+fn recover_interface(root: &Path, ifname: &str) -> Result<Option<PathBuf>> {
+    let Ok(entries) = std::fs::read_dir(state_dir()) else {
+        return Ok(None);
+    };
+    for e in entries.flatten() {
+        let file = e.file_name().to_string_lossy().into_owned();
+        let Some(bdf) = file.strip_suffix(".lock") else {
+            continue;
+        };
+        if Lock::recorded_ifname(&e.path()).as_deref() != Some(ifname) {
+            continue;
+        }
+        // Busy if its holder is alive: that error is the answer.
+        let (lock, previous) = Lock::take(bdf)?;
+        let Some(driver) = previous else {
+            return Ok(None);
+        };
+        let Some(dev) = sysfs::devices(root).into_iter().find(|d| d.bdf == bdf) else {
+            return Ok(None);
+        };
+        let _ = dev.set_override(None);
+        dev.bind(root, &driver)?;
+        drop(lock);
+        log::info!("zc-guest: gave {bdf} back to {driver} after a crash; waiting for {ifname}");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            if let Some(d) = sysfs::interface_device(root, ifname) {
+                return Ok(Some(d));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        return Ok(None);
+    }
+    Ok(None)
 }

@@ -104,25 +104,38 @@ impl PciDev {
         Some(l.file_name()?.to_string_lossy().into_owned())
     }
 
-    /// MAC of the kernel network interface on this function, if one is up.
-    pub fn kernel_mac(&self) -> Option<[u8; 6]> {
-        // <bdf>/virtioN/net/<ifname>/address
+    /// The kernel network interface on this function (`<bdf>/virtioN/net/<ifname>`).
+    fn kernel_net_dir(&self) -> Option<PathBuf> {
         for e in fs::read_dir(&self.dir).ok()?.filter_map(|e| e.ok()) {
             let name = e.file_name().to_string_lossy().into_owned();
             if !name.starts_with("virtio") {
                 continue;
             }
-            for n in fs::read_dir(e.path().join("net"))
+            if let Some(n) = fs::read_dir(e.path().join("net"))
                 .ok()?
                 .filter_map(|e| e.ok())
+                .next()
             {
-                let a = fs::read_to_string(n.path().join("address")).ok()?;
-                if let Some(m) = crate::error::parse_mac(&a) {
-                    return Some(m);
-                }
+                return Some(n.path());
             }
         }
         None
+    }
+
+    /// MAC of the kernel network interface on this function, if one is up.
+    pub fn kernel_mac(&self) -> Option<[u8; 6]> {
+        let a = fs::read_to_string(self.kernel_net_dir()?.join("address")).ok()?;
+        crate::error::parse_mac(&a)
+    }
+
+    /// Name of the kernel network interface on this function, if any.
+    pub fn kernel_ifname(&self) -> Option<String> {
+        Some(
+            self.kernel_net_dir()?
+                .file_name()?
+                .to_string_lossy()
+                .into_owned(),
+        )
     }
 
     pub fn config(&self) -> Result<Vec<u8>> {
