@@ -308,9 +308,10 @@ fn guest_pci_driver_in_a_vm_exact_both_ways_recovers_and_gives_the_device_back()
     assert_eq!(e.rx.invalid_desc + e.tx.invalid_desc, 0, "{e:?}");
 }
 
-/// `zc:eth0` after its holder was killed: the interface is gone (the device
-/// has no driver), yet the name still finds the device, through the lock
-/// file the crashed holder left, and the next open receives exactly M.
+/// `zc:eth0` given back on SIGTERM; and after its holder was killed: the
+/// interface is gone (the device has no driver), yet the name still finds
+/// the device, through the lock file the crashed holder left, and the next
+/// open receives exactly M.
 #[test]
 fn an_interface_name_finds_its_device_after_a_crash() {
     if !require(is_root(), "root (QEMU, PCI takeover in the guest)")
@@ -336,7 +337,9 @@ fn an_interface_name_finds_its_device_after_a_crash() {
         .unwrap();
     assert!(qa.status.success());
     let script = format!(
-        "zcount -i zc:eth0 -t 600 >/dev/null 2>&1 & h=$!; sleep 3; kill -9 $h; wait $h; \
+        "zcount -i zc:eth0 -t 600 >/dev/null 2>&1 & h=$!; sleep 3; kill -TERM $h; wait $h; \
+         echo ZC-TERM $? $(ls /sys/class/net); \
+         zcount -i zc:eth0 -t 600 >/dev/null 2>&1 & h=$!; sleep 3; kill -9 $h; wait $h; \
          echo ZC-IF1 $(ls /sys/class/net); \
          zcount -i zc:eth0 -n {M} -t 200 --verify --json >/tmp/a 2>/tmp/e & h=$!; sleep 5; echo ZC-S; wait $h; \
          echo ZC-GOT $(cat /tmp/a) $(tail -1 /tmp/e); echo ZC-IF2 $(ls /sys/class/net)"
@@ -352,6 +355,11 @@ fn an_interface_name_finds_its_device_after_a_crash() {
         ..Default::default()
     });
     let t = Duration::from_secs(180);
+    assert_eq!(
+        g.line("ZC-TERM", t),
+        "0 eth0 lo",
+        "SIGTERM: zcount exits cleanly and gives eth0 back"
+    );
     assert_eq!(
         g.line("ZC-IF1", t),
         "lo",
