@@ -15,6 +15,7 @@ pub struct ExportDefaults {
     pub cores: Vec<usize>,
 }
 
+/// Lock order: `exports` before the cluster.
 pub struct Registry {
     cluster: Arc<Mutex<Cluster>>,
     exports: Mutex<Vec<Export>>,

@@ -337,13 +337,20 @@ impl Daemon {
         if matches!(req, Request::AttachVm { .. } | Request::DetachVm { .. }) {
             return self.serve_vm(id, req);
         }
+        // Lock order: the registry's export list before the cluster (an
+        // attach holds the list while it starts an export).
+        let exports = matches!(req, Request::Stats).then(|| self.registry.shared());
         let mut cluster = lock_cluster(&self.cluster);
         let (reply, fds): (Reply, Vec<i32>) = match req {
             Request::Info => (Reply::Info(cluster.info()), vec![]),
             Request::Stats => (
                 Reply::Stats {
                     info: cluster.info(),
-                    exports: self.registry.shared().iter().map(|e| e.stats()).collect(),
+                    exports: exports
+                        .unwrap_or_default()
+                        .iter()
+                        .map(|e| e.stats())
+                        .collect(),
                     attachments: self.vms.list(),
                 },
                 vec![],
