@@ -124,19 +124,16 @@ fn start_one(
         c.attach_export(&name, q, Role::Producer).map_err(attach)?;
     }
     let stock_n = cfg.stock.min(directory::MAX_STOCK as u32);
-    let hands = if spec.rx.is_some() { BURST as u32 } else { 0 }
-        + if spec.tx.is_some() { BURST as u32 } else { 0 };
+    // Every export has a tx hand: without a tx queue, it holds the empties
+    // the export hands back for the pool buffers its guest sends.
+    let hands = if spec.rx.is_some() { BURST as u32 } else { 0 } + BURST as u32;
     let mut bufs = c.take_spare(stock_n + hands).map_err(attach)?;
     let rx_hand: Vec<BufferIndex> = if spec.rx.is_some() {
         bufs.drain(..BURST).collect()
     } else {
         Vec::new()
     };
-    let tx_hand: Vec<BufferIndex> = if spec.tx.is_some() {
-        bufs.drain(..BURST).collect()
-    } else {
-        Vec::new()
-    };
+    let tx_hand: Vec<BufferIndex> = bufs.drain(..BURST).collect();
     for b in &bufs {
         c.owners().give_to_guest(*b, slot);
     }
