@@ -44,6 +44,7 @@ impl Worker {
         let dev = self.dev.as_ref().expect("checked");
         let q = dev.queues[TXQ].as_ref().expect("checked");
         let avail = q.pending()?.min(BURST as u16);
+        q.prefetch_pending(avail);
         let has_queue = self.tx_end.is_some();
         for k in 0..avail {
             let head = q.head(k)?;
