@@ -80,7 +80,9 @@ fn map_pool_file(pool_path: &Path) -> Result<(std::fs::File, PoolMap)> {
 /// Sending when no export sends into `queue`: the socket may serve a sink,
 /// an export without a tx queue that consumes (exchanges and drops) what
 /// its guest sends. Each sink of the directory is tried in turn; the
-/// device's MAC tells whether the socket serves it.
+/// device's MAC tells whether the socket serves it. A backend that does not
+/// report its MAC (zc-hostd's config space is not served over vhost-user)
+/// cannot say, so then only a single sink is taken.
 fn open_vhost_user(
     socket: &Path,
     pool_path: &Path,
@@ -93,10 +95,12 @@ fn open_vhost_user(
         Err(e) if dir == Direction::Tx => (pool.sinks(), Some(e)),
         Err(e) => return Err(e),
     };
+    let single = candidates.len() == 1;
     for (slot, entry) in candidates {
         let f = file.try_clone().map_err(|e| GuestError::io(pool_path, e))?;
         let mut vu = VhostUser::connect(socket, f, pool.base(), pool.layout().pool_size)?;
         vu.expect_mac = Some(entry.mac);
+        vu.require_mac = missing.is_some() && !single;
         match bring_up(&mut vu, &pool, slot, &entry, dir) {
             Ok(core) => {
                 if entry.tx_queue == NO_QUEUE {
