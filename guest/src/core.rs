@@ -356,6 +356,10 @@ pub struct RxCore {
     unused_run: u32,
 }
 
+/// A TX core takes back completed descriptors when fewer than this many
+/// descriptors or empty buffers are left (or fewer than a burst asks).
+const REAP_BELOW: usize = 64;
+
 /// Buffers an RX core keeps back from the ring for `take_buffers`.
 pub const RX_RESERVE: usize = 64;
 
@@ -558,9 +562,16 @@ impl TxCore {
         if self.c.failed.is_some() {
             return 0;
         }
-        self.reap();
-        if self.c.failed.is_some() {
-            return 0;
+        // Reap lazily, as DPDK's virtio PMD frees TX buffers only below a
+        // threshold: one pass over many completions pays the round trips to
+        // the device's core (used index, then elements, then descriptors)
+        // once, not once per burst.
+        let low = REAP_BELOW.max(bufs.len());
+        if self.free_desc.len() < low || self.c.free.len() < low {
+            self.reap();
+            if self.c.failed.is_some() {
+                return 0;
+            }
         }
         let n = bufs.len().min(self.free_desc.len()).min(self.c.free.len());
         self.c.q.prefetch_avail();
