@@ -584,16 +584,19 @@ impl TxCore {
             let len = len.min(layout.max_packet());
             // The virtio-net header (all zero: no offloads) in front of the
             // packet. Usually it is zero already (only a host's RX writes
-            // it): then leave the line clean.
+            // it): then leave the line clean. Read as two words (the header
+            // starts 52 bytes into the 64-byte aligned buffer).
             if let Some(off) = layout.buffer_offset(b) {
                 let hdr = off + u64::from(HEADROOM - VIRTIO_NET_HDR_LEN);
                 // SAFETY: hdr..hdr + 12 lies in buffer b's headroom inside the
                 // pool mapping (buffer_offset checked the index); b is ours
                 // (post() asserts it below), so nobody else writes it.
                 unsafe {
-                    let p = pool.add(hdr as usize).cast::<[u8; 12]>();
-                    if std::ptr::read_volatile(p) != [0; 12] {
-                        std::ptr::write_volatile(p, [0; 12]);
+                    let p = pool.add(hdr as usize);
+                    let lo = std::ptr::read_volatile(p.cast::<u32>());
+                    let hi = std::ptr::read_volatile(p.add(4).cast::<u64>());
+                    if lo != 0 || hi != 0 {
+                        std::ptr::write_volatile(p.cast::<[u8; 12]>(), [0; 12]);
                     }
                 };
             }
