@@ -484,13 +484,68 @@ impl RxCore {
     }
 }
 
+/// Descriptor ids not in flight. Hands out the id of the next avail slot
+/// when it is free, which it always is with a device that completes in
+/// order (the zc export does): then descriptors are used in ring order, a
+/// burst fills whole descriptor lines, and every avail entry keeps the
+/// value it had a lap ago, so the driver never rewrites it (the line stays
+/// shared with the device's core instead of bouncing). Otherwise the next
+/// free id after it.
+struct DescIds {
+    free: Vec<bool>,
+    count: usize,
+}
+
+impl DescIds {
+    fn new(size: u16) -> Self {
+        DescIds {
+            free: vec![true; usize::from(size)],
+            count: usize::from(size),
+        }
+    }
+
+    #[inline(always)]
+    fn len(&self) -> usize {
+        self.count
+    }
+
+    /// Id `id` (< size: complete() checked it) is free again.
+    #[inline(always)]
+    fn put(&mut self, id: u16) {
+        let f = &mut self.free[usize::from(id)];
+        if !*f {
+            *f = true;
+            self.count += 1;
+        }
+    }
+
+    /// A free id, `want` if it is free.
+    #[inline(always)]
+    fn take(&mut self, want: u16) -> Option<u16> {
+        if self.count == 0 {
+            return None;
+        }
+        let mask = self.free.len() - 1;
+        let mut i = usize::from(want) & mask;
+        for _ in 0..self.free.len() {
+            if self.free[i] {
+                self.free[i] = false;
+                self.count -= 1;
+                return Some(i as u16);
+            }
+            i = (i + 1) & mask;
+        }
+        None
+    }
+}
+
 /// Sending: the caller's filled buffer goes into a device-readable
 /// descriptor and the caller gets an empty buffer the driver holds; completed
 /// descriptors return whatever buffer they name to the driver's free list.
 pub struct TxCore {
     c: Common,
     /// Descriptor ids not in flight.
-    free_desc: Vec<u16>,
+    free_desc: DescIds,
 }
 
 impl TxCore {
@@ -502,7 +557,7 @@ impl TxCore {
         bell: Bell,
     ) -> Self {
         let c = Common::new(q, view, addr, stock, bell);
-        let free_desc = (0..c.q.size()).rev().collect();
+        let free_desc = DescIds::new(c.q.size());
         TxCore { c, free_desc }
     }
 
@@ -545,7 +600,7 @@ impl TxCore {
             match self.c.complete(n, 0, max) {
                 Ok((id, b, _)) => {
                     self.c.free.push(b);
-                    self.free_desc.push(id);
+                    self.free_desc.put(id);
                     n += 1;
                 }
                 Err(v) => {
@@ -578,7 +633,7 @@ impl TxCore {
         let layout = self.c.addr.layout;
         let pool = self.c.view.base();
         for h in &mut bufs[..n] {
-            let id = self.free_desc.pop().expect("counted");
+            let id = self.free_desc.take(self.c.q.next_slot()).expect("counted");
             let fresh = self.c.free.pop().expect("counted");
             let (b, len) = h.replace(fresh, 0);
             let len = len.min(layout.max_packet());
@@ -612,7 +667,7 @@ impl TxCore {
     /// Waits until a descriptor may be free again.
     pub fn wait(&mut self, timeout: Duration) {
         self.reap();
-        if !self.free_desc.is_empty() && !self.c.free.is_empty() {
+        if self.free_desc.len() > 0 && !self.c.free.is_empty() {
             return;
         }
         self.c.wait(timeout)
