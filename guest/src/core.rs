@@ -629,7 +629,7 @@ impl TxCore {
             }
         }
         let n = bufs.len().min(self.free_desc.len()).min(self.c.free.len());
-        self.c.q.prefetch_avail();
+        self.c.q.prefetch_next_descs(n as u16);
         let layout = self.c.addr.layout;
         let pool = self.c.view.base();
         for h in &mut bufs[..n] {
