@@ -16,7 +16,9 @@
 #          two busy threads, one per core (copy path). Rate: the frontend's
 #          Tx-pps (what the backend took), median of per-second samples.
 # Each figure is the median of RUNS runs of SECS seconds; the runs of each
-# kind alternate, so a noisy moment hits all of them alike.
+# kind alternate, so a noisy moment hits all of them alike, and each run
+# waits (up to IDLE_WAIT seconds, default 120) for other processes to leave
+# the CPUs idle.
 # Needs root, dpdk-testpmd (apt-get install dpdk-dev) and ~1.2 GiB of 2 MiB
 # hugepages (reserved here if fewer).
 #   benches/guest-vhost.sh                       # RUNS=3 SECS=5
@@ -45,6 +47,21 @@ mountpoint -q /dev/hugepages || mount -t hugetlbfs nodev /dev/hugepages
 B=target/release
 export ZC_RUN_DIR=$TMP/run
 
+# Percent of all CPU time used over half a second (between runs: by others).
+cpu_busy() {
+    local a b
+    a=$(awk '$1 == "cpu" { print $2+$3+$4+$7+$8+$9, $5+$6 }' /proc/stat); sleep 0.5
+    b=$(awk '$1 == "cpu" { print $2+$3+$4+$7+$8+$9, $5+$6 }' /proc/stat)
+    echo "$a $b" | awk '{ t = $3 - $1 + $4 - $2; print (t > 0 ? int(100 * ($3 - $1) / t) : 0) }'
+}
+# Waits up to IDLE_WAIT seconds (default 120) for the machine to go idle.
+wait_idle() {
+    local i
+    for ((i = 0; i < ${IDLE_WAIT:-120} * 2; i++)); do
+        [ "$(cpu_busy)" -lt 10 ] && return 0
+    done
+    echo "guest-vhost: other processes keep the CPUs busy; measuring anyway" >&2
+}
 median() { sort -g | awk '{a[NR]=$1} END {if (NR==0) print 0; else if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
 json_pps() { sed -n 's/.*"pps":\([0-9.e+]*\).*/\1/p' | tail -1; }
 
@@ -125,11 +142,14 @@ printf '%-7s %11s %11s %8s %11s %9s   %s\n' size "sink Mpps" "dpdk Mpps" "sink/d
 for size in $SIZES; do
     sk=(); rx=(); dp=(); proof=""
     for _ in $(seq "$RUNS"); do
+        wait_idle
         read -r pps pk ex < <(zc_sink "$size")
         sk+=("$pps")
         proof="$ex == $pk"
         [ "$ex" = "$pk" ] && [ "$pk" != 0 ] || proof="$proof MISMATCH"
+        wait_idle
         rx+=("$(zc_rx "$size")")
+        wait_idle
         dp+=("$(dpdk "$size")")
     done
     k=$(printf '%s\n' "${sk[@]}" | median)
@@ -138,7 +158,8 @@ for size in $SIZES; do
     awk -v s="$size" -v k="$k" -v r="$r" -v d="$d" -v p="$proof" 'BEGIN {
         printf "%-7s %11.2f %11.2f %8.2f %11.2f %9.2f   %s\n",
             s " B", k/1e6, d/1e6, (d > 0 ? k/d : 0), r/1e6, (d > 0 ? r/d : 0), p }'
-    echo "        runs pps: sink ${sk[*]} | dpdk ${dp[*]} | rx ${rx[*]}"
+    mpps() { awk '{ for (i = 1; i <= NF; i++) printf "%s%.2f", (i > 1 ? " " : ""), $i / 1e6 }'; }
+    echo "        runs Mpps: sink $(echo "${sk[*]}" | mpps) | dpdk $(echo "${dp[*]}" | mpps) | rx $(echo "${rx[*]}" | mpps)"
 done
 echo "sink: guest-driver zsend (core 0) -> export without tx (poll thread, core 1): two busy threads."
 echo "rx*:  host zsend -> export rx=0 -> guest-driver zcount: THREE busy threads on two cores."

@@ -121,6 +121,27 @@ fn guest_send(f: &mut TestFrontend, pkts: &[Vec<u8>]) {
     assert_eq!(done, pkts.len());
 }
 
+/// Sends `pkts` through the guest's TX queue from the pool buffers `bufs`
+/// (the zero-copy path), one descriptor each; returns the heads.
+fn guest_send_pool(f: &mut TestFrontend, bufs: &[u32], pkts: &[Vec<u8>]) -> Vec<u16> {
+    let mut heads = Vec::new();
+    for (&b, p) in bufs.iter().zip(pkts) {
+        let gpa = f.mem.pool.as_ref().unwrap().desc_gpa(b);
+        f.mem.write(gpa, &[0u8; HDR]);
+        f.mem.write(gpa + HDR as u64, p);
+        heads.push(f.tx.add(
+            &f.mem,
+            &[Seg {
+                gpa,
+                len: (HDR + p.len()) as u32,
+                write: false,
+            }],
+        ));
+    }
+    f.tx.publish(&f.mem);
+    heads
+}
+
 #[test]
 fn copy_path_delivers_exact_packets_both_ways() {
     let h = Hostd::start(9101, &["a.sock,rx=0,tx=1"], &[]);
@@ -295,22 +316,7 @@ fn zero_copy_exchanges_pool_buffers_both_ways() {
         .map(|i| payload(i + 500, 100 + i as usize))
         .collect();
     let receiver = host_recv(&h, 1, out.len());
-    let pool = f.mem.pool.as_ref().unwrap();
-    let mut heads = Vec::new();
-    for (b, p) in held.iter().zip(&out) {
-        let gpa = pool.desc_gpa(*b);
-        f.mem.write(gpa, &[0u8; HDR]);
-        f.mem.write(gpa + HDR as u64, p);
-        heads.push(f.tx.add(
-            &f.mem,
-            &[Seg {
-                gpa,
-                len: (HDR + p.len()) as u32,
-                write: false,
-            }],
-        ));
-    }
-    f.tx.publish(&f.mem);
+    guest_send_pool(&mut f, &held, &out);
     let used = f.tx.wait_used(&f.mem, 64);
     let received = receiver.join().unwrap();
     assert!(received == out, "payloads differ");
@@ -347,23 +353,10 @@ fn a_tx_less_export_consumes_pool_buffers_by_exchange() {
     const ROUNDS: usize = 10;
     for round in 0..ROUNDS {
         let sent: Vec<u32> = held.drain(..64).collect();
-        let pool = f.mem.pool.as_ref().unwrap();
-        let mut heads = Vec::new();
-        for (i, &b) in sent.iter().enumerate() {
-            let gpa = pool.desc_gpa(b);
-            let p = payload((round * 64 + i) as u32, 60 + i);
-            f.mem.write(gpa, &[0u8; HDR]);
-            f.mem.write(gpa + HDR as u64, &p);
-            heads.push(f.tx.add(
-                &f.mem,
-                &[Seg {
-                    gpa,
-                    len: (HDR + p.len()) as u32,
-                    write: false,
-                }],
-            ));
-        }
-        f.tx.publish(&f.mem);
+        let pkts: Vec<Vec<u8>> = (0..64)
+            .map(|i| payload((round * 64 + i) as u32, 60 + i))
+            .collect();
+        let heads = guest_send_pool(&mut f, &sent, &pkts);
         let used = f.tx.wait_used(&f.mem, 64);
         let pool = f.mem.pool.as_ref().unwrap();
         for (id, len) in used {
