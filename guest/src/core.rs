@@ -360,6 +360,9 @@ pub struct RxCore {
 /// descriptors or empty buffers are left (or fewer than a burst asks).
 const REAP_BELOW: usize = 64;
 
+/// How far ahead of the completion it checks a TX reap prefetches.
+const REAP_AHEAD: u16 = 16;
+
 /// Buffers an RX core keeps back from the ring for `take_buffers`.
 pub const RX_RESERVE: usize = 64;
 
@@ -585,11 +588,11 @@ impl TxCore {
                 return;
             }
         };
-        // The completed descriptors are read (their new address) and then,
-        // soon, rewritten for the next packets: take their lines for
-        // writing at once, all of them in parallel. (The ids are hints
-        // only; complete() checks what it uses.)
-        for k in 0..ready {
+        // The completed descriptors are read (their new address): fetch
+        // their lines a window ahead, many in parallel but not more than
+        // the CPU keeps in flight. (The ids are hints only; complete()
+        // checks what it uses.)
+        for k in 0..ready.min(REAP_AHEAD) {
             self.c.q.prefetch_desc(self.c.q.used_elem(k).id);
         }
         let mut n = 0;
@@ -597,6 +600,11 @@ impl TxCore {
         // write 0 or the bytes read); it may not exceed what was posted.
         let max = self.c.addr.max_desc_len();
         while n < ready {
+            if n + REAP_AHEAD < ready {
+                self.c
+                    .q
+                    .prefetch_desc(self.c.q.used_elem(n + REAP_AHEAD).id);
+            }
             match self.c.complete(n, 0, max) {
                 Ok((id, b, _)) => {
                     self.c.free.push(b);
