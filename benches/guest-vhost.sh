@@ -2,21 +2,23 @@
 # Guest-driver benchmark (issue 4): the zc guest driver over the vhost-user
 # transport against a zc-hostd export, side by side with DPDK in one run,
 # for 64, 512, 1024 and 1500-byte packets:
-#   (tx)   guest-driver zsend --vhost-user -> export tx=1 -> host zcount.
-#          The export exchanges every guest buffer for an empty one and the
-#          host consumer takes the packet and returns an empty buffer: the
-#          work a real consumer causes. (An export without tx only counts
-#          and drops: it does not exchange, so it is not used as the sink.)
-#          Three busy threads on two cores: the export's poll thread alone on
-#          core 1, zsend and zcount sharing core 0 (measured best: sharing
-#          the poll thread's core instead costs 6x). Rate: zcount's pps.
-#   (rx)   host zsend -> export rx=0 -> guest-driver zcount --vhost-user,
-#          three busy threads: the poll thread on core 1, zsend and zcount
-#          sharing core 0. Rate: the guest zcount's pps.
+#   (sink) the issue's set-up, TWO busy threads, one per core:
+#          guest-driver zsend --vhost-user (core 0) -> export WITHOUT tx
+#          (its poll thread on core 1). The export is the consumer: every
+#          guest pool buffer passes to the host and an empty one from the
+#          export's hand comes back (the contract's exchange), then the
+#          packet is dropped. Rate: the export's tx packet counter over the
+#          run's middle SECS seconds. Proof: exchanged == packets at the end.
+#   (rx)   host zsend -> export rx=0 -> guest-driver zcount --vhost-user:
+#          THREE busy threads on two cores (the poll thread on core 1,
+#          zsend and zcount sharing core 0). Rate: the guest zcount's pps.
 #   (dpdk) testpmd virtio_user txonly -> testpmd vhost PMD rxonly (DESIGN.md),
 #          two busy threads, one per core (copy path). Rate: the frontend's
 #          Tx-pps (what the backend took), median of per-second samples.
-# Each figure is the median of RUNS runs of SECS seconds.
+# Each figure is the median of RUNS runs of SECS seconds; the runs of each
+# kind alternate, so a noisy moment hits all of them alike, and each run
+# waits (up to IDLE_WAIT seconds, default 120) for other processes to leave
+# the CPUs idle.
 # Needs root, dpdk-testpmd (apt-get install dpdk-dev) and ~1.2 GiB of 2 MiB
 # hugepages (reserved here if fewer).
 #   benches/guest-vhost.sh                       # RUNS=3 SECS=5
@@ -45,12 +47,28 @@ mountpoint -q /dev/hugepages || mount -t hugetlbfs nodev /dev/hugepages
 B=target/release
 export ZC_RUN_DIR=$TMP/run
 
+# Percent of all CPU time used over half a second (between runs: by others).
+cpu_busy() {
+    local a b
+    a=$(awk '$1 == "cpu" { print $2+$3+$4+$7+$8+$9, $5+$6 }' /proc/stat); sleep 0.5
+    b=$(awk '$1 == "cpu" { print $2+$3+$4+$7+$8+$9, $5+$6 }' /proc/stat)
+    echo "$a $b" | awk '{ t = $3 - $1 + $4 - $2; print (t > 0 ? int(100 * ($3 - $1) / t) : 0) }'
+}
+# Waits up to IDLE_WAIT seconds (default 120) for the machine to go idle.
+wait_idle() {
+    local i
+    for ((i = 0; i < ${IDLE_WAIT:-120} * 2; i++)); do
+        [ "$(cpu_busy)" -lt 10 ] && return 0
+    done
+    echo "guest-vhost: other processes keep the CPUs busy; measuring anyway" >&2
+}
 median() { sort -g | awk '{a[NR]=$1} END {if (NR==0) print 0; else if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
 json_pps() { sed -n 's/.*"pps":\([0-9.e+]*\).*/\1/p' | tail -1; }
 
+# start_hostd EXPORT-QUEUES, e.g. "rx=0" (a sink: no tx) or "rx=0,tx=1".
 start_hostd() {
     rm -f "$TMP/vm.sock"
-    "$B/zc-hostd" -c "$CLUSTER" -q 2 --buffers 16384 --export "$TMP/vm.sock,rx=0,tx=1" \
+    "$B/zc-hostd" -c "$CLUSTER" -q 2 --buffers 16384 --export "$TMP/vm.sock,$1" \
         -g 1 >"$TMP/hostd.log" 2>&1 &
     HOSTD=$!
     PIDS+=("$HOSTD")
@@ -58,24 +76,38 @@ start_hostd() {
 }
 stop_hostd() { kill "$HOSTD" 2>/dev/null; wait "$HOSTD" 2>/dev/null || true; }
 
-# Guest zsend (core 0) -> export tx=1 -> host zcount (core 1).
-zc_tx() {
-    start_hostd
-    "$B/zcount" -i "zc:$CLUSTER@1" -t "$SECS" -g 0 --json >"$TMP/c.json" 2>/dev/null &
-    local c=$!
-    sleep 0.3
-    "$B/zsend" -i "zc:$CLUSTER@1" --vhost-user "$TMP/vm.sock" -l "$1" -g 0 >/dev/null 2>&1 &
+# The export's tx counter NAME (packets, exchanged, ...) from `stats --json`.
+tx_counter() {
+    "$B/zc-hostd" -c "$CLUSTER" stats --json 2>/dev/null |
+        grep -o '"tx":{[^}]*}' | sed -n "s/.*\"$1\":\([0-9]*\).*/\1/p" | head -1
+}
+now() { date +%s.%N; }
+
+# Guest zsend (core 0) -> export without tx (poll thread, core 1). Prints
+# "pps packets exchanged".
+zc_sink() {
+    start_hostd "rx=0"
+    # No export sends into queue 1: the guest driver takes the socket's sink.
+    "$B/zsend" -i "zc:$CLUSTER@1" --vhost-user "$TMP/vm.sock" -l "$1" -g 0 \
+        >/dev/null 2>"$TMP/zsend.err" &
     local s=$!
-    wait "$c" || true
+    sleep 1
+    local p0 t0 p1 t1
+    p0=$(tx_counter packets); t0=$(now)
+    sleep "$SECS"
+    p1=$(tx_counter packets); t1=$(now)
     kill -INT "$s" 2>/dev/null; wait "$s" 2>/dev/null || true
     "$B/zc-hostd" -c "$CLUSTER" stats >>"$TMP/stats.log" 2>&1 || true
+    local pk ex
+    pk=$(tx_counter packets); ex=$(tx_counter exchanged)
     stop_hostd
-    json_pps <"$TMP/c.json"
+    awk -v p0="${p0:-0}" -v p1="${p1:-0}" -v t0="$t0" -v t1="$t1" -v pk="${pk:-0}" -v ex="${ex:-0}" \
+        'BEGIN { printf "%.0f %s %s\n", (p1 - p0) / (t1 - t0), pk, ex }'
 }
 
 # Host zsend (core 0) -> export rx=0 -> guest zcount (core 1).
 zc_rx() {
-    start_hostd
+    start_hostd "rx=0"
     "$B/zcount" -i "zc:$CLUSTER@0" --vhost-user "$TMP/vm.sock" -t "$SECS" -g 0 --json \
         >"$TMP/c.json" 2>/dev/null &
     local c=$!
@@ -106,21 +138,32 @@ dpdk() {
     grep -a 'Tx-pps:' "$TMP/fe.log" | awk '{print $2}' | tail -n +3 | head -n "$((SECS - 1))" | median
 }
 
-printf '%-7s %12s %12s %12s %10s %10s\n' size "zc tx Mpps" "zc rx Mpps" "dpdk Mpps" "tx/dpdk" "rx/dpdk"
+printf '%-7s %11s %11s %8s %11s %9s   %s\n' size "sink Mpps" "dpdk Mpps" "sink/dp" "rx Mpps*" "rx/dpdk" "exchanged == packets (last sink run)"
 for size in $SIZES; do
-    tx=(); rx=(); dp=()
+    sk=(); rx=(); dp=(); proof=""
     for _ in $(seq "$RUNS"); do
-        tx+=("$(zc_tx "$size")")
+        wait_idle
+        read -r pps pk ex < <(zc_sink "$size")
+        sk+=("$pps")
+        proof="$ex == $pk"
+        [ "$ex" = "$pk" ] && [ "$pk" != 0 ] || proof="$proof MISMATCH"
+        wait_idle
         rx+=("$(zc_rx "$size")")
+        wait_idle
         dp+=("$(dpdk "$size")")
     done
-    t=$(printf '%s\n' "${tx[@]}" | median)
+    k=$(printf '%s\n' "${sk[@]}" | median)
     r=$(printf '%s\n' "${rx[@]}" | median)
     d=$(printf '%s\n' "${dp[@]}" | median)
-    awk -v s="$size" -v t="$t" -v r="$r" -v d="$d" -v tr="${tx[*]}" -v rr="${rx[*]}" -v dr="${dp[*]}" 'BEGIN {
-        printf "%-7s %12.2f %12.2f %12.2f %10.2f %10.2f   (runs pps: tx %s | rx %s | dpdk %s)\n",
-            s " B", t/1e6, r/1e6, d/1e6, (d > 0 ? t/d : 0), (d > 0 ? r/d : 0), tr, rr, dr }'
+    awk -v s="$size" -v k="$k" -v r="$r" -v d="$d" -v p="$proof" 'BEGIN {
+        printf "%-7s %11.2f %11.2f %8.2f %11.2f %9.2f   %s\n",
+            s " B", k/1e6, d/1e6, (d > 0 ? k/d : 0), r/1e6, (d > 0 ? r/d : 0), p }'
+    mpps() { awk '{ for (i = 1; i <= NF; i++) printf "%s%.2f", (i > 1 ? " " : ""), $i / 1e6 }'; }
+    echo "        runs Mpps: sink $(echo "${sk[*]}" | mpps) | dpdk $(echo "${dp[*]}" | mpps) | rx $(echo "${rx[*]}" | mpps)"
 done
+echo "sink: guest-driver zsend (core 0) -> export without tx (poll thread, core 1): two busy threads."
+echo "rx*:  host zsend -> export rx=0 -> guest-driver zcount: THREE busy threads on two cores."
+echo "dpdk: testpmd virtio_user txonly -> vhost PMD rxonly: two busy threads (copy path)."
 # Proof of the path taken: every zc run's export counters (copied must be 0).
-echo "export counters after each zc run (copied = 0: every packet was exchanged):"
+echo "export counters after each zc run (copied = 0; sink: exchanged = no queue = packets):"
 grep '^export' "$TMP/stats.log" | sed 's/^/  /'

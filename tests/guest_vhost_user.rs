@@ -212,3 +212,69 @@ fn wrong_socket_or_queue_is_a_one_line_error() {
     let out = wait_output(run(c), TIMEOUT);
     assert_one_line_error(&out, "--pool PATH");
 }
+
+#[test]
+fn guest_driver_sends_into_a_sink_export_which_exchanges_every_packet() {
+    // An export without tx consumes what its guest sends: each pool buffer
+    // is exchanged for an empty one, then dropped. The guest driver reaches
+    // it over vhost-user when no export sends into the queue it names.
+    let dir = tempfile::tempdir().unwrap();
+    let sink = dir.path().join("sink.sock");
+    let other = dir.path().join("other.sock");
+    let (e_sink, e_other) = (
+        format!("{},rx=0", sink.display()),
+        format!("{},rx=1,tx=2", other.display()),
+    );
+    let d = Daemon::start_in(
+        unique_cluster(),
+        dir,
+        &[
+            "-q",
+            "4",
+            "--buffers",
+            "8192",
+            "--no-hugepages",
+            "--export",
+            &e_sink,
+            "--export",
+            &e_other,
+        ],
+    );
+    let n = 20_000u64;
+    let mut total = 0;
+    for len in [64usize, 1500] {
+        let mut send = d.tool("zsend");
+        send.args([
+            "-i",
+            &d.name(3),
+            "-n",
+            &n.to_string(),
+            "-l",
+            &len.to_string(),
+        ])
+        .arg("--json")
+        .arg("--vhost-user")
+        .arg(&sink);
+        let sent = ok_json(wait_output(run(send), TIMEOUT), "guest zsend into the sink");
+        assert_eq!(sent["packets"], n);
+        total += n;
+        let e = export_named(&d, &sink);
+        assert_eq!(
+            (e.tx.packets, e.tx.exchanged, e.tx.drop_no_queue),
+            (total, total, total),
+            "every packet exchanged and dropped: {e:?}"
+        );
+        assert_eq!(
+            e.tx.copied + e.tx.invalid_desc + e.tx.drop_bad_len,
+            0,
+            "{e:?}"
+        );
+    }
+    // The other export still refuses what it does not serve: receiving
+    // needs an rx queue, and queue 3 has none.
+    let mut c = d.tool("zcount");
+    c.args(["-i", &d.name(3), "-n", "1", "--vhost-user"])
+        .arg(&other);
+    let out = wait_output(run(c), TIMEOUT);
+    assert_one_line_error(&out, "no export for queue 3 (rx=3)");
+}

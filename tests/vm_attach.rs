@@ -291,8 +291,8 @@ fn two_running_guests_attached_to_one_cluster_count_their_own_traffic() {
     assert_eq!(stats(&d)["attachments"].as_array().unwrap().len(), 1);
     assert_eq!(
         spare(&d),
-        spare0 - 1056,
-        "B's export still holds its stock (1024) and hand (32)"
+        spare0 - 1088,
+        "B's export still holds its stock (1024) and hands (32 rx, 32 tx)"
     );
     // A daemon that stops takes its devices out of the VMs still attached.
     let mut d = d;
@@ -407,7 +407,7 @@ fn bad_attaches_fail_clearly_and_leave_nothing_behind() {
     drop(g);
     let out = detach(&d, &qmp, "rx=0");
     let text = ok(&out);
-    assert!(text.contains("1056 buffers back in the pool"), "{text}");
+    assert!(text.contains("1088 buffers back in the pool"), "{text}");
     let warn = String::from_utf8_lossy(&out.stderr);
     assert!(
         warn.contains(&format!(

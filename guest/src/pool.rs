@@ -185,13 +185,20 @@ impl PoolMap {
         self.exports().into_iter().find(|(_, e)| e.mac == mac)
     }
 
-    /// Checks that `e` (slot `slot`) may be used by `dir`, and returns it.
+    /// Exports without a tx queue: sinks that consume (exchange and drop)
+    /// whatever their guest sends.
+    pub fn sinks(&self) -> Vec<(usize, ExportEntry)> {
+        self.exports()
+            .into_iter()
+            .filter(|(_, e)| e.tx_queue == NO_QUEUE)
+            .collect()
+    }
+
+    /// Checks that export `e` may be used by `dir`: receiving needs an rx
+    /// queue; sending needs a tx queue or goes into a sink (an export
+    /// without tx consumes what its guest sends).
     pub fn check_direction(&self, e: &ExportEntry, dir: crate::error::Direction) -> Result<()> {
-        let q = match dir {
-            crate::error::Direction::Rx => e.rx_queue,
-            crate::error::Direction::Tx => e.tx_queue,
-        };
-        if q == NO_QUEUE {
+        if dir == crate::error::Direction::Rx && e.rx_queue == NO_QUEUE {
             return Err(GuestError::WrongDirection {
                 cluster: self.layout.cluster_id,
                 mac: crate::error::mac_string(&e.mac),
@@ -367,7 +374,14 @@ mod tests {
             map.export_for_queue(1, Direction::Tx),
             Err(GuestError::NoExport { queue: 1, .. })
         ));
-        assert!(map.check_direction(&e, Direction::Tx).is_err());
+        assert!(map.check_direction(&e, Direction::Tx).is_ok(), "a sink");
+        assert_eq!(map.sinks(), vec![(3, e)]);
+        let no_rx = ExportEntry {
+            rx_queue: NO_QUEUE,
+            tx_queue: 2,
+            ..e
+        };
+        assert!(map.check_direction(&no_rx, Direction::Rx).is_err());
         assert_eq!(map.ring_area(3, &e).unwrap(), e.ring_offset);
         assert!(map.ring_area(2, &e).is_err());
         assert_eq!(map.export_for_mac(e.mac).map(|x| x.0), Some(3));

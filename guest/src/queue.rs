@@ -10,6 +10,7 @@ use std::fs::OpenOptions;
 use std::io;
 use std::path::Path;
 use std::time::Duration;
+use zc_proto::layout::NO_QUEUE;
 use zc_proto::{BufferHandle, PoolView, QueueEnd, Receiver, Sender};
 
 /// The device a queue runs on; dropping it stops the device.
@@ -75,6 +76,13 @@ fn map_pool_file(pool_path: &Path) -> Result<(std::fs::File, PoolMap)> {
 
 /// Opens cluster queue `queue` through the vhost-user export at `socket`,
 /// sharing the pool file at `pool_path`.
+///
+/// Sending when no export sends into `queue`: the socket may serve a sink,
+/// an export without a tx queue that consumes (exchanges and drops) what
+/// its guest sends. Each sink of the directory is tried in turn; the
+/// device's MAC tells whether the socket serves it. A backend that does not
+/// report its MAC (zc-hostd's config space is not served over vhost-user)
+/// cannot say, so then only a single sink is taken.
 fn open_vhost_user(
     socket: &Path,
     pool_path: &Path,
@@ -82,11 +90,40 @@ fn open_vhost_user(
     dir: Direction,
 ) -> Result<(Core, Device, PoolMap)> {
     let (file, pool) = map_pool_file(pool_path)?;
-    let (slot, entry) = pool.export_for_queue(queue, dir)?;
-    let mut vu = VhostUser::connect(socket, file, pool.base(), pool.layout().pool_size)?;
-    vu.expect_mac = Some(entry.mac);
-    let core = bring_up(&mut vu, &pool, slot, &entry, dir)?;
-    Ok((core, Device::VhostUser(vu), pool))
+    let (candidates, missing) = match pool.export_for_queue(queue, dir) {
+        Ok(e) => (vec![e], None),
+        Err(e) if dir == Direction::Tx => (pool.sinks(), Some(e)),
+        Err(e) => return Err(e),
+    };
+    let single = candidates.len() == 1;
+    for (slot, entry) in candidates {
+        let f = file.try_clone().map_err(|e| GuestError::io(pool_path, e))?;
+        let mut vu = VhostUser::connect(socket, f, pool.base(), pool.layout().pool_size)?;
+        vu.expect_mac = Some(entry.mac);
+        vu.require_mac = missing.is_some() && !single;
+        match bring_up(&mut vu, &pool, slot, &entry, dir) {
+            Ok(core) => {
+                if entry.tx_queue == NO_QUEUE {
+                    log::info!(
+                        "zc-guest: no export sends into queue {queue}; {} is a sink: what is sent there is consumed and dropped",
+                        socket.display()
+                    );
+                }
+                return Ok((core, Device::VhostUser(vu), pool));
+            }
+            // Not this sink (or it failed): without a sink that takes the
+            // socket, the error is the missing export of `queue`.
+            Err(e) if missing.is_some() => {
+                log::debug!("zc-guest: {}: not sink {slot}: {e}", socket.display());
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(missing.unwrap_or(GuestError::NoExport {
+        cluster: pool.layout().cluster_id,
+        queue,
+        dir: dir.option(),
+    }))
 }
 
 impl GuestRx {

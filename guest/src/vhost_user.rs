@@ -81,6 +81,9 @@ pub struct VhostUser {
     /// The MAC of the export this socket must serve, checked once the
     /// backend's config space is reachable.
     pub expect_mac: Option<[u8; 6]>,
+    /// Fail unless the backend reports expect_mac (a backend that reports
+    /// no MAC passes the check otherwise).
+    pub require_mac: bool,
 }
 
 // SAFETY: pool_ptr and the memfd mapping stay valid while this value lives
@@ -117,6 +120,7 @@ impl VhostUser {
             protocol: false,
             started: [false; 2],
             expect_mac: None,
+            require_mac: false,
         })
     }
 
@@ -142,6 +146,13 @@ impl VhostUser {
     /// Checks the backend serves the export with MAC `want`.
     pub fn check_mac(&mut self, want: [u8; 6]) -> Result<()> {
         match self.mac() {
+            None if self.require_mac => Err(GuestError::VhostUser {
+                path: self.path.clone(),
+                msg: format!(
+                    "the backend does not report its MAC, so this socket cannot be told to serve the export with MAC {}",
+                    mac_string(&want)
+                ),
+            }),
             Some(m) if m != want => Err(GuestError::VhostUser {
                 path: self.path.clone(),
                 msg: format!(

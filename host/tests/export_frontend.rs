@@ -121,6 +121,27 @@ fn guest_send(f: &mut TestFrontend, pkts: &[Vec<u8>]) {
     assert_eq!(done, pkts.len());
 }
 
+/// Sends `pkts` through the guest's TX queue from the pool buffers `bufs`
+/// (the zero-copy path), one descriptor each; returns the heads.
+fn guest_send_pool(f: &mut TestFrontend, bufs: &[u32], pkts: &[Vec<u8>]) -> Vec<u16> {
+    let mut heads = Vec::new();
+    for (&b, p) in bufs.iter().zip(pkts) {
+        let gpa = f.mem.pool.as_ref().unwrap().desc_gpa(b);
+        f.mem.write(gpa, &[0u8; HDR]);
+        f.mem.write(gpa + HDR as u64, p);
+        heads.push(f.tx.add(
+            &f.mem,
+            &[Seg {
+                gpa,
+                len: (HDR + p.len()) as u32,
+                write: false,
+            }],
+        ));
+    }
+    f.tx.publish(&f.mem);
+    heads
+}
+
 #[test]
 fn copy_path_delivers_exact_packets_both_ways() {
     let h = Hostd::start(9101, &["a.sock,rx=0,tx=1"], &[]);
@@ -295,22 +316,7 @@ fn zero_copy_exchanges_pool_buffers_both_ways() {
         .map(|i| payload(i + 500, 100 + i as usize))
         .collect();
     let receiver = host_recv(&h, 1, out.len());
-    let pool = f.mem.pool.as_ref().unwrap();
-    let mut heads = Vec::new();
-    for (b, p) in held.iter().zip(&out) {
-        let gpa = pool.desc_gpa(*b);
-        f.mem.write(gpa, &[0u8; HDR]);
-        f.mem.write(gpa + HDR as u64, p);
-        heads.push(f.tx.add(
-            &f.mem,
-            &[Seg {
-                gpa,
-                len: (HDR + p.len()) as u32,
-                write: false,
-            }],
-        ));
-    }
-    f.tx.publish(&f.mem);
+    guest_send_pool(&mut f, &held, &out);
     let used = f.tx.wait_used(&f.mem, 64);
     let received = receiver.join().unwrap();
     assert!(received == out, "payloads differ");
@@ -326,6 +332,91 @@ fn zero_copy_exchanges_pool_buffers_both_ways() {
     }
     let s = h.export("z.sock");
     assert_eq!((s.tx.exchanged, s.tx.copied, s.tx.packets), (64, 0, 64));
+}
+
+/// An export without a tx queue is the consumer of what its guest sends:
+/// each pool buffer is exchanged for an empty one from the export's hand
+/// (owner table updated), the packet is dropped, and the guest's stock
+/// keeps its size. Anything else is counted and dropped without exchange.
+#[test]
+fn a_tx_less_export_consumes_pool_buffers_by_exchange() {
+    let h = Hostd::start(9113, &["s.sock,rx=0"], &[]);
+    let spare0 = h.stats().0.spare_buffers;
+    let mut f = TestFrontend::connect(&h, "s.sock", Setup::default());
+    let pool = f.mem.pool.as_ref().unwrap();
+    let stock = directory::read_stock(&pool.view(), 0);
+    assert_eq!(stock.len(), 512);
+    // Rounds of 64 from what the guest holds now: the hand (BURST = 32)
+    // turns many times, and buffers it handed out are sent again, which
+    // the owner table must allow.
+    let mut held: Vec<u32> = stock.clone();
+    const ROUNDS: usize = 10;
+    for round in 0..ROUNDS {
+        let sent: Vec<u32> = held.drain(..64).collect();
+        let pkts: Vec<Vec<u8>> = (0..64)
+            .map(|i| payload((round * 64 + i) as u32, 60 + i))
+            .collect();
+        let heads = guest_send_pool(&mut f, &sent, &pkts);
+        let used = f.tx.wait_used(&f.mem, 64);
+        let pool = f.mem.pool.as_ref().unwrap();
+        for (id, len) in used {
+            assert_eq!(len, 0, "TX used length");
+            let k = heads.iter().position(|&h| h == id).expect("a head we sent");
+            let b = pool
+                .buffer_of_gpa(f.tx.desc_addr(&f.mem, id))
+                .expect("the descriptor names a pool buffer");
+            assert_ne!(b, sent[k], "the guest gets a different, empty buffer");
+            assert!(!held.contains(&b), "buffer {b} handed out twice");
+            held.push(b);
+            f.tx.recycle(&f.mem, id);
+        }
+    }
+    let n = (ROUNDS * 64) as u64;
+    let s = h.export("s.sock");
+    assert_eq!(
+        (s.tx.packets, s.tx.exchanged, s.tx.drop_no_queue),
+        (n, n, n),
+        "every packet exchanged, and dropped for want of a queue"
+    );
+    assert_eq!(
+        (s.tx.copied, s.tx.invalid_desc, s.tx.drop_bad_len),
+        (0, 0, 0)
+    );
+    // A buffer the guest gave away is the export's now: sending it again
+    // is invalid.
+    let pool = f.mem.pool.as_ref().unwrap();
+    let gone = *stock.iter().find(|b| !held.contains(b)).unwrap();
+    f.tx.add(
+        &f.mem,
+        &[Seg {
+            gpa: pool.desc_gpa(gone),
+            len: HDR as u32 + 60,
+            write: false,
+        }],
+    );
+    f.tx.publish(&f.mem);
+    let bad = f.tx.wait_used(&f.mem, 1);
+    f.tx.recycle(&f.mem, bad[0].0);
+    h.wait_stats("s.sock", "invalid TX pool descriptor", |s| {
+        s.tx.invalid_desc == 1
+    });
+    // The copy path (guest RAM) is counted and dropped, not exchanged.
+    guest_send(&mut f, &[payload(7, 80)]);
+    h.wait_stats("s.sock", "copy-path packet", |s| s.tx.packets == n + 1);
+    let s = h.export("s.sock");
+    assert_eq!((s.tx.exchanged, s.tx.drop_no_queue), (n, n + 1));
+    // After the frontend leaves, the export lists exactly what the guest
+    // held as its stock: as many buffers as before, and the daemon's
+    // spare list did not move.
+    drop(f);
+    h.wait_stats("s.sock", "disconnect", |s| s.dev.connected == 0);
+    let (info, _) = h.stats();
+    let pool = PoolMap::open(&info);
+    let mut after = directory::read_stock(&pool.view(), 0);
+    after.sort();
+    held.sort();
+    assert_eq!(after, held, "the stock is what the guest held");
+    assert_eq!(info.spare_buffers, spare0, "no buffer lost or gained");
 }
 
 #[test]

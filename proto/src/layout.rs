@@ -189,15 +189,25 @@ impl PoolLayout {
 
     /// The buffer whose packet data starts exactly at `offset - hdr_len`,
     /// i.e. a descriptor that starts `hdr_len` bytes in front of the packet.
+    #[inline]
     pub fn buffer_at_packet_offset(&self, offset: u64, hdr_len: u32) -> Option<BufferIndex> {
         let rel = offset
             .checked_add(u64::from(hdr_len))?
             .checked_sub(BUFFERS_OFFSET + u64::from(HEADROOM))?;
         let size = u64::from(self.buf_size);
-        if rel % size != 0 {
-            return None;
-        }
-        let idx = rel / size;
+        // Both sides call this per packet: shift and mask for the usual
+        // power-of-two buffer sizes instead of a 64-bit division.
+        let idx = if size.is_power_of_two() {
+            if rel & (size - 1) != 0 {
+                return None;
+            }
+            rel >> size.trailing_zeros()
+        } else {
+            if rel % size != 0 {
+                return None;
+            }
+            rel / size
+        };
         (idx < u64::from(self.buf_count)).then(|| BufferIndex::new(idx as u32))
     }
 
@@ -304,6 +314,19 @@ mod tests {
         assert_eq!(l.buffer_at_packet_offset(0, 12), None);
         assert_eq!(l.buffer_at_packet_offset(u64::MAX, 12), None);
         let past = l.packet_offset(BufferIndex::new(99)).unwrap() + 2048;
+        assert_eq!(l.buffer_at_packet_offset(past - 12, 12), None);
+        // The same answers where the buffer size is no power of two.
+        let l = PoolLayout::new(1, 2112, 100).unwrap();
+        for i in [0, 7, 99] {
+            let off = l.packet_offset(BufferIndex::new(i)).unwrap();
+            assert_eq!(
+                l.buffer_at_packet_offset(off - 12, 12),
+                Some(BufferIndex::new(i))
+            );
+            assert_eq!(l.buffer_at_packet_offset(off - 12 + 64, 12), None);
+            assert_eq!(l.buffer_at_packet_offset(off - 12 + 2048, 12), None);
+        }
+        let past = l.packet_offset(BufferIndex::new(99)).unwrap() + 2112;
         assert_eq!(l.buffer_at_packet_offset(past - 12, 12), None);
     }
 

@@ -34,3 +34,23 @@ pub struct UsedElem {
 }
 const _: () = assert!(size_of::<UsedElem>() == 8);
 const _: () = assert!(offset_of!(UsedElem, len) == 4);
+
+/// Asks the CPU to fetch the cache line at `p` for writing (x86 PREFETCHW).
+/// Ring lines move between the two sides' cores: a side that reads an entry
+/// and then rewrites it (a descriptor's address, a used element) takes the
+/// line once, in exclusive state, instead of shared first and again to
+/// write; and a store to a prefetched line does not stall the store buffer.
+/// A hint only: it never faults, reads no value and writes nothing, so any
+/// address is allowed (one outside a mapping is simply ignored).
+#[inline(always)]
+pub fn prefetch_write(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: PREFETCHW is a hint: no access in the memory model, no fault
+    // for any address; x86_64 CPUs without it treat it as a no-op.
+    unsafe {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_ET0};
+        _mm_prefetch::<_MM_HINT_ET0>(p.cast());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}

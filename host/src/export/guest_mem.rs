@@ -87,6 +87,9 @@ impl GuestMap {
                 _map: m,
             });
         }
+        // Pool regions first: the zero-copy path translates pool descriptors
+        // and pool offsets for every packet, and searches in this order.
+        map.regions.sort_by_key(|r| r.pool_base.is_none());
         map
     }
 

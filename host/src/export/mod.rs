@@ -138,8 +138,9 @@ fn claim(
     if let Some(q) = spec.rx {
         c.attach_export(name, q, Role::Consumer)?;
     }
-    let hands = if spec.rx.is_some() { BURST as u32 } else { 0 }
-        + if spec.tx.is_some() { BURST as u32 } else { 0 };
+    // Every export has a tx hand: without a tx queue, it holds the empties
+    // the export hands back for the pool buffers its guest sends.
+    let hands = if spec.rx.is_some() { BURST as u32 } else { 0 } + BURST as u32;
     let stock_n = cfg.stock.min(directory::MAX_STOCK as u32);
     let taken = spec
         .tx
@@ -152,15 +153,12 @@ fn claim(
             return Err(e);
         }
     };
-    let mut hand = |on: bool| -> Vec<BufferIndex> {
-        if on {
-            stock.drain(..BURST).collect()
-        } else {
-            Vec::new()
-        }
+    let rx_hand: Vec<BufferIndex> = if spec.rx.is_some() {
+        stock.drain(..BURST).collect()
+    } else {
+        Vec::new()
     };
-    let rx_hand = hand(spec.rx.is_some());
-    let tx_hand = hand(spec.tx.is_some());
+    let tx_hand: Vec<BufferIndex> = stock.drain(..BURST).collect();
     for b in &stock {
         c.owners().give_to_guest(*b, slot);
     }

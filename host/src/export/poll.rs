@@ -56,6 +56,8 @@ pub struct Worker {
     /// Guest-to-host hand: empties to fill, and full buffers not yet sent.
     pub tx_empties: Vec<BufferHandle>,
     pub tx_pending: Vec<BufferHandle>,
+    /// Without a tx queue: the next hand buffer to give the guest.
+    pub tx_turn: usize,
     pub dev: Option<Device>,
     pub vrings: Option<Vec<VringRwLock>>,
     pub mem_gen: u64,
@@ -127,6 +129,7 @@ impl Worker {
             rx_have: 0,
             tx_empties: handles(p.tx_hand),
             tx_pending,
+            tx_turn: 0,
             dev: None,
             vrings: None,
             mem_gen: 0,

@@ -50,8 +50,11 @@ counters!(
         packets,
         bytes,
         copied,
+        /// Pool buffers exchanged for empty ones (zero-copy); without a `tx`
+        /// queue too, where each is also counted in `drop_no_queue`.
         exchanged,
-        /// Counted and dropped: the export has no `tx` queue.
+        /// Counted and dropped: the export has no `tx` queue (a sink; its
+        /// pool buffers are still exchanged).
         drop_no_queue,
         /// Dropped: empty, shorter than the virtio-net header, or larger than a buffer.
         drop_bad_len,

@@ -1,6 +1,8 @@
-//! Guest to host: what the guest transmits, into cluster queue `tx` (or
-//! counted and dropped when the export has none), by exchanging pool
-//! buffers or by copying the chain into an empty pool buffer.
+//! Guest to host: what the guest transmits, into cluster queue `tx`, by
+//! exchanging pool buffers or by copying the chain into an empty pool
+//! buffer. An export without `tx` is a sink: it counts and drops every
+//! packet, and still exchanges a pool buffer for an empty one from its hand
+//! (the guest's full buffer becomes an empty of the hand: consumed).
 
 use super::poll::{Worker, BURST, TXQ};
 use super::virtq::PoolCtx;
@@ -42,6 +44,7 @@ impl Worker {
         let dev = self.dev.as_ref().expect("checked");
         let q = dev.queues[TXQ].as_ref().expect("checked");
         let avail = q.pending()?.min(BURST as u16);
+        q.prefetch_pending(avail);
         let has_queue = self.tx_end.is_some();
         for k in 0..avail {
             let head = q.head(k)?;
@@ -61,7 +64,32 @@ impl Worker {
             self.tx_stats.packets += 1;
             self.tx_stats.bytes += len;
             if !has_queue {
+                // No cluster queue to pass the packet to: the export itself
+                // is the consumer. It takes a pool buffer as the contract
+                // says (the guest gets an empty one back) and drops the
+                // packet; anything else is only counted and dropped. The
+                // hand turns as a ring, so a buffer goes back to the guest
+                // only after BURST others.
                 self.tx_stats.drop_no_queue += 1;
+                let n = self.tx_empties.len();
+                let Some(full) = self.chain.pool_buffer().filter(|_| n > 0) else {
+                    continue;
+                };
+                let turn = if self.tx_turn < n { self.tx_turn } else { 0 };
+                let empty = self.tx_empties[turn].index();
+                let Some(gpa) = self
+                    .layout
+                    .packet_offset(empty)
+                    .and_then(|off| dev.map.pool_gpa(off - HDR))
+                else {
+                    continue;
+                };
+                q.set_desc_addr(head, gpa);
+                self.owners.take_from_guest(full);
+                self.owners.give_to_guest(empty, self.shared.slot);
+                self.tx_empties[turn] = BufferHandle::from_raw(full, 0);
+                self.tx_turn = turn + 1;
+                self.tx_stats.exchanged += 1;
                 continue;
             }
             let Some(mut empty) = self.tx_empties.pop() else {
