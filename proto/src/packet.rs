@@ -124,11 +124,9 @@ impl PacketRef<'_> {
     #[inline(always)]
     pub fn read_u64_le(&self, offset: usize) -> Option<u64> {
         (offset.checked_add(8)? <= self.len).then(|| {
-            // SAFETY: offset + 8 <= len, inside the buffer; unaligned volatile
-            // read because another process may write the buffer concurrently.
-            u64::from_le_bytes(unsafe {
-                ptr::read_volatile(self.ptr.add(offset).cast::<[u8; 8]>())
-            })
+            // SAFETY: offset + 8 <= len, inside the buffer; a volatile read
+            // because another process may write the buffer concurrently.
+            unsafe { read_u64_volatile(self.ptr.add(offset)) }
         })
     }
 
@@ -137,9 +135,7 @@ impl PacketRef<'_> {
     pub fn read_u32_le(&self, offset: usize) -> Option<u32> {
         (offset.checked_add(4)? <= self.len).then(|| {
             // SAFETY: offset + 4 <= len, inside the buffer.
-            u32::from_le_bytes(unsafe {
-                ptr::read_volatile(self.ptr.add(offset).cast::<[u8; 4]>())
-            })
+            unsafe { read_u32_volatile(self.ptr.add(offset)) }
         })
     }
 
@@ -214,9 +210,7 @@ impl PacketMut<'_> {
     pub fn read_u64_le(&self, offset: usize) -> Option<u64> {
         (offset.checked_add(8)? <= self.cap).then(|| {
             // SAFETY: offset + 8 <= capacity, inside the buffer.
-            u64::from_le_bytes(unsafe {
-                ptr::read_volatile(self.ptr.add(offset).cast::<[u8; 8]>())
-            })
+            unsafe { read_u64_volatile(self.ptr.add(offset)) }
         })
     }
 
@@ -224,6 +218,39 @@ impl PacketMut<'_> {
     pub fn fill(&mut self, bytes: &[u8]) -> Result<(), CapacityError> {
         self.write_at(0, bytes)?;
         self.set_len(bytes.len())
+    }
+}
+
+/// The little-endian u64 at `p`, read volatile: one 8-byte load where `p` is
+/// aligned (packet fields usually are: packets start 64-byte aligned), else
+/// byte by byte (a volatile `[u8; 8]` read is eight loads and shifts, which
+/// made reading a packet head the costliest part of stamping one).
+///
+/// # Safety
+/// `p..p + 8` must be readable.
+#[inline(always)]
+unsafe fn read_u64_volatile(p: *const u8) -> u64 {
+    if (p as usize).is_multiple_of(8) {
+        // SAFETY: aligned, and readable by the caller's contract.
+        u64::from_le(unsafe { ptr::read_volatile(p.cast::<u64>()) })
+    } else {
+        // SAFETY: readable by the caller's contract; no alignment needed.
+        u64::from_le_bytes(unsafe { ptr::read_volatile(p.cast::<[u8; 8]>()) })
+    }
+}
+
+/// As [`read_u64_volatile`], four bytes.
+///
+/// # Safety
+/// `p..p + 4` must be readable.
+#[inline(always)]
+unsafe fn read_u32_volatile(p: *const u8) -> u32 {
+    if (p as usize).is_multiple_of(4) {
+        // SAFETY: aligned, and readable by the caller's contract.
+        u32::from_le(unsafe { ptr::read_volatile(p.cast::<u32>()) })
+    } else {
+        // SAFETY: readable by the caller's contract; no alignment needed.
+        u32::from_le_bytes(unsafe { ptr::read_volatile(p.cast::<[u8; 4]>()) })
     }
 }
 
