@@ -224,42 +224,16 @@ impl Common {
         max_len: u32,
     ) -> Result<(u16, BufferIndex, u32), Violation> {
         let e = self.q.used_elem(k);
-        if self.q.in_order() {
-            // One element per completion here (RX needs every length):
-            // in ring order, each must name the head pushed in its place.
-            let want = self.q.pushed_at(k);
-            if e.id != u32::from(want) {
-                return Err(Violation::OutOfOrder {
-                    id: e.id,
-                    want,
-                    ready: k + 1,
-                });
-            }
-        }
-        self.complete_id(e.id, e.len, min_len, max_len)
-    }
-
-    /// Validates a completion of descriptor `id` with used length `len`
-    /// (both as the device gave them, or as in-order use implies them) and
-    /// takes the buffer its descriptor now names.
-    #[inline(always)]
-    fn complete_id(
-        &mut self,
-        id: u32,
-        len: u32,
-        min_len: u32,
-        max_len: u32,
-    ) -> Result<(u16, BufferIndex, u32), Violation> {
         let size = self.q.size();
-        let id = match u16::try_from(id) {
+        let id = match u16::try_from(e.id) {
             Ok(id) if id < size && self.posted[usize::from(id)] != NOT_POSTED => id,
-            _ => return Err(Violation::UsedId { id, size }),
+            _ => return Err(Violation::UsedId { id: e.id, size }),
         };
         let max = max_len.min(self.posted_len(id));
-        if len < min_len || len > max {
+        if e.len < min_len || e.len > max {
             return Err(Violation::UsedLen {
                 id,
-                len,
+                len: e.len,
                 min: min_len,
                 max,
             });
@@ -277,7 +251,7 @@ impl Common {
             self.stats.copied += 1;
         }
         self.posted[usize::from(id)] = NOT_POSTED;
-        Ok((id, b, len))
+        Ok((id, b, e.len))
     }
 
     /// The length a descriptor was posted with (from our own bookkeeping:
@@ -285,21 +259,6 @@ impl Common {
     #[inline(always)]
     fn posted_len(&self, id: u16) -> u32 {
         self.posted_len[usize::from(id)]
-    }
-
-    /// The descriptor to post again after completing `done`: the same one,
-    /// or with IN_ORDER the one of the next avail slot, which keeps
-    /// descriptors in ring order as the feature requires (it is free: the
-    /// completions so far were checked to be in order, so what is in
-    /// flight is the slots from the oldest completion on, fewer than the
-    /// ring holds once one completed).
-    #[inline(always)]
-    fn repost_id(&self, done: u16) -> u16 {
-        if self.q.in_order() {
-            self.q.next_slot()
-        } else {
-            done
-        }
     }
 
     #[inline(always)]
@@ -479,7 +438,6 @@ impl RxCore {
                 // A device returns a buffer unused with length 0 (it dropped
                 // the packet meant for it): straight back into the ring.
                 Ok((id, b, 0)) => {
-                    let id = self.c.repost_id(id);
                     self.c.post(id, b, max, DESC_F_WRITE);
                     self.unused_run += 1;
                     if self.unused_run > 4 * u32::from(self.c.q.size()) {
@@ -500,7 +458,6 @@ impl RxCore {
                 }
                 Ok((id, b, len)) => {
                     let (mine, _) = bufs[usize::from(n)].replace(b, len - hdr);
-                    let id = self.c.repost_id(id);
                     self.c.post(id, mine, max, DESC_F_WRITE);
                     self.unused_run = 0;
                     n += 1;
@@ -631,10 +588,6 @@ impl TxCore {
                 return;
             }
         };
-        if self.c.q.in_order() {
-            self.reap_in_order(ready);
-            return;
-        }
         // The completed descriptors are read (their new address): fetch
         // their lines a window ahead, many in parallel but not more than
         // the CPU keeps in flight. (The ids are hints only; complete()
@@ -661,74 +614,6 @@ impl TxCore {
                 Err(v) => {
                     self.c.fail(v);
                     break;
-                }
-            }
-        }
-        self.c.q.consume(n);
-    }
-
-    /// Takes back `ready` completions with IN_ORDER (virtio 1.x 2.7.9): the
-    /// device may write one used element per batch, at the batch's first
-    /// used slot, naming the head of the batch's last chain; the chains
-    /// before it completed too. Descriptors are used in ring order (the
-    /// id of avail position p is p modulo the size), so the batch ends
-    /// where that id was pushed. Checked: the id is in range, was pushed
-    /// exactly there, and the batch ends within the `ready` completions the
-    /// used index published (used_ready checked those against what is in
-    /// flight). A device that writes every element makes batches of one.
-    #[inline]
-    fn reap_in_order(&mut self, ready: u16) {
-        let mask = self.c.q.size() - 1;
-        // Descriptor lines to be read are known without reading the used
-        // ring: prefetch a window ahead, as `reap` does.
-        for k in 0..ready.min(REAP_AHEAD) {
-            self.c.q.prefetch_desc(u32::from(self.c.q.pushed_at(k)));
-        }
-        // Where the batches start is known only batch by batch: fetch every
-        // used line in range at once (only the lines the device wrote move).
-        self.c.q.prefetch_used(0, ready);
-        let max = self.c.addr.max_desc_len();
-        let mut n = 0;
-        while n < ready {
-            let e = self.c.q.used_elem(n);
-            let first = self.c.q.pushed_at(n);
-            let batch = match u16::try_from(e.id) {
-                Ok(id) if id <= mask => {
-                    let b = (id.wrapping_sub(first) & mask) + 1;
-                    (b <= ready - n && self.c.q.pushed_at(n + b - 1) == id).then_some(b)
-                }
-                _ => None,
-            };
-            let Some(batch) = batch else {
-                self.c.fail(Violation::OutOfOrder {
-                    id: e.id,
-                    want: first,
-                    ready: ready - n,
-                });
-                break;
-            };
-            let end = n + batch;
-            while n < end {
-                if n + REAP_AHEAD < ready {
-                    self.c
-                        .q
-                        .prefetch_desc(u32::from(self.c.q.pushed_at(n + REAP_AHEAD)));
-                }
-                let id = self.c.q.pushed_at(n);
-                // The skipped chains were used completely (2.7.9): a TX
-                // length carries nothing, so they count as 0.
-                let len = if n + 1 == end { e.len } else { 0 };
-                match self.c.complete_id(u32::from(id), len, 0, max) {
-                    Ok((id, b, _)) => {
-                        self.c.free.push(b);
-                        self.free_desc.put(id);
-                        n += 1;
-                    }
-                    Err(v) => {
-                        self.c.fail(v);
-                        self.c.q.consume(n);
-                        return;
-                    }
                 }
             }
         }

@@ -30,8 +30,6 @@ pub enum Violation {
     UsedJump { from: u16, to: u16, in_flight: u16 },
     #[error("used element names descriptor {id}, which is not in flight in a ring of {size}")]
     UsedId { id: u32, size: u16 },
-    #[error("used element names descriptor {id} where in-order use (VIRTIO_F_IN_ORDER) puts {want}, or a batch longer than the {ready} completions published")]
-    OutOfOrder { id: u32, want: u16, ready: u16 },
     #[error("used length {len} of descriptor {id} is outside {min}..={max}")]
     UsedLen {
         id: u16,

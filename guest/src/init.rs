@@ -7,7 +7,6 @@ pub const F_NET_MAC: u64 = 1 << 5;
 pub const F_NET_MRG_RXBUF: u64 = 1 << 15;
 pub const F_RING_EVENT_IDX: u64 = 1 << 29;
 pub const F_VERSION_1: u64 = 1 << 32;
-pub const F_IN_ORDER: u64 = 1 << 35;
 
 pub const S_ACKNOWLEDGE: u8 = 1;
 pub const S_DRIVER: u8 = 2;
@@ -22,10 +21,8 @@ pub const NO_VECTOR: u16 = 0xffff;
 /// The features this driver understands: VERSION_1 (required: 12-byte
 /// header, little-endian rings), EVENT_IDX and MRG_RXBUF (the zc host
 /// offers both; with one buffer per packet num_buffers is 1), MAC (read,
-/// never written), IN_ORDER (the driver uses descriptors in ring order and
-/// takes a TX batch's completions from one used element).
-pub const DRIVER_FEATURES: u64 =
-    F_VERSION_1 | F_RING_EVENT_IDX | F_NET_MRG_RXBUF | F_NET_MAC | F_IN_ORDER;
+/// never written).
+pub const DRIVER_FEATURES: u64 = F_VERSION_1 | F_RING_EVENT_IDX | F_NET_MRG_RXBUF | F_NET_MAC;
 
 #[derive(Clone, Copy, Debug, Error, PartialEq, Eq)]
 pub enum InitError {

@@ -80,14 +80,6 @@ impl TestDevice {
         self.set_used_idx(self.used_idx);
     }
 
-    /// VIRTIO_F_IN_ORDER batching: one used element (id, len) at the next
-    /// used slot stands for `count` completions.
-    pub fn used_batch(&mut self, id: u32, len: u32, count: u16) {
-        self.used(id, len);
-        self.used_idx = self.used_idx.wrapping_add(count - 1);
-        self.set_used_idx(self.used_idx);
-    }
-
     /// Publishes a used index as is (hostile devices jump it).
     pub fn set_used_idx(&self, idx: u16) {
         fence(Ordering::Release);

@@ -4,7 +4,7 @@
 
 use crate::core::{Addressing, Bell, RxCore, TxCore};
 use crate::error::{Direction, GuestError, Result};
-use crate::init::{F_IN_ORDER, F_RING_EVENT_IDX};
+use crate::init::F_RING_EVENT_IDX;
 use crate::pool::PoolMap;
 use crate::virtq::{DriverQueue, RingLayout, MAX_QUEUE_SIZE, QUEUE_SLOT_BYTES};
 use zc_proto::layout::ExportEntry;
@@ -75,8 +75,7 @@ pub fn bring_up<T: Transport>(
         // export's ring area, inside the pool mapping (ring_area checked the
         // entry; every pool holds all ring areas); 16-byte aligned; the
         // device does not use it before setup_queue below.
-        let mut dq = unsafe { DriverQueue::new(pool.base().add(base as usize), l, event_idx) };
-        dq.set_in_order(features & F_IN_ORDER != 0);
+        let dq = unsafe { DriverQueue::new(pool.base().add(base as usize), l, event_idx) };
         let bell = t.setup_queue(
             q,
             QueueOffsets {

@@ -10,7 +10,7 @@
 
 use std::sync::atomic::{fence, Ordering};
 
-use zc_proto::virtio::{prefetch_read, prefetch_write};
+use zc_proto::virtio::prefetch_write;
 pub use zc_proto::virtio::{
     Desc, UsedElem, AVAIL_F_NO_INTERRUPT, DESC_F_NEXT, DESC_F_WRITE, USED_F_NO_NOTIFY,
 };
@@ -87,9 +87,6 @@ pub struct DriverQueue {
     /// used_event as last written (EVENT_IDX), and whether interrupts are on.
     used_event: u16,
     interrupts: bool,
-    /// VIRTIO_F_IN_ORDER negotiated: descriptors are used in ring order and
-    /// the device may complete a batch with one used element.
-    in_order: bool,
 }
 
 // SAFETY: the pointers refer to shared memory that the owner keeps mapped
@@ -131,7 +128,6 @@ impl DriverQueue {
                 pushed: vec![0; usize::from(layout.size)].into_boxed_slice(),
                 used_event: 0,
                 interrupts: true,
-                in_order: false,
             }
         };
         q.set_interrupts(false);
@@ -140,24 +136,6 @@ impl DriverQueue {
 
     pub fn size(&self) -> u16 {
         self.size
-    }
-
-    /// Whether VIRTIO_F_IN_ORDER was negotiated (set before the first push).
-    pub fn set_in_order(&mut self, on: bool) {
-        self.in_order = on;
-    }
-
-    #[inline(always)]
-    pub fn in_order(&self) -> bool {
-        self.in_order
-    }
-
-    /// The head pushed into the avail ring for the `k`-th unconsumed used
-    /// element (private bookkeeping, never read from shared memory):
-    /// with IN_ORDER, the id that completion must carry.
-    #[inline(always)]
-    pub fn pushed_at(&self, k: u16) -> u16 {
-        self.pushed[usize::from(self.last_used.wrapping_add(k) & (self.size - 1))]
     }
 
     /// Descriptors made available and not yet returned through the used ring.
@@ -217,21 +195,6 @@ impl DriverQueue {
         for k in (0..usize::from(n)).step_by(4) {
             let i = (first + k) & mask;
             prefetch_write(self.desc.wrapping_add(i).cast_const().cast());
-        }
-    }
-
-    /// Hint: the used elements from the `k`-th unconsumed one on, `n` of
-    /// them, are about to be read. Lines the device has not written since
-    /// this core last read them are still here and cost nothing.
-    #[inline(always)]
-    pub fn prefetch_used(&self, k: u16, n: u16) {
-        let mask = usize::from(self.size - 1);
-        let first = usize::from(self.last_used.wrapping_add(k));
-        // Eight elements per 64-byte line (the ring is line-aligned in
-        // RingLayout, and any alignment is harmless for a hint).
-        for j in (0..usize::from(n)).step_by(8) {
-            let slot = (first + j) & mask;
-            prefetch_read(self.used.wrapping_add(4 + 8 * slot).cast_const());
         }
     }
 

@@ -54,18 +54,3 @@ pub fn prefetch_write(p: *const u8) {
     #[cfg(not(target_arch = "x86_64"))]
     let _ = p;
 }
-
-/// Asks the CPU to fetch the cache line at `p` for reading (x86 PREFETCHT0).
-/// A hint only, like [`prefetch_write`]: any address is allowed.
-#[inline(always)]
-pub fn prefetch_read(p: *const u8) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: PREFETCHT0 is a hint: no access in the memory model, no fault
-    // for any address.
-    unsafe {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        _mm_prefetch::<_MM_HINT_T0>(p.cast());
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = p;
-}

@@ -385,12 +385,6 @@ impl Worker {
         self.refresh_rings();
     }
 
-    /// VIRTIO_F_IN_ORDER acked: the guest's TX completions may be written
-    /// as one used element per burst (see `tx_step`).
-    pub fn in_order(&self) -> bool {
-        self.features & (1 << virtio_bindings::virtio_config::VIRTIO_F_IN_ORDER) != 0
-    }
-
     fn event_idx(&self) -> bool {
         self.features & (1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX) != 0
     }

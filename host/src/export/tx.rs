@@ -44,23 +44,11 @@ impl Worker {
         let dev = self.dev.as_ref().expect("checked");
         let q = dev.queues[TXQ].as_ref().expect("checked");
         let avail = q.pending()?.min(BURST as u16);
-        // With VIRTIO_F_IN_ORDER the burst is one batch (virtio 1.x 2.7.9):
-        // a single used element, at the batch's first used slot, names the
-        // head of its last chain, and the used index still moves by the
-        // whole burst; the driver infers the rest. That saves a used write
-        // here and a used read in the driver per packet. TX lengths carry
-        // nothing (0 is written either way), so nothing is lost. Drivers
-        // that did not ack IN_ORDER get every element.
-        let one_used = self.in_order();
-        q.prefetch_pending(avail, one_used);
+        q.prefetch_pending(avail);
         let has_queue = self.tx_end.is_some();
-        let mut last_head = 0;
         for k in 0..avail {
             let head = q.head(k)?;
-            last_head = head;
-            if !one_used {
-                q.put_used(k, head, 0);
-            }
+            q.put_used(k, head, 0);
             if q.walk(head, false, &dev.map, &pool, &mut self.chain)
                 .is_err()
             {
@@ -153,9 +141,6 @@ impl Worker {
             .as_mut()
             .and_then(|d| d.queues[TXQ].as_mut())
             .expect("checked");
-        if one_used && avail > 0 {
-            q.put_used(0, last_head, 0);
-        }
         q.complete(avail, avail);
         if avail > 0 && self.wants_interrupt(TXQ) {
             self.tx_stats.interrupts += 1;

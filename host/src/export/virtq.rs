@@ -264,11 +264,10 @@ impl SplitQueue {
     }
 
     /// Hint: the chains of the next `n` pending entries are about to be
-    /// read and rewritten (descriptor address, used element; with
-    /// `one_used`, only the burst's first used element is written). Reads
-    /// the avail ring unchecked: the values only steer prefetches.
+    /// read and rewritten (descriptor address, used element). Reads the
+    /// avail ring unchecked: the values only steer prefetches.
     #[inline]
-    pub fn prefetch_pending(&self, n: u16, one_used: bool) {
+    pub fn prefetch_pending(&self, n: u16) {
         let mask = usize::from(self.size - 1);
         for k in 0..n {
             let slot = usize::from(self.next_avail.wrapping_add(k)) & mask;
@@ -277,7 +276,7 @@ impl SplitQueue {
             let i = usize::from(u16::from_le(h)) & mask;
             prefetch_write(self.desc.wrapping_add(i).cast());
             let u = usize::from(self.next_used.wrapping_add(k)) & mask;
-            if k == 0 || (!one_used && u % 8 == 0) {
+            if k == 0 || u % 8 == 0 {
                 prefetch_write(self.used.wrapping_add(4 + 8 * u).cast_const());
             }
         }
