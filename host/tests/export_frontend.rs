@@ -876,6 +876,8 @@ fn a_pool_region_added_later_enables_zero_copy() {
     ];
     use vhost::VhostBackend;
     f.fe.set_mem_table(&regions).unwrap();
+    // A request with a reply: the export has handled the table before it.
+    f.fe.get_features().unwrap();
     let stock = directory::read_stock(&pool.view(), 0);
     let max = pool.layout.max_packet();
     for &b in &stock[..8] {

@@ -76,13 +76,21 @@ impl VhostUserBackend for Backend {
     }
 
     fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
-        self.0.request(
+        // Waits for the poll thread to map the new table, so that anything
+        // the frontend does after its next message already sees it (a pool
+        // region added by hot-plug, say).
+        if !self.0.request(
             |c| {
                 c.mem = Some(mem);
                 c.mem_gen += 1;
             },
-            false,
-        );
+            true,
+        ) {
+            log::warn!(
+                "export {}: poll thread did not take the new memory table in time",
+                self.0.name
+            );
+        }
         Ok(())
     }
 
@@ -199,7 +207,6 @@ pub fn serve(shared: Arc<ExportShared>, sockets: Sockets) {
         log::info!("export {name}: frontend connected");
         let relay = super::shim::relay(front, back);
         let r = daemon.wait();
-        dev.connected.store(0, Ordering::Relaxed);
         shared.request(
             |c| {
                 c.drop_device = true;
@@ -210,6 +217,9 @@ pub fn serve(shared: Arc<ExportShared>, sockets: Sockets) {
             true,
         );
         shared.have_vrings.store(false, Ordering::Release);
+        // Only now: whoever sees the frontend gone sees its device dropped
+        // and the stock republished.
+        dev.connected.store(0, Ordering::Relaxed);
         if let Some(n) = shared.exit.lock().unwrap_or_else(|e| e.into_inner()).take() {
             let _ = n.notify();
         }
