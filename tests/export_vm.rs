@@ -22,23 +22,7 @@ fn guest_kernel_virtio_net_receives_and_sends_exact_counts() {
     let _one_at_a_time = vm::serialise();
     const N: u64 = 2000; // host -> guest
     const P: u64 = 20; // guest -> host (ICMP echo requests)
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("vm.sock");
-    let export = format!("{},rx=0,tx=1", sock.display());
-    let d = Daemon::start_in(
-        unique_cluster(),
-        dir,
-        &["--buffers", "8192", "--no-hugepages", "--export", &export],
-    );
-    // The QEMU options, exactly as the CLI prints them.
-    let o = d
-        .tool("zc-hostd")
-        .args(["-c", &d.id.to_string(), "--qemu-args"])
-        .arg(&sock)
-        .args(["--vm-mem", "256M"])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (d, sock) = Daemon::with_vm_export();
     // IPv6 off before the link comes up and a static neighbour: the guest
     // sends nothing but the pings.
     let script = format!(
@@ -69,11 +53,8 @@ fn guest_kernel_virtio_net_receives_and_sends_exact_counts() {
     let g = Guest::boot(&GuestSpec {
         name: "kernel-virtio-net".into(),
         run: script,
-        qemu_args: String::from_utf8(o.stdout)
-            .unwrap()
-            .split_whitespace()
-            .map(String::from)
-            .collect(),
+        // The QEMU options, exactly as the CLI prints them.
+        qemu_args: d.qemu_args(&sock, "256M"),
         ..Default::default()
     });
     let t = Duration::from_secs(180);

@@ -20,14 +20,7 @@ struct Setup {
 
 /// A daemon with one export: rx=0 (host to guest), tx=1 (guest to host).
 fn setup() -> Setup {
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("vm.sock");
-    let export = format!("{},rx=0,tx=1", sock.display());
-    let d = Daemon::start_in(
-        unique_cluster(),
-        dir,
-        &["--buffers", "8192", "--no-hugepages", "--export", &export],
-    );
+    let (d, sock) = Daemon::with_vm_export();
     Setup { d, sock }
 }
 

@@ -83,29 +83,9 @@ fn guest_pci_driver_in_a_vm_exact_both_ways_recovers_and_gives_the_device_back()
     }
     let _g = vm::serialise();
     let vm::Image { kernel, initrd } = vm::image();
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("vm.sock");
-    let export = format!("{},rx=0,tx=1", sock.display());
-    let d = Daemon::start_in(
-        unique_cluster(),
-        dir,
-        &["--buffers", "8192", "--no-hugepages", "--export", &export],
-    );
+    let (d, sock) = Daemon::with_vm_export();
     let c = d.id;
-    let qa = Command::new(bin("zc-hostd"))
-        .args(["-c", &c.to_string(), "--run-dir"])
-        .arg(d.run_dir.path())
-        .arg("--qemu-args")
-        .arg(&sock)
-        .args(["--vm-mem", "256M"])
-        .output()
-        .unwrap();
-    assert!(
-        qa.status.success(),
-        "{}",
-        String::from_utf8_lossy(&qa.stderr)
-    );
-    let qemu_args = String::from_utf8(qa.stdout).unwrap();
+    let qemu_args = d.qemu_args(&sock, "256M");
 
     // The kernel command line carries the script: no double quotes, and
     // short (2048 bytes in all).
@@ -147,7 +127,7 @@ fn guest_pci_driver_in_a_vm_exact_both_ways_recovers_and_gives_the_device_back()
     .arg(&initrd)
     .arg("-append")
     .arg(format!("console=ttyS0 panic=-1 quiet zc.run=\"{script}\""))
-    .args(qemu_args.split_whitespace())
+    .args(&qemu_args)
     .stdin(Stdio::null())
     .stdout(Stdio::piped())
     .stderr(Stdio::piped());
@@ -320,22 +300,7 @@ fn an_interface_name_finds_its_device_after_a_crash() {
         return;
     }
     let _g = vm::serialise();
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("vm.sock");
-    let export = format!("{},rx=0,tx=1", sock.display());
-    let d = Daemon::start_in(
-        unique_cluster(),
-        dir,
-        &["--buffers", "8192", "--no-hugepages", "--export", &export],
-    );
-    let qa = d
-        .tool("zc-hostd")
-        .args(["-c", &d.id.to_string(), "--qemu-args"])
-        .arg(&sock)
-        .args(["--vm-mem", "256M"])
-        .output()
-        .unwrap();
-    assert!(qa.status.success());
+    let (d, sock) = Daemon::with_vm_export();
     let script = format!(
         "zcount -i zc:eth0 -t 600 >/dev/null 2>&1 & h=$!; sleep 3; kill -TERM $h; wait $h; \
          echo ZC-TERM $? $(ls /sys/class/net); \
@@ -347,11 +312,7 @@ fn an_interface_name_finds_its_device_after_a_crash() {
     let g = vm::Guest::boot(&vm::GuestSpec {
         name: "ifname-crash".into(),
         run: script,
-        qemu_args: String::from_utf8(qa.stdout)
-            .unwrap()
-            .split_whitespace()
-            .map(String::from)
-            .collect(),
+        qemu_args: d.qemu_args(&sock, "256M"),
         ..Default::default()
     });
     let t = Duration::from_secs(180);

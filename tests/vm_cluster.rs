@@ -5,33 +5,12 @@ mod common;
 
 use common::vm::{self, Guest, GuestSpec};
 use common::*;
-use std::path::Path;
 use std::time::Duration;
 
 const BOOT_AND_RUN: Duration = Duration::from_secs(300);
 
 fn ready() -> bool {
     require(vm::have_qemu() && is_root(), "root and qemu-system-x86_64")
-}
-
-/// `zc-hostd --qemu-args SOCKET` for one export, split into arguments.
-fn qemu_args(d: &Daemon, sock: &Path) -> Vec<String> {
-    let out = d
-        .tool("zc-hostd")
-        .args(["-c", &d.id.to_string(), "--qemu-args"])
-        .arg(sock)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "--qemu-args: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .split_whitespace()
-        .map(String::from)
-        .collect()
 }
 
 /// The export statistics of `zc-hostd stats --json`, by socket file name.
@@ -80,7 +59,7 @@ fn vm_to_vm_zero_copy_through_one_cluster() {
     let mut b = Guest::boot(&GuestSpec {
         name: "vm-b".into(),
         run: format!("zcount -i zc:{id}@0 -n {N} --verify --json"),
-        qemu_args: qemu_args(&d, &b_sock),
+        qemu_args: d.qemu_args(&b_sock, "1G"),
         ..Default::default()
     });
     // B must own its device before A sends: packets reaching a device with
@@ -90,7 +69,7 @@ fn vm_to_vm_zero_copy_through_one_cluster() {
     let mut a = Guest::boot(&GuestSpec {
         name: "vm-a".into(),
         run: format!("zsend -i zc:{id}@0 -n {N} -l 128 --json"),
-        qemu_args: qemu_args(&d, &a_sock),
+        qemu_args: d.qemu_args(&a_sock, "1G"),
         ..Default::default()
     });
     let sent = a.wait_exit(BOOT_AND_RUN);
@@ -141,7 +120,7 @@ fn two_guests_kernel_drivers_ping_each_other_through_the_copy_path() {
         name: "ping-b".into(),
         run: "echo B-UP; sleep 600".into(),
         append: "zc.ip=192.0.2.2/24".into(),
-        qemu_args: qemu_args(&d, &b_sock),
+        qemu_args: d.qemu_args(&b_sock, "1G"),
         ..Default::default()
     });
     b.wait_for("B-UP", BOOT_AND_RUN);
@@ -149,7 +128,7 @@ fn two_guests_kernel_drivers_ping_each_other_through_the_copy_path() {
         name: "ping-a".into(),
         run: "ping -c 5 -w 60 192.0.2.2".into(),
         append: "zc.ip=192.0.2.1/24".into(),
-        qemu_args: qemu_args(&d, &a_sock),
+        qemu_args: d.qemu_args(&a_sock, "1G"),
         ..Default::default()
     });
     let run = a.wait_exit(BOOT_AND_RUN);

@@ -148,6 +148,42 @@ impl Daemon {
         c
     }
 
+    /// A daemon (8192 buffers, no hugepages needed) with one export on
+    /// `<tmp>/vm.sock`: rx=0 (host to guest), tx=1 (guest to host).
+    pub fn with_vm_export() -> (Daemon, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("vm.sock");
+        let export = format!("{},rx=0,tx=1", sock.display());
+        let d = Daemon::start_in(
+            unique_cluster(),
+            dir,
+            &["--buffers", "8192", "--no-hugepages", "--export", &export],
+        );
+        (d, sock)
+    }
+
+    /// `zc-hostd --qemu-args SOCKET --vm-mem MEM`, split into arguments:
+    /// the QEMU options exactly as the CLI prints them.
+    pub fn qemu_args(&self, sock: &Path, mem: &str) -> Vec<String> {
+        let out = self
+            .tool("zc-hostd")
+            .args(["-c", &self.id.to_string(), "--qemu-args"])
+            .arg(sock)
+            .args(["--vm-mem", mem])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "--qemu-args: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .split_whitespace()
+            .map(String::from)
+            .collect()
+    }
+
     pub fn info(&self) -> zc_host::control::ClusterInfo {
         zc_host::client::cluster_info(self.run_dir.path(), self.id).expect("cluster info")
     }
