@@ -234,8 +234,8 @@ pub struct CommonArgs {
     /// If NAME is not there yet (no cluster, pool or device: a VM whose
     /// export `zc-hostd attach` is still hot-plugging), retry for up to
     /// SECONDS instead of failing at once.
-    #[arg(long, value_name = "SECONDS")]
-    pub wait: Option<f64>,
+    #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
+    pub wait: Option<std::time::Duration>,
 }
 
 impl CommonArgs {
@@ -244,11 +244,19 @@ impl CommonArgs {
         crate::Options {
             vhost_user: self.vhost_user.clone(),
             pool: self.pool.clone(),
-            wait: self
-                .wait
-                .map(|s| std::time::Duration::from_secs_f64(s.clamp(0.0, 1e6))),
+            wait: self.wait,
             ..crate::Options::default()
         }
+    }
+}
+
+/// Seconds as a user writes them: `60`, `0.5`; at most a day.
+fn parse_seconds(s: &str) -> Result<std::time::Duration, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..=86400.0).contains(&v) => Ok(std::time::Duration::from_secs_f64(v)),
+        _ => Err(format!(
+            "{s:?} is not a number of seconds from 0 to 86400, like 60 or 0.5"
+        )),
     }
 }
 
@@ -266,6 +274,19 @@ pub fn exit(tool: &str, result: Result<(), String>) -> std::process::ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wait_takes_plain_seconds_only() {
+        assert_eq!(
+            parse_seconds("0.5"),
+            Ok(std::time::Duration::from_millis(500))
+        );
+        for bad in ["nan", "-1", "inf", "1e9", "soon"] {
+            assert!(parse_seconds(bad)
+                .unwrap_err()
+                .contains("is not a number of seconds"));
+        }
+    }
 
     #[test]
     fn stats_lines_have_the_pf_ring_shape() {
