@@ -402,8 +402,6 @@ mod tests {
         std::fs::write(&path, vec![0u8; 8192]).unwrap();
         let f = File::open(&path).unwrap();
         assert_eq!(PoolMap::peek_cluster(&f), None);
-        let (_d, map) = fixture();
-        let _ = map;
         let layout = PoolLayout::new(7, 2048, 64).unwrap();
         let p2 = dir.path().join("pool7");
         let f7 = create_pool_file(&p2, &layout).unwrap();

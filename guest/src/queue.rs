@@ -10,7 +10,7 @@ use std::fs::OpenOptions;
 use std::io;
 use std::path::Path;
 use std::time::Duration;
-use zc_proto::layout::NO_QUEUE;
+use zc_proto::layout::ExportEntry;
 use zc_proto::{BufferHandle, PoolView, QueueEnd, Receiver, Sender};
 
 /// The device a queue runs on; dropping it stops the device.
@@ -90,40 +90,39 @@ fn open_vhost_user(
     dir: Direction,
 ) -> Result<(Core, Device, PoolMap)> {
     let (file, pool) = map_pool_file(pool_path)?;
-    let (candidates, missing) = match pool.export_for_queue(queue, dir) {
-        Ok(e) => (vec![e], None),
-        Err(e) if dir == Direction::Tx => (pool.sinks(), Some(e)),
-        Err(e) => return Err(e),
-    };
-    let single = candidates.len() == 1;
-    for (slot, entry) in candidates {
+    let open = |slot: usize, entry: &ExportEntry, require_mac: bool| -> Result<(Core, Device)> {
         let f = file.try_clone().map_err(|e| GuestError::io(pool_path, e))?;
         let mut vu = VhostUser::connect(socket, f, pool.base(), pool.layout().pool_size)?;
         vu.expect_mac = Some(entry.mac);
-        vu.require_mac = missing.is_some() && !single;
-        match bring_up(&mut vu, &pool, slot, &entry, dir) {
-            Ok(core) => {
-                if entry.tx_queue == NO_QUEUE {
-                    log::info!(
-                        "zc-guest: no export sends into queue {queue}; {} is a sink: what is sent there is consumed and dropped",
-                        socket.display()
-                    );
-                }
-                return Ok((core, Device::VhostUser(vu), pool));
+        vu.require_mac = require_mac;
+        let core = bring_up(&mut vu, &pool, slot, entry, dir)?;
+        Ok((core, Device::VhostUser(vu)))
+    };
+    let missing = match pool.export_for_queue(queue, dir) {
+        Ok((slot, entry)) => {
+            let (core, dev) = open(slot, &entry, false)?;
+            return Ok((core, dev, pool));
+        }
+        Err(e) if dir == Direction::Tx => e,
+        Err(e) => return Err(e),
+    };
+    // Not this sink (or it failed): without a sink that takes the socket,
+    // the error is the missing export of `queue`.
+    let sinks = pool.sinks();
+    let require_mac = sinks.len() > 1;
+    for (slot, entry) in &sinks {
+        match open(*slot, entry, require_mac) {
+            Ok((core, dev)) => {
+                log::info!(
+                    "zc-guest: no export sends into queue {queue}; {} is a sink: what is sent there is consumed and dropped",
+                    socket.display()
+                );
+                return Ok((core, dev, pool));
             }
-            // Not this sink (or it failed): without a sink that takes the
-            // socket, the error is the missing export of `queue`.
-            Err(e) if missing.is_some() => {
-                log::debug!("zc-guest: {}: not sink {slot}: {e}", socket.display());
-            }
-            Err(e) => return Err(e),
+            Err(e) => log::debug!("zc-guest: {}: not sink {slot}: {e}", socket.display()),
         }
     }
-    Err(missing.unwrap_or(GuestError::NoExport {
-        cluster: pool.layout().cluster_id,
-        queue,
-        dir: dir.option(),
-    }))
+    Err(missing)
 }
 
 impl GuestRx {

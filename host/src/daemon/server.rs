@@ -3,7 +3,7 @@
 
 use super::cluster::{Cluster, ConnId, CreateError};
 use super::registry::{ExportDefaults, Registry};
-use super::vm::Vms;
+use super::vm::{VmError, Vms};
 use crate::control::{self, Reply, Request};
 use crate::export::{self, ExportConfig, ExportError};
 use crate::pool::PoolOptions;
@@ -334,9 +334,6 @@ impl Daemon {
             }
         };
         let pid = conn.pid;
-        if matches!(req, Request::AttachVm { .. } | Request::DetachVm { .. }) {
-            return self.serve_vm(id, req);
-        }
         // Lock order: the registry's export list before the cluster (an
         // attach holds the list while it starts an export).
         let exports = matches!(req, Request::Stats).then(|| self.registry.shared());
@@ -370,7 +367,19 @@ impl Daemon {
                     vec![],
                 ),
             },
-            Request::AttachVm { .. } | Request::DetachVm { .. } => unreachable!("served above"),
+            Request::AttachVm { qmp, rx, tx, mac } => {
+                drop(cluster);
+                return self.serve_vm(id, move |v| {
+                    v.attach(Path::new(&qmp), rx, tx, mac)
+                        .map(Reply::VmAttached)
+                });
+            }
+            Request::DetachVm { qmp, rx, tx } => {
+                drop(cluster);
+                return self.serve_vm(id, move |v| {
+                    v.detach(Path::new(&qmp), rx, tx).map(Reply::VmDetached)
+                });
+            }
             Request::Alloc { count } => match cluster.alloc(id, count) {
                 Ok(indices) => (Reply::Buffers { indices }, vec![]),
                 Err(e) => (
@@ -393,7 +402,11 @@ impl Daemon {
     /// Attach and detach run QMP sequences that wait for the guest
     /// (seconds under TCG): on a thread of their own, so the control loop
     /// keeps serving; the reply goes out on a clone of the connection.
-    fn serve_vm(&mut self, id: ConnId, req: Request) -> bool {
+    fn serve_vm(
+        &mut self,
+        id: ConnId,
+        op: impl FnOnce(&Vms) -> Result<Reply, VmError> + Send + 'static,
+    ) -> bool {
         let sock = match self.conns[&id].sock.try_clone() {
             Ok(s) => s,
             Err(e) => {
@@ -407,16 +420,7 @@ impl Daemon {
         let spawned = std::thread::Builder::new()
             .name("zc-attach".into())
             .spawn(move || {
-                let reply = match req {
-                    Request::AttachVm { qmp, rx, tx, mac } => vms
-                        .attach(Path::new(&qmp), rx, tx, mac)
-                        .map(Reply::VmAttached),
-                    Request::DetachVm { qmp, rx, tx } => {
-                        vms.detach(Path::new(&qmp), rx, tx).map(Reply::VmDetached)
-                    }
-                    _ => return,
-                };
-                let reply = reply.unwrap_or_else(|e| Reply::Error {
+                let reply = op(&vms).unwrap_or_else(|e| Reply::Error {
                     message: e.to_string(),
                 });
                 if let Err(e) = control::send(&sock, &reply, &[]) {

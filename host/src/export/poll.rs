@@ -281,18 +281,12 @@ impl Worker {
         let shared = self.shared.clone();
         let mut g = shared.lock();
         if g.quit {
+            // The rings' state goes back to the frontend; the buffers go to
+            // whoever asked (Export::stop frees them and their ownership).
             for i in 0..2 {
                 self.stop_queue(i);
             }
-            self.dev = None;
-            let held = self.held();
-            for b in self.owners.guest_buffers(self.shared.slot) {
-                self.owners.take_from_guest(b);
-            }
-            self.rx_hand.clear();
-            self.tx_empties.clear();
-            self.tx_pending.clear();
-            g.held = held;
+            g.held = self.held();
             g.quitted = true;
             self.seen = s;
             shared.ack(&mut g, s);
