@@ -5,6 +5,7 @@ mod common;
 
 use common::vm::{self, Guest, GuestSpec};
 use common::*;
+use std::path::PathBuf;
 use std::time::Duration;
 
 const BOOT_AND_RUN: Duration = Duration::from_secs(300);
@@ -35,6 +36,25 @@ fn export_stats(d: &Daemon, name: &str) -> serde_json::Value {
         .unwrap_or_else(|| panic!("no export {name} in {v}"))
 }
 
+/// A daemon with 2 queues and 16384 buffers exporting `a.sock` and
+/// `b.sock` (in a fresh directory, returned first so that it outlives the
+/// daemon) with the queue roles `a_roles` and `b_roles`.
+fn two_exports(a_roles: &str, b_roles: &str) -> (tempfile::TempDir, Daemon, PathBuf, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let (a_sock, b_sock) = (dir.path().join("a.sock"), dir.path().join("b.sock"));
+    let d = Daemon::start(&[
+        "-q",
+        "2",
+        "--buffers",
+        "16384",
+        "--export",
+        &format!("{},{a_roles}", a_sock.display()),
+        "--export",
+        &format!("{},{b_roles}", b_sock.display()),
+    ]);
+    (dir, d, a_sock, b_sock)
+}
+
 #[test]
 fn vm_to_vm_zero_copy_through_one_cluster() {
     if !ready() {
@@ -42,19 +62,8 @@ fn vm_to_vm_zero_copy_through_one_cluster() {
     }
     let _one_at_a_time = vm::serialise();
     const N: u64 = 3000;
-    let dir = tempfile::tempdir().unwrap();
-    let (a_sock, b_sock) = (dir.path().join("a.sock"), dir.path().join("b.sock"));
     // Guest A transmits into queue 0; guest B receives from queue 0.
-    let d = Daemon::start(&[
-        "-q",
-        "2",
-        "--buffers",
-        "16384",
-        "--export",
-        &format!("{},tx=0", a_sock.display()),
-        "--export",
-        &format!("{},rx=0", b_sock.display()),
-    ]);
+    let (_dir, d, a_sock, b_sock) = two_exports("tx=0", "rx=0");
     let id = d.id;
     let mut b = Guest::boot(&GuestSpec {
         name: "vm-b".into(),
@@ -102,19 +111,8 @@ fn two_guests_kernel_drivers_ping_each_other_through_the_copy_path() {
         return;
     }
     let _one_at_a_time = vm::serialise();
-    let dir = tempfile::tempdir().unwrap();
-    let (a_sock, b_sock) = (dir.path().join("a.sock"), dir.path().join("b.sock"));
     // A pair of queues joins the two guests: 0 carries A -> B, 1 carries B -> A.
-    let d = Daemon::start(&[
-        "-q",
-        "2",
-        "--buffers",
-        "16384",
-        "--export",
-        &format!("{},rx=1,tx=0", a_sock.display()),
-        "--export",
-        &format!("{},rx=0,tx=1", b_sock.display()),
-    ]);
+    let (_dir, d, a_sock, b_sock) = two_exports("rx=1,tx=0", "rx=0,tx=1");
     // The documentation range: these addresses exist only on the two guests.
     let mut b = Guest::boot(&GuestSpec {
         name: "ping-b".into(),

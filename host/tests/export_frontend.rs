@@ -80,6 +80,32 @@ fn post_rx_ram(f: &mut TestFrontend, count: usize, size: u32) -> Vec<u64> {
     addrs
 }
 
+/// Posts the pool buffers `bufs` as single-descriptor RX buffers of a
+/// whole packet plus header (the zero-copy path).
+fn post_rx_pool(f: &mut TestFrontend, bufs: &[u32]) {
+    let pool = f.mem.pool.as_ref().unwrap();
+    let max = pool.layout.max_packet();
+    for &b in bufs {
+        f.rx.add(
+            &f.mem,
+            &[Seg {
+                gpa: pool.desc_gpa(b),
+                len: max + HDR as u32,
+                write: true,
+            }],
+        );
+    }
+    f.rx.publish(&f.mem);
+}
+
+/// Sends `pkts` from the host on queue 0 and waits until the guest's RX
+/// ring has used as many buffers; returns them.
+fn deliver(h: &Hostd, f: &mut TestFrontend, pkts: Vec<Vec<u8>>) -> Vec<(u16, u32)> {
+    let n = pkts.len();
+    host_send(h, 0, pkts).join().unwrap();
+    f.rx.wait_used(&f.mem, n)
+}
+
 /// Sends `pkts` through the guest's TX queue as [header][payload] chains.
 fn guest_send(f: &mut TestFrontend, pkts: &[Vec<u8>]) {
     let hdr = f.alloc(HDR as u64);
@@ -228,14 +254,7 @@ fn mergeable_rx_spreads_a_packet_over_buffers() {
 #[test]
 fn without_mrg_rxbuf_a_too_big_packet_is_dropped_and_counted() {
     let h = Hostd::start(9103, &["n.sock,rx=0"], &[]);
-    let mut f = TestFrontend::connect(
-        &h,
-        "n.sock",
-        Setup {
-            features: VERSION_1,
-            ..Setup::default()
-        },
-    );
+    let mut f = TestFrontend::connect(&h, "n.sock", Setup::with_features(VERSION_1));
     assert_eq!(f.features & MRG_RXBUF, 0);
     post_rx_ram(&mut f, 8, 256);
     host_send(&h, 0, vec![payload(1, 1000), payload(2, 100)])
@@ -255,26 +274,13 @@ fn zero_copy_exchanges_pool_buffers_both_ways() {
     let pool = f.mem.pool.as_ref().unwrap();
     let stock = directory::read_stock(&pool.view(), 0);
     assert_eq!(stock.len(), 512);
-    let max = pool.layout.max_packet();
     // Post 64 stock buffers as RX pool descriptors.
     let posted: Vec<u32> = stock[..64].to_vec();
-    for &b in &posted {
-        let gpa = pool.desc_gpa(b);
-        f.rx.add(
-            &f.mem,
-            &[Seg {
-                gpa,
-                len: max + HDR as u32,
-                write: true,
-            }],
-        );
-    }
-    f.rx.publish(&f.mem);
+    post_rx_pool(&mut f, &posted);
     let pkts: Vec<Vec<u8>> = (0..64u32)
         .map(|i| payload(i, 64 + i as usize * 20))
         .collect();
-    host_send(&h, 0, pkts.clone()).join().unwrap();
-    let used = f.rx.wait_used(&f.mem, 64);
+    let used = deliver(&h, &mut f, pkts.clone());
     let mut held = Vec::new();
     for (k, (id, len)) in used.iter().enumerate() {
         let gpa = f.rx.desc_addr(&f.mem, *id);
@@ -293,19 +299,8 @@ fn zero_copy_exchanges_pool_buffers_both_ways() {
     let s = h.export("z.sock");
     assert_eq!((s.rx.exchanged, s.rx.copied, s.rx.packets), (64, 0, 64));
     // Posting a buffer the guest gave away is invalid: the host owns it now.
-    let pool = f.mem.pool.as_ref().unwrap();
-    let gave = pool.desc_gpa(posted[0]);
-    f.rx.add(
-        &f.mem,
-        &[Seg {
-            gpa: gave,
-            len: max + HDR as u32,
-            write: true,
-        }],
-    );
-    f.rx.publish(&f.mem);
-    host_send(&h, 0, vec![payload(99, 100)]).join().unwrap();
-    let bad = f.rx.wait_used(&f.mem, 1);
+    post_rx_pool(&mut f, &posted[..1]);
+    let bad = deliver(&h, &mut f, vec![payload(99, 100)]);
     assert_eq!(bad[0].1, 0, "an invalid descriptor comes back empty");
     h.wait_stats("z.sock", "invalid RX pool descriptor", |s| {
         s.rx.invalid_desc == 1
@@ -832,8 +827,7 @@ fn an_idle_export_sleeps_and_wakes_for_traffic() {
     std::thread::sleep(Duration::from_millis(500));
     post_rx_ram(&mut f, 1, 2048);
     std::thread::sleep(Duration::from_millis(500));
-    host_send(&h, 0, vec![payload(3, 100)]).join().unwrap();
-    let used = f.rx.wait_used(&f.mem, 1);
+    let used = deliver(&h, &mut f, vec![payload(3, 100)]);
     assert_eq!(used[0].1 as usize, HDR + 100);
 }
 
@@ -850,51 +844,19 @@ fn a_pool_region_added_later_enables_zero_copy() {
     );
     // Without the pool in the memory table, RAM buffers take the copy path.
     post_rx_ram(&mut f, 4, 2048);
-    host_send(&h, 0, (0..4).map(|i| payload(i, 100)).collect())
-        .join()
-        .unwrap();
-    f.rx.wait_used(&f.mem, 4);
+    deliver(&h, &mut f, (0..4).map(|i| payload(i, 100)).collect());
     // Hot-plug: the frontend's new table has the pool as a second region.
     let (info, _) = h.stats();
     f.mem.pool = Some(PoolMap::open(&info));
-    let pool = f.mem.pool.as_ref().unwrap();
-    let regions = [
-        vhost::VhostUserMemoryRegionInfo {
-            guest_phys_addr: 0,
-            memory_size: RAM_SIZE as u64,
-            userspace_addr: f.mem.ram.map.as_ptr() as u64,
-            mmap_offset: 0,
-            mmap_handle: std::os::fd::AsRawFd::as_raw_fd(&f.mem.ram.fd),
-        },
-        vhost::VhostUserMemoryRegionInfo {
-            guest_phys_addr: POOL_GPA,
-            memory_size: pool.layout.pool_size,
-            userspace_addr: pool.map.as_ptr() as u64,
-            mmap_offset: 0,
-            mmap_handle: std::os::fd::AsRawFd::as_raw_fd(&pool.file),
-        },
-    ];
+    let regions = f.mem.regions();
     use vhost::VhostBackend;
     f.fe.set_mem_table(&regions).unwrap();
     // A request with a reply: the export has handled the table before it.
     f.fe.get_features().unwrap();
-    let stock = directory::read_stock(&pool.view(), 0);
-    let max = pool.layout.max_packet();
-    for &b in &stock[..8] {
-        let gpa = pool.desc_gpa(b);
-        f.rx.add(
-            &f.mem,
-            &[Seg {
-                gpa,
-                len: max + HDR as u32,
-                write: true,
-            }],
-        );
-    }
-    f.rx.publish(&f.mem);
+    let stock = directory::read_stock(&f.mem.pool.as_ref().unwrap().view(), 0);
+    post_rx_pool(&mut f, &stock[..8]);
     let pkts: Vec<Vec<u8>> = (0..8).map(|i| payload(i + 10, 200)).collect();
-    host_send(&h, 0, pkts.clone()).join().unwrap();
-    let used = f.rx.wait_used(&f.mem, 8);
+    let used = deliver(&h, &mut f, pkts.clone());
     let pool = f.mem.pool.as_ref().unwrap();
     for ((id, len), p) in used.iter().zip(&pkts) {
         let gpa = f.rx.desc_addr(&f.mem, *id);
@@ -905,25 +867,24 @@ fn a_pool_region_added_later_enables_zero_copy() {
     assert_eq!((s.rx.copied, s.rx.exchanged), (4, 8));
 }
 
+/// Waits up to 5 s for the RX queue's call eventfd; fails with `what`.
+fn wait_rx_interrupt(f: &TestFrontend, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while f.rx.call.read().is_err() {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 #[test]
 fn interrupts_follow_no_interrupt_and_event_idx() {
     let h = Hostd::start(9112, &["n.sock,rx=0"], &[]);
     // Without EVENT_IDX: VRING_AVAIL_F_NO_INTERRUPT decides.
-    let mut f = TestFrontend::connect(
-        &h,
-        "n.sock",
-        Setup {
-            features: VERSION_1 | MRG_RXBUF,
-            ..Setup::default()
-        },
-    );
+    let mut f = TestFrontend::connect(&h, "n.sock", Setup::with_features(VERSION_1 | MRG_RXBUF));
     assert_eq!(f.features & EVENT_IDX, 0);
     f.mem.w16(f.rx.avail, 1); // NO_INTERRUPT
     post_rx_ram(&mut f, 64, 2048);
-    host_send(&h, 0, (0..20).map(|i| payload(i, 64)).collect())
-        .join()
-        .unwrap();
-    f.rx.wait_used(&f.mem, 20);
+    deliver(&h, &mut f, (0..20).map(|i| payload(i, 64)).collect());
     std::thread::sleep(Duration::from_millis(100));
     assert!(
         f.rx.call.read().is_err(),
@@ -931,16 +892,8 @@ fn interrupts_follow_no_interrupt_and_event_idx() {
     );
     assert_eq!(h.export("n.sock").rx.interrupts, 0);
     f.mem.w16(f.rx.avail, 0);
-    host_send(&h, 0, vec![payload(99, 64)]).join().unwrap();
-    f.rx.wait_used(&f.mem, 1);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while f.rx.call.read().is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "no interrupt once the guest wants them"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    deliver(&h, &mut f, vec![payload(99, 64)]);
+    wait_rx_interrupt(&f, "no interrupt once the guest wants them");
     drop(f);
     h.wait_stats("n.sock", "disconnect", |s| s.dev.connected == 0);
     // With EVENT_IDX: used_event decides. Ask for an interrupt only after
@@ -951,23 +904,10 @@ fn interrupts_follow_no_interrupt_and_event_idx() {
     f.mem.w16(used_event, 9);
     post_rx_ram(&mut f, 64, 2048);
     let before = h.export("n.sock").rx.interrupts;
-    host_send(&h, 0, (0..5).map(|i| payload(i, 64)).collect())
-        .join()
-        .unwrap();
-    f.rx.wait_used(&f.mem, 5);
+    deliver(&h, &mut f, (0..5).map(|i| payload(i, 64)).collect());
     std::thread::sleep(Duration::from_millis(100));
     assert!(f.rx.call.read().is_err(), "5 used < used_event + 1");
-    host_send(&h, 0, (0..5).map(|i| payload(i, 64)).collect())
-        .join()
-        .unwrap();
-    f.rx.wait_used(&f.mem, 5);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while f.rx.call.read().is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "no interrupt when used passed used_event"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    deliver(&h, &mut f, (0..5).map(|i| payload(i, 64)).collect());
+    wait_rx_interrupt(&f, "no interrupt when used passed used_event");
     assert!(h.export("n.sock").rx.interrupts > before);
 }

@@ -227,6 +227,28 @@ pub struct Mem {
 }
 
 impl Mem {
+    /// The vhost-user memory table: RAM at 0 and, when mapped, the pool at
+    /// POOL_GPA.
+    pub fn regions(&self) -> Vec<VhostUserMemoryRegionInfo> {
+        let mut regions = vec![VhostUserMemoryRegionInfo {
+            guest_phys_addr: 0,
+            memory_size: RAM_SIZE as u64,
+            userspace_addr: self.ram.map.as_ptr() as u64,
+            mmap_offset: 0,
+            mmap_handle: self.ram.fd.as_raw_fd(),
+        }];
+        if let Some(p) = &self.pool {
+            regions.push(VhostUserMemoryRegionInfo {
+                guest_phys_addr: POOL_GPA,
+                memory_size: p.layout.pool_size,
+                userspace_addr: p.map.as_ptr() as u64,
+                mmap_offset: 0,
+                mmap_handle: p.file.as_raw_fd(),
+            });
+        }
+        regions
+    }
+
     pub fn ptr(&self, gpa: u64, len: usize) -> *mut u8 {
         if gpa >= POOL_GPA {
             let p = self.pool.as_ref().unwrap();
@@ -429,6 +451,16 @@ pub struct Setup {
     pub with_pool: bool,
 }
 
+impl Setup {
+    /// The default set-up, offering `features` instead.
+    pub fn with_features(features: u64) -> Setup {
+        Setup {
+            features,
+            ..Setup::default()
+        }
+    }
+}
+
 impl Default for Setup {
     fn default() -> Self {
         Setup {
@@ -469,23 +501,7 @@ impl TestFrontend {
         fe.set_features(features | pf).unwrap();
         let prot = fe.get_protocol_features().unwrap();
         fe.set_protocol_features(prot).unwrap();
-        let mut regions = vec![VhostUserMemoryRegionInfo {
-            guest_phys_addr: 0,
-            memory_size: RAM_SIZE as u64,
-            userspace_addr: mem.ram.map.as_ptr() as u64,
-            mmap_offset: 0,
-            mmap_handle: mem.ram.fd.as_raw_fd(),
-        }];
-        if let Some(p) = &mem.pool {
-            regions.push(VhostUserMemoryRegionInfo {
-                guest_phys_addr: POOL_GPA,
-                memory_size: p.layout.pool_size,
-                userspace_addr: p.map.as_ptr() as u64,
-                mmap_offset: 0,
-                mmap_handle: p.file.as_raw_fd(),
-            });
-        }
-        fe.set_mem_table(&regions).unwrap();
+        fe.set_mem_table(&mem.regions()).unwrap();
         let rx = DriverQueue::new(0, s.size);
         let tx = DriverQueue::new((rx.end() + 4095) & !4095, s.size);
         let heap = (tx.end() + 0xffff) & !0xffff;
