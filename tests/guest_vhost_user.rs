@@ -210,12 +210,15 @@ fn wrong_socket_or_queue_is_a_one_line_error() {
 fn guest_driver_sends_into_a_sink_export_which_exchanges_every_packet() {
     // An export without tx consumes what its guest sends: each pool buffer
     // is exchanged for an empty one, then dropped. The guest driver reaches
-    // it over vhost-user when no export sends into the queue it names.
+    // it over vhost-user when no export sends into the queue it names; with
+    // two sinks, the MAC each socket reports says which one it is.
     let dir = tempfile::tempdir().unwrap();
     let sink = dir.path().join("sink.sock");
+    let sink2 = dir.path().join("sink2.sock");
     let other = dir.path().join("other.sock");
-    let (e_sink, e_other) = (
+    let (e_sink, e_sink2, e_other) = (
         format!("{},rx=0", sink.display()),
+        format!("{},rx=4,mac=02:00:00:00:00:42", sink2.display()),
         format!("{},rx=1,tx=2", other.display()),
     );
     let d = Daemon::start_in(
@@ -223,12 +226,14 @@ fn guest_driver_sends_into_a_sink_export_which_exchanges_every_packet() {
         dir,
         &[
             "-q",
-            "4",
+            "5",
             "--buffers",
-            "8192",
+            "16384",
             "--no-hugepages",
             "--export",
             &e_sink,
+            "--export",
+            &e_sink2,
             "--export",
             &e_other,
         ],
@@ -263,6 +268,11 @@ fn guest_driver_sends_into_a_sink_export_which_exchanges_every_packet() {
             "{e:?}"
         );
     }
+    assert_eq!(
+        export_named(&d, &sink2).tx.packets,
+        0,
+        "the other sink saw nothing"
+    );
     // The other export still refuses what it does not serve: receiving
     // needs an rx queue, and queue 3 has none.
     let mut c = d.tool("zcount");
@@ -270,4 +280,16 @@ fn guest_driver_sends_into_a_sink_export_which_exchanges_every_packet() {
         .arg(&other);
     let out = wait_output(run(c), TIMEOUT);
     assert_one_line_error(&out, "no export for queue 3 (rx=3)");
+    // Queue 2 has an export of its own: a sink's socket is not it, and the
+    // error names both MACs.
+    let mut c = d.tool("zsend");
+    c.args(["-i", &d.name(2), "-n", "1", "--vhost-user"])
+        .arg(&sink2);
+    let out = wait_output(run(c), TIMEOUT);
+    let want = format!(
+        "this socket serves the device with MAC 02:00:00:00:00:42, but the export of that queue has MAC {}: use that export's socket",
+        export_named(&d, &other).mac
+    );
+    assert_one_line_error(&out, &want);
+    assert_eq!(export_named(&d, &sink2).tx.packets, 0);
 }

@@ -106,12 +106,11 @@ fn open_vhost_user(
         Err(e) if dir == Direction::Tx => e,
         Err(e) => return Err(e),
     };
-    // Not this sink (or it failed): without a sink that takes the socket,
-    // the error is the missing export of `queue`.
-    let sinks = pool.sinks();
-    let require_mac = sinks.len() > 1;
-    for (slot, entry) in &sinks {
-        match open(*slot, entry, require_mac) {
+    // No export sends into `queue`: the socket may be a sink's, which the
+    // MAC in its device config proves (zc-hostd reports it). Otherwise the
+    // error is the missing export of `queue`.
+    for (slot, entry) in &pool.sinks() {
+        match open(*slot, entry, true) {
             Ok((core, dev)) => {
                 log::info!(
                     "zc-guest: no export sends into queue {queue}; {} is a sink: what is sent there is consumed and dropped",

@@ -204,6 +204,10 @@ impl Drop for Daemon {
             unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
             let _ = c.wait();
         }
+        // A failed test shows what the daemon saw (its run dir goes away).
+        if std::thread::panicking() {
+            eprintln!("--- zc-hostd -c {} log ---\n{}", self.id, self.log_text());
+        }
     }
 }
 
