@@ -176,6 +176,50 @@ fn both_directions_in_turn_keep_the_guests_buffers_consistent() {
 }
 
 #[test]
+fn packets_taken_before_the_guest_left_still_reach_the_queue() {
+    // With nobody reading queue 1 (64 slots), the export takes 96 packets
+    // from the guest: 64 fill the queue, the last 32 wait in the export,
+    // already completed to the guest, which then leaves. Those 32 must go
+    // out once the queue drains, not wait for the next guest.
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("vm.sock");
+    let export = format!("{},rx=0,tx=1", sock.display());
+    let d = Daemon::start_in(
+        unique_cluster(),
+        dir,
+        &[
+            "--queue-len",
+            "64",
+            "--buffers",
+            "4096",
+            "--no-hugepages",
+            "--export",
+            &export,
+        ],
+    );
+    let s = Setup { d, sock };
+    let mut send = s.d.tool("zsend");
+    send.args(["-i", &s.d.name(1), "-n", "96", "--json", "--vhost-user"])
+        .arg(&s.sock);
+    let sent = ok_json(wait_output(run(send), TIMEOUT), "guest zsend");
+    assert_eq!(sent["packets"], 96);
+    wait_disconnected(&s);
+    let mut count = s.d.tool("zcount");
+    count.args([
+        "-i",
+        &s.d.name(1),
+        "-n",
+        "96",
+        "-t",
+        "10",
+        "--verify",
+        "--json",
+    ]);
+    let v = ok_json(wait_output(run(count), TIMEOUT), "host zcount");
+    assert_exact(&v, 96, 60);
+}
+
+#[test]
 fn wrong_socket_or_queue_is_a_one_line_error() {
     let s = setup();
     // No export delivers queue 2.

@@ -190,6 +190,9 @@ impl Worker {
                     }
                 }
             } else {
+                // Packets taken from a guest before its device went away
+                // still go to the cluster queue.
+                self.flush_tx();
                 0
             };
             if moved > 0 {

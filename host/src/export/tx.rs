@@ -15,7 +15,7 @@ const HDR: u64 = VIRTIO_NET_HDR_LEN as u64;
 
 impl Worker {
     /// Sends what waits in tx_pending; true when nothing is left.
-    fn flush_tx(&mut self) -> bool {
+    pub fn flush_tx(&mut self) -> bool {
         if let Some(p) = self.tx_end.as_mut() {
             if !self.tx_pending.is_empty() {
                 let n = p.send_burst(&mut self.tx_pending);
@@ -26,12 +26,13 @@ impl Worker {
     }
 
     pub fn tx_step(&mut self) -> Result<usize, RingError> {
-        if self.dev.as_ref().is_none_or(|d| d.queues[TXQ].is_none()) {
+        // Back-pressure: while the cluster queue is full, leave the guest's
+        // packets in its ring. What was taken already goes out even when the
+        // ring has stopped since (the guest completed and left).
+        if !self.flush_tx() {
             return Ok(0);
         }
-        // Back-pressure: while the cluster queue is full, leave the guest's
-        // packets in its ring.
-        if !self.flush_tx() {
+        if self.dev.as_ref().is_none_or(|d| d.queues[TXQ].is_none()) {
             return Ok(0);
         }
         let pool = PoolCtx {
