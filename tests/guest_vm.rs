@@ -291,7 +291,7 @@ fn guest_pci_driver_in_a_vm_exact_both_ways_recovers_and_gives_the_device_back()
 /// `zc:eth0` given back on SIGTERM; and after its holder was killed: the
 /// interface is gone (the device has no driver), yet the name still finds
 /// the device, through the lock file the crashed holder left, and the next
-/// open receives exactly M.
+/// open receives exactly M. First, a user who is not root is told so.
 #[test]
 fn an_interface_name_finds_its_device_after_a_crash() {
     if !require(is_root(), "root (QEMU, PCI takeover in the guest)")
@@ -301,13 +301,23 @@ fn an_interface_name_finds_its_device_after_a_crash() {
     }
     let _g = vm::serialise();
     let (d, sock) = Daemon::with_vm_export();
+    // A user who is not root gets one line saying so, for either name (the
+    // pool's BAR is root-only, so the tool cannot even tell the cluster).
+    let not_root = |tag: &str, name: String| {
+        format!(
+            "su zc -c 'zcount -i {name} -n 1' 2>/tmp/nr; r=$?; echo {tag} $r $(wc -l </tmp/nr) $(cat /tmp/nr); "
+        )
+    };
     let script = format!(
-        "zcount -i zc:eth0 -t 600 >/dev/null 2>&1 & h=$!; sleep 3; kill -TERM $h; wait $h; \
+        "echo zc:x:1000:1000::/tmp:/bin/sh >>/etc/passwd; {}{}\
+         zcount -i zc:eth0 -t 600 >/dev/null 2>&1 & h=$!; sleep 3; kill -TERM $h; wait $h; \
          echo ZC-TERM $? $(ls /sys/class/net); \
          zcount -i zc:eth0 -t 600 >/dev/null 2>&1 & h=$!; sleep 3; kill -9 $h; wait $h; \
          echo ZC-IF1 $(ls /sys/class/net); \
          zcount -i zc:eth0 -n {M} -t 200 --verify --json >/tmp/a 2>/tmp/e & h=$!; sleep 5; echo ZC-S; wait $h; \
-         echo ZC-GOT $(cat /tmp/a) $(tail -1 /tmp/e); echo ZC-IF2 $(ls /sys/class/net)"
+         echo ZC-GOT $(cat /tmp/a) $(tail -1 /tmp/e); echo ZC-IF2 $(ls /sys/class/net)",
+        not_root("ZC-NR1", "zc:eth0".into()),
+        not_root("ZC-NR2", d.name(0)),
     );
     let g = vm::Guest::boot(&vm::GuestSpec {
         name: "ifname-crash".into(),
@@ -316,6 +326,13 @@ fn an_interface_name_finds_its_device_after_a_crash() {
         ..Default::default()
     });
     let t = Duration::from_secs(180);
+    for tag in ["ZC-NR1", "ZC-NR2"] {
+        let l = g.line(tag, t);
+        assert!(
+            l.starts_with("1 1 zcount: ") && l.ends_with("which needs root: run this as root"),
+            "{tag}: exit status, one line, the root error: {l}"
+        );
+    }
     assert_eq!(
         g.line("ZC-TERM", t),
         "0 eth0 lo",

@@ -79,6 +79,10 @@ kver=$(ls "$kdir/lib/modules" | head -1)
 stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
 mkdir -p "$stage"/{bin,sbin,lib/modules,lib64,usr/bin,proc,sys,dev,tmp,run,etc}
+# The image's root is mktemp's 0700 directory: open it to other users (tests
+# run tools as one), and /tmp as usual.
+chmod 755 "$stage"
+chmod 1777 "$stage/tmp"
 cp /bin/busybox "$stage/bin/busybox"
 cp vm-images/init "$stage/init"
 chmod 755 "$stage/init"

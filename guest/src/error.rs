@@ -71,7 +71,7 @@ pub enum GuestError {
     NoDevice { cluster: u32, mac: String },
     #[error("{what} is already open by another process (pid {pid}); stop that process first")]
     Busy { what: String, pid: u32 },
-    #[error("taking over PCI device {bdf} needs root: run this as root")]
+    #[error("PCI device {bdf}: the zc guest driver maps the pool and takes over the virtio-net device, which needs root: run this as root")]
     NotRoot { bdf: String },
     #[error("{}: {source}", path.display())]
     Io { path: PathBuf, source: io::Error },

@@ -26,20 +26,11 @@ pub use queue::{GuestRx, GuestTx};
 /// Whether this machine (a VM) has an ivshmem device holding the pool of
 /// `cluster`: then `zc:<cluster>@<queue>` opens the PCI transport.
 pub fn has_pci_pool(cluster: u32) -> bool {
-    pci::has_pool(&pci::sysfs::sys_root(), cluster)
+    pci::has_pool(&pci::sysfs::sys_root(), Some(cluster))
 }
 
 /// Whether any ivshmem device on the bus holds a zc pool (this is a VM
 /// attached to a zc cluster).
 pub fn has_any_pci_pool() -> bool {
-    let root = pci::sysfs::sys_root();
-    pci::sysfs::devices(&root)
-        .into_iter()
-        .filter(pci::sysfs::PciDev::is_ivshmem)
-        .any(|d| {
-            std::fs::File::open(d.resource_path(2))
-                .ok()
-                .and_then(|f| pool::PoolMap::peek_cluster(&f))
-                .is_some()
-        })
+    pci::has_pool(&pci::sysfs::sys_root(), None)
 }

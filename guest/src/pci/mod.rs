@@ -456,11 +456,12 @@ impl Drop for PciDevice {
 /// guest-physical base of its BAR2.
 pub fn find_pool(root: &Path, cluster: u32) -> Result<(PciDev, PoolMap, u64)> {
     for d in sysfs::devices(root).into_iter().filter(PciDev::is_ivshmem) {
-        let path = d.resource_path(2);
-        let Ok(f) = File::open(&path) else { continue };
-        if crate::pool::PoolMap::peek_cluster(&f) != Some(cluster) {
-            continue;
+        match peek(&d) {
+            Peek::Cluster(c) if c == cluster => {}
+            Peek::NotRoot => return Err(GuestError::NotRoot { bdf: d.bdf }),
+            _ => continue,
         }
+        let path = d.resource_path(2);
         let f = OpenOptions::new()
             .read(true)
             .write(true)
@@ -473,33 +474,55 @@ pub fn find_pool(root: &Path, cluster: u32) -> Result<(PciDev, PoolMap, u64)> {
     Err(GuestError::NoPool { cluster })
 }
 
-/// Whether any ivshmem device on the bus holds the pool of `cluster`.
-pub fn has_pool(root: &Path, cluster: u32) -> bool {
+/// What BAR2 of an ivshmem device shows this process.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Peek {
+    /// The pool of this cluster.
+    Cluster(u32),
+    /// Only root may read it (sysfs resource files are 0600): it may well
+    /// hold a zc pool.
+    NotRoot,
+    /// No zc pool, or unreadable for another reason.
+    Nothing,
+}
+
+fn peek(d: &PciDev) -> Peek {
+    match File::open(d.resource_path(2)) {
+        Ok(f) => PoolMap::peek_cluster(&f).map_or(Peek::Nothing, Peek::Cluster),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Peek::NotRoot,
+        Err(_) => Peek::Nothing,
+    }
+}
+
+/// Whether an ivshmem device on the bus holds the pool of `cluster` (any
+/// cluster if `None`), or may hold it but only root can tell: then the
+/// PCI transport's open says that it needs root.
+pub fn has_pool(root: &Path, cluster: Option<u32>) -> bool {
     sysfs::devices(root)
         .into_iter()
         .filter(PciDev::is_ivshmem)
-        .any(|d| {
-            File::open(d.resource_path(2))
-                .ok()
-                .and_then(|f| PoolMap::peek_cluster(&f))
-                == Some(cluster)
+        .any(|d| match peek(&d) {
+            Peek::Cluster(c) => cluster.is_none_or(|want| want == c),
+            Peek::NotRoot => true,
+            Peek::Nothing => false,
         })
 }
 
 /// Every ivshmem zc pool on the bus, mapped.
-fn all_pools(root: &Path) -> Vec<(PoolMap, u64)> {
+fn all_pools(root: &Path) -> Result<Vec<(PoolMap, u64)>> {
     let mut v = Vec::new();
     for d in sysfs::devices(root).into_iter().filter(PciDev::is_ivshmem) {
-        let path = d.resource_path(2);
-        let Ok(f) = File::open(&path) else { continue };
-        let Some(cluster) = PoolMap::peek_cluster(&f) else {
-            continue;
-        };
-        if let Ok((_, p, gpa)) = find_pool(root, cluster) {
-            v.push((p, gpa));
+        match peek(&d) {
+            Peek::Cluster(cluster) => {
+                if let Ok((_, p, gpa)) = find_pool(root, cluster) {
+                    v.push((p, gpa));
+                }
+            }
+            Peek::NotRoot => return Err(GuestError::NotRoot { bdf: d.bdf }),
+            Peek::Nothing => {}
         }
     }
-    v
+    Ok(v)
 }
 
 /// MAC of a virtio-net function: from its kernel interface, or (unbound)
@@ -583,7 +606,7 @@ pub fn open_interface(
     let mac = dev.kernel_mac().ok_or_else(|| GuestError::NotVirtio {
         ifname: ifname.into(),
     })?;
-    for (pool, gpa) in all_pools(&root) {
+    for (pool, gpa) in all_pools(&root)? {
         if let Some((slot, entry)) = pool.export_for_mac(mac) {
             let mut pci = PciDevice::take(&root, dev, gpa)?;
             let core = crate::transport::bring_up(&mut pci, &pool, slot, &entry, dir)?;
