@@ -181,22 +181,7 @@ fn packets_taken_before_the_guest_left_still_reach_the_queue() {
     // from the guest: 64 fill the queue, the last 32 wait in the export,
     // already completed to the guest, which then leaves. Those 32 must go
     // out once the queue drains, not wait for the next guest.
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("vm.sock");
-    let export = format!("{},rx=0,tx=1", sock.display());
-    let d = Daemon::start_in(
-        unique_cluster(),
-        dir,
-        &[
-            "--queue-len",
-            "64",
-            "--buffers",
-            "4096",
-            "--no-hugepages",
-            "--export",
-            &export,
-        ],
-    );
+    let (d, sock) = Daemon::with_vm_export_and(&["--queue-len", "64"]);
     let s = Setup { d, sock };
     let mut send = s.d.tool("zsend");
     send.args(["-i", &s.d.name(1), "-n", "96", "--json", "--vhost-user"])

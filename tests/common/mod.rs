@@ -151,14 +151,17 @@ impl Daemon {
     /// A daemon (8192 buffers, no hugepages needed) with one export on
     /// `<tmp>/vm.sock`: rx=0 (host to guest), tx=1 (guest to host).
     pub fn with_vm_export() -> (Daemon, PathBuf) {
+        Self::with_vm_export_and(&[])
+    }
+
+    /// As [`Daemon::with_vm_export`], with more zc-hostd options.
+    pub fn with_vm_export_and(extra: &[&str]) -> (Daemon, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("vm.sock");
         let export = format!("{},rx=0,tx=1", sock.display());
-        let d = Daemon::start_in(
-            unique_cluster(),
-            dir,
-            &["--buffers", "8192", "--no-hugepages", "--export", &export],
-        );
+        let mut args = vec!["--buffers", "8192", "--no-hugepages", "--export", &export];
+        args.extend_from_slice(extra);
+        let d = Daemon::start_in(unique_cluster(), dir, &args);
         (d, sock)
     }
 

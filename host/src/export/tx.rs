@@ -15,7 +15,7 @@ const HDR: u64 = VIRTIO_NET_HDR_LEN as u64;
 
 impl Worker {
     /// Sends what waits in tx_pending; true when nothing is left.
-    pub fn flush_tx(&mut self) -> bool {
+    pub(super) fn flush_tx(&mut self) -> bool {
         if let Some(p) = self.tx_end.as_mut() {
             if !self.tx_pending.is_empty() {
                 let n = p.send_burst(&mut self.tx_pending);
