@@ -4,6 +4,7 @@
 //! remove them again. A failed step undoes the steps before it, so a VM is
 //! never left half-attached.
 
+use crate::export::qemu_args::{pool_object_id, OFFLOADS_OFF};
 use crate::export::spec::MacDisplay;
 use crate::qmp::{Qmp, QmpError};
 use serde_json::{json, Value};
@@ -24,17 +25,13 @@ pub struct PoolPlug<'a> {
 }
 
 impl PoolPlug<'_> {
-    pub fn object_id(cluster: u32) -> String {
-        format!("zcpool{cluster}")
-    }
-
     pub fn device_id(cluster: u32) -> String {
         format!("zcivshmem{cluster}")
     }
 
     /// Adds the pool unless the VM has it already; true when added here.
     pub fn add(&self, qmp: &mut Qmp) -> Result<bool, QmpError> {
-        let obj = Self::object_id(self.cluster);
+        let obj = pool_object_id(self.cluster);
         let objects = qmp.execute("qom-list", json!({ "path": "/objects" }))?;
         if objects
             .as_array()
@@ -68,7 +65,7 @@ impl PoolPlug<'_> {
     pub fn remove(qmp: &mut Qmp, cluster: u32, timeout: Duration) -> Result<(), QmpError> {
         gone_ok(device_del(qmp, &Self::device_id(cluster), timeout))?;
         gone_ok(
-            qmp.execute("object-del", json!({ "id": Self::object_id(cluster) }))
+            qmp.execute("object-del", json!({ "id": pool_object_id(cluster) }))
                 .map(drop),
         )
     }
@@ -130,19 +127,7 @@ impl NetPlug<'_> {
             "mac": MacDisplay(&self.mac).to_string(),
             "mrg_rxbuf": true,
         });
-        for off in [
-            "csum",
-            "guest_csum",
-            "gso",
-            "guest_tso4",
-            "guest_tso6",
-            "guest_ecn",
-            "guest_ufo",
-            "host_tso4",
-            "host_tso6",
-            "host_ecn",
-            "host_ufo",
-        ] {
+        for off in OFFLOADS_OFF {
             d[off] = json!(false);
         }
         d
@@ -220,6 +205,6 @@ mod tests {
         assert_eq!(d["csum"], false);
         assert_eq!(d["host_ufo"], false);
         assert_eq!(n.chardev(), "zc99-rx0-tx1-chr");
-        assert_eq!(PoolPlug::object_id(99), "zcpool99");
+        assert_eq!(pool_object_id(99), "zcpool99");
     }
 }
