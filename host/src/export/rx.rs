@@ -124,22 +124,20 @@ impl Worker {
         // Zero-copy: the guest offers one of its pool buffers; give it the
         // buffer holding the packet instead.
         if let Some(empty) = self.chain.pool_buffer() {
-            let hdr_off = pkt_off - HDR as u64;
-            if (need as u64) <= self.chain.total {
-                if let Some(gpa) = dev.map.pool_gpa(hdr_off) {
-                    let mut hdr = [0u8; HDR];
-                    hdr[NUM_BUFFERS] = 1;
-                    // SAFETY: the 12 header bytes sit in the packet buffer's
-                    // headroom (HEADROOM >= 12), inside the pool mapping.
-                    unsafe { ptr::copy_nonoverlapping(hdr.as_ptr(), pool.host(hdr_off), HDR) };
-                    q.set_desc_addr(head, gpa);
-                    q.put_used(first, head, need as u32);
-                    self.owners.take_from_guest(empty);
-                    self.owners.give_to_guest(pkt_idx, self.shared.slot);
-                    self.rx_hand[self.rx_pos].replace(empty, 0);
-                    self.rx_stats.exchanged += 1;
-                    return Ok(Placed::Done { heads: 1 });
-                }
+            if (need as u64) <= self.chain.total && pool.exchange(q, &dev.map, head, empty, pkt_idx)
+            {
+                let mut hdr = [0u8; HDR];
+                hdr[NUM_BUFFERS] = 1;
+                // SAFETY: the 12 header bytes sit in the packet buffer's
+                // headroom (HEADROOM >= 12), inside the pool mapping. The
+                // guest reads them only after the used entry is published.
+                unsafe {
+                    ptr::copy_nonoverlapping(hdr.as_ptr(), pool.host(pkt_off - HDR as u64), HDR)
+                };
+                q.put_used(first, head, need as u32);
+                self.rx_hand[self.rx_pos].replace(empty, 0);
+                self.rx_stats.exchanged += 1;
+                return Ok(Placed::Done { heads: 1 });
             }
         }
         // Copy path: the header, then the packet, across as many chains as

@@ -78,16 +78,9 @@ impl Worker {
                 };
                 let turn = if self.tx_turn < n { self.tx_turn } else { 0 };
                 let empty = self.tx_empties[turn].index();
-                let Some(gpa) = self
-                    .layout
-                    .packet_offset(empty)
-                    .and_then(|off| dev.map.pool_gpa(off - HDR))
-                else {
+                if !pool.exchange(q, &dev.map, head, full, empty) {
                     continue;
-                };
-                q.set_desc_addr(head, gpa);
-                self.owners.take_from_guest(full);
-                self.owners.give_to_guest(empty, self.shared.slot);
+                }
                 self.tx_empties[turn] = BufferHandle::from_raw(full, 0);
                 self.tx_turn = turn + 1;
                 self.tx_stats.exchanged += 1;
@@ -104,10 +97,7 @@ impl Worker {
                 .expect("hand buffers are valid");
             // Zero-copy: take the guest's buffer, give it an empty one.
             if let Some(full) = self.chain.pool_buffer() {
-                if let Some(gpa) = dev.map.pool_gpa(empty_off - HDR) {
-                    q.set_desc_addr(head, gpa);
-                    self.owners.take_from_guest(full);
-                    self.owners.give_to_guest(empty.index(), self.shared.slot);
+                if pool.exchange(q, &dev.map, head, full, empty.index()) {
                     self.tx_pending
                         .push(BufferHandle::from_raw(full, len as u32));
                     self.tx_stats.exchanged += 1;

@@ -85,6 +85,33 @@ impl PoolCtx<'_> {
         (fits && self.owners.held_by_guest(b, self.slot)).then_some(b)
     }
 
+    /// The zero-copy contract's exchange: descriptor `head` of `q`, which
+    /// named the guest's buffer `take` (checked by `walk`), now names pool
+    /// buffer `give`, 12 bytes in front of its packet; `give` passes to the
+    /// guest and `take` to the host. False, with nothing changed, where the
+    /// guest's memory table does not map `give` (the caller copies instead).
+    #[inline(always)]
+    pub fn exchange(
+        &self,
+        q: &SplitQueue,
+        map: &GuestMap,
+        head: u16,
+        take: BufferIndex,
+        give: BufferIndex,
+    ) -> bool {
+        let Some(gpa) = self
+            .layout
+            .packet_offset(give)
+            .and_then(|off| map.pool_gpa(off - u64::from(VIRTIO_NET_HDR_LEN)))
+        else {
+            return false;
+        };
+        q.set_desc_addr(head, gpa);
+        self.owners.take_from_guest(take);
+        self.owners.give_to_guest(give, self.slot);
+        true
+    }
+
     /// Host address of pool offset `off` (checked by `pool_desc` first).
     #[inline(always)]
     pub fn host(&self, off: u64) -> *mut u8 {
@@ -355,7 +382,7 @@ impl SplitQueue {
 
     /// Rewrites descriptor `i`'s address (zero-copy exchange).
     #[inline]
-    pub fn set_desc_addr(&self, i: u16, addr: u64) {
+    fn set_desc_addr(&self, i: u16, addr: u64) {
         debug_assert!(i < self.size);
         // SAFETY: i < size (a checked head), inside the descriptor table.
         unsafe {
