@@ -79,10 +79,9 @@ fn map_pool_file(pool_path: &Path) -> Result<(std::fs::File, PoolMap)> {
 ///
 /// Sending when no export sends into `queue`: the socket may serve a sink,
 /// an export without a tx queue that consumes (exchanges and drops) what
-/// its guest sends. Each sink of the directory is tried in turn; the
-/// device's MAC tells whether the socket serves it. A backend that does not
-/// report its MAC (zc-hostd's config space is not served over vhost-user)
-/// cannot say, so then only a single sink is taken.
+/// its guest sends. Each sink of the directory is tried in turn; the MAC in
+/// the device config (zc-hostd reports it) tells whether the socket serves
+/// it, and a backend that reports none is taken for no sink.
 fn open_vhost_user(
     socket: &Path,
     pool_path: &Path,
@@ -106,9 +105,7 @@ fn open_vhost_user(
         Err(e) if dir == Direction::Tx => e,
         Err(e) => return Err(e),
     };
-    // No export sends into `queue`: the socket may be a sink's, which the
-    // MAC in its device config proves (zc-hostd reports it). Otherwise the
-    // error is the missing export of `queue`.
+    // Otherwise the error is the missing export of `queue`.
     for (slot, entry) in &pool.sinks() {
         match open(*slot, entry, true) {
             Ok((core, dev)) => {

@@ -193,10 +193,34 @@ struct Lock {
     path: PathBuf,
 }
 
+/// What a lock file says about its device: lines of pid, kernel driver and
+/// interface name (`-` for none).
+struct Record {
+    driver: Option<String>,
+    ifname: Option<String>,
+}
+
+impl Record {
+    fn read(path: &Path) -> Record {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let field = |i| {
+            text.lines()
+                .nth(i)
+                .map(str::trim)
+                .filter(|v| !v.is_empty() && *v != "-")
+                .map(String::from)
+        };
+        Record {
+            driver: field(1),
+            ifname: field(2),
+        }
+    }
+}
+
 impl Lock {
-    /// Takes the lock of `bdf`; returns it and the driver a previous owner
-    /// recorded (a crashed one's).
-    fn take(bdf: &str) -> Result<(Lock, Option<String>)> {
+    /// Takes the lock of `bdf`; returns it and what a previous owner (a
+    /// crashed one) recorded.
+    fn take(bdf: &str) -> Result<(Lock, Record)> {
         let dir = state_dir();
         std::fs::create_dir_all(&dir).map_err(|e| GuestError::io(&dir, e))?;
         let path = dir.join(format!("{bdf}.lock"));
@@ -218,10 +242,7 @@ impl Lock {
                 pid,
             });
         }
-        let previous = std::fs::read_to_string(&path)
-            .ok()
-            .and_then(|s| s.lines().nth(1).map(str::trim).map(String::from))
-            .filter(|d| !d.is_empty() && d != "-");
+        let previous = Record::read(&path);
         Ok((Lock { file, path }, previous))
     }
 
@@ -239,13 +260,6 @@ impl Lock {
             )
             .as_bytes(),
         );
-    }
-
-    /// The interface name a lock file at `path` recorded.
-    fn recorded_ifname(path: &Path) -> Option<String> {
-        let text = std::fs::read_to_string(path).ok()?;
-        let name = text.lines().nth(2)?.trim();
-        (!name.is_empty() && name != "-").then(|| name.to_string())
     }
 }
 
@@ -281,11 +295,9 @@ impl PciDevice {
         if !is_root() {
             return Err(GuestError::NotRoot { bdf: dev.bdf });
         }
-        let lock_path = state_dir().join(format!("{}.lock", dev.bdf));
-        let old_ifname = Lock::recorded_ifname(&lock_path);
         let (mut lock, previous) = Lock::take(&dev.bdf)?;
-        let driver = dev.driver().or(previous);
-        let ifname = dev.kernel_ifname().or(old_ifname);
+        let driver = dev.driver().or(previous.driver);
+        let ifname = dev.kernel_ifname().or(previous.ifname);
         lock.record(driver.as_deref(), ifname.as_deref());
         let give_back = |dev: &PciDev| {
             let _ = dev.set_override(None);
@@ -633,12 +645,12 @@ fn recover_interface(root: &Path, ifname: &str) -> Result<Option<PathBuf>> {
         let Some(bdf) = file.strip_suffix(".lock") else {
             continue;
         };
-        if Lock::recorded_ifname(&e.path()).as_deref() != Some(ifname) {
+        if Record::read(&e.path()).ifname.as_deref() != Some(ifname) {
             continue;
         }
         // Busy if its holder is alive: that error is the answer.
         let (lock, previous) = Lock::take(bdf)?;
-        let Some(driver) = previous else {
+        let Some(driver) = previous.driver else {
             return Ok(None);
         };
         let Some(dev) = sysfs::devices(root).into_iter().find(|d| d.bdf == bdf) else {
