@@ -97,6 +97,12 @@ pub struct Vms {
     op: Mutex<()>,
 }
 
+impl Attachment {
+    fn is(&self, key: &Path, rx: Option<u16>, tx: Option<u16>) -> bool {
+        self.key == key && self.info.rx_queue == rx && self.info.tx_queue == tx
+    }
+}
+
 fn key_of(qmp: &Path) -> PathBuf {
     std::fs::canonicalize(qmp).unwrap_or_else(|_| qmp.to_path_buf())
 }
@@ -139,10 +145,7 @@ impl Vms {
         let vm = qmp_path.display().to_string();
         let key = key_of(qmp_path);
         let queues = queues_text(rx, tx);
-        if let Some(a) = lock(&self.list)
-            .iter()
-            .find(|a| a.key == key && a.info.rx_queue == rx && a.info.tx_queue == tx)
-        {
+        if let Some(a) = lock(&self.list).iter().find(|a| a.is(&key, rx, tx)) {
             return Err(VmError::AlreadyAttached {
                 vm,
                 queues,
@@ -256,10 +259,7 @@ impl Vms {
         let queues = queues_text(rx, tx);
         let (info, export, others) = {
             let list = lock(&self.list);
-            let Some(a) = list
-                .iter()
-                .find(|a| a.key == key && a.info.rx_queue == rx && a.info.tx_queue == tx)
-            else {
+            let Some(a) = list.iter().find(|a| a.is(&key, rx, tx)) else {
                 let attached: Vec<String> = list
                     .iter()
                     .map(|a| {

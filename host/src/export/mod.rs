@@ -23,6 +23,7 @@ pub mod virtq;
 
 use crate::control::Role;
 use crate::daemon::cluster::{AttachError, BufferHolder, Cluster};
+use crate::ring::{Consumer, Producer};
 use poll::{Worker, WorkerParts, BURST};
 use shared::ExportShared;
 pub use spec::ExportSpec;
@@ -113,6 +114,8 @@ struct Claim {
     rx_hand: Vec<BufferIndex>,
     tx_hand: Vec<BufferIndex>,
     stock: Vec<BufferIndex>,
+    rx_end: Option<Consumer>,
+    tx_end: Option<Producer>,
 }
 
 impl Claim {
@@ -182,6 +185,8 @@ fn claim(
         rx_hand,
         tx_hand,
         stock,
+        rx_end: spec.rx.map(|q| c.queues().consumer(q)),
+        tx_end: spec.tx.map(|q| c.queues().producer(q)),
     })
 }
 
@@ -240,18 +245,11 @@ pub fn start_one(
         release(&mut c, &shared, all.clone());
         thread(e)
     };
-    let (rx_end, tx_end) = {
-        let c = cluster.lock().unwrap_or_else(|e| e.into_inner());
-        (
-            spec.rx.map(|q| c.queues().consumer(q)),
-            spec.tx.map(|q| c.queues().producer(q)),
-        )
-    };
     let worker = Worker::new(WorkerParts {
         shared: shared.clone(),
         cluster: cluster.clone(),
-        rx_end,
-        tx_end,
+        rx_end: claimed.rx_end,
+        tx_end: claimed.tx_end,
         rx_hand: claimed.rx_hand,
         tx_hand: claimed.tx_hand,
     })
