@@ -14,6 +14,7 @@
 
 use crate::futex;
 use std::mem::{offset_of, size_of};
+use std::os::fd::RawFd;
 use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 use zc_proto::{BufferHandle, BufferIndex};
@@ -40,6 +41,34 @@ const _: () = assert!(size_of::<RingShared>() == RING_HEADER_SIZE);
 const _: () = assert!(offset_of!(RingShared, cons) == 64);
 const _: () = assert!(offset_of!(RingShared, cons_sleeping) == 128);
 const _: () = assert!(offset_of!(RingShared, prod_sleeping) == 192);
+
+/// What a side's `*_sleeping` word says: awake, asleep on the futex word
+/// beside it (a host process), or asleep on the ring's bell (an eventfd a
+/// worker waits on together with many other things).
+const AWAKE: u32 = 0;
+const ASLEEP_FUTEX: u32 = 1;
+const ASLEEP_BELL: u32 = 2;
+
+/// Wakes a side that said it sleeps (`mode`, read from its sleeping word).
+#[inline]
+fn wake(mode: u32, word: &AtomicU32, bell: Option<RawFd>) {
+    match (mode, bell) {
+        (AWAKE, _) => {}
+        (ASLEEP_BELL, Some(fd)) => {
+            let one = 1u64;
+            // SAFETY: writes 8 bytes from a local to an eventfd the owner of
+            // this end keeps open (set_peer_bell's contract); a full counter
+            // (EAGAIN) means the sleeper is woken already.
+            unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+        }
+        // A futex sleeper, or a bell sleeper we cannot ring (it still
+        // looks again within its longest sleep).
+        _ => {
+            word.fetch_add(1, Ordering::Release);
+            futex::wake_all(word);
+        }
+    }
+}
 
 /// Smallest and largest ring sizes (slots); sizes are powers of two.
 pub const MIN_RING_SIZE: u32 = 64;
@@ -189,6 +218,8 @@ pub struct Producer {
     cons_cache: u32,
     limits: SlotLimits,
     bad_slots: u64,
+    /// The consumer's bell, when the consumer may be a worker.
+    cons_bell: Option<RawFd>,
 }
 
 // SAFETY: the raw pointers refer to a shared mapping kept alive by the
@@ -210,6 +241,7 @@ impl Producer {
             cons_cache,
             limits,
             bad_slots: 0,
+            cons_bell: None,
         }
     }
 
@@ -250,24 +282,51 @@ impl Producer {
         let s = self.ring.shared();
         s.prod.store(self.head, Ordering::Release);
         fence(Ordering::SeqCst);
-        if s.cons_sleeping.load(Ordering::Relaxed) != 0 {
-            s.cons_wake.fetch_add(1, Ordering::Release);
-            futex::wake_all(&s.cons_wake);
-        }
+        wake(
+            s.cons_sleeping.load(Ordering::Relaxed),
+            &s.cons_wake,
+            self.cons_bell,
+        );
         sent
+    }
+
+    /// Where to ring a consumer that sleeps on its bell.
+    ///
+    /// # Safety
+    /// `fd` must be an eventfd that stays open for as long as this end is used.
+    pub unsafe fn set_peer_bell(&mut self, fd: RawFd) {
+        self.cons_bell = Some(fd);
+    }
+
+    /// For a worker about to sleep: asks the consumer to ring this end's
+    /// bell when it frees a slot; returns whether a slot is free already
+    /// (then do not sleep). Call [`Producer::disarm`] when awake.
+    pub fn arm(&mut self) -> bool {
+        let s = self.ring.shared();
+        s.prod_sleeping.store(ASLEEP_BELL, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        self.cons_cache = s.cons.load(Ordering::Acquire);
+        self.free() != 0
+    }
+
+    pub fn disarm(&mut self) {
+        self.ring
+            .shared()
+            .prod_sleeping
+            .store(AWAKE, Ordering::Relaxed);
     }
 
     /// Sleeps until the consumer frees a slot or `timeout` passes.
     pub fn wait(&mut self, timeout: Duration) {
         let s = self.ring.shared();
         let seq = s.prod_wake.load(Ordering::Acquire);
-        s.prod_sleeping.store(1, Ordering::SeqCst);
+        s.prod_sleeping.store(ASLEEP_FUTEX, Ordering::SeqCst);
         fence(Ordering::SeqCst);
         self.cons_cache = s.cons.load(Ordering::Acquire);
         if self.free() == 0 {
             futex::wait(&s.prod_wake, seq, timeout);
         }
-        s.prod_sleeping.store(0, Ordering::Relaxed);
+        s.prod_sleeping.store(AWAKE, Ordering::Relaxed);
     }
 
     /// Slots that held something other than a valid empty buffer.
@@ -286,6 +345,8 @@ pub struct Consumer {
     prod_cache: u32,
     limits: SlotLimits,
     bad_slots: u64,
+    /// The producer's bell, when the producer may be a worker.
+    prod_bell: Option<RawFd>,
 }
 
 // SAFETY: as for Producer.
@@ -305,6 +366,7 @@ impl Consumer {
             prod_cache,
             limits,
             bad_slots: 0,
+            prod_bell: None,
         }
     }
 
@@ -350,28 +412,55 @@ impl Consumer {
         let s = self.ring.shared();
         s.cons.store(self.head, Ordering::Release);
         fence(Ordering::SeqCst);
-        if s.prod_sleeping.load(Ordering::Relaxed) != 0 {
-            s.prod_wake.fetch_add(1, Ordering::Release);
-            futex::wake_all(&s.prod_wake);
-        }
+        wake(
+            s.prod_sleeping.load(Ordering::Relaxed),
+            &s.prod_wake,
+            self.prod_bell,
+        );
         got
+    }
+
+    /// Where to ring a producer that sleeps on its bell.
+    ///
+    /// # Safety
+    /// `fd` must be an eventfd that stays open for as long as this end is used.
+    pub unsafe fn set_peer_bell(&mut self, fd: RawFd) {
+        self.prod_bell = Some(fd);
     }
 
     /// Sleeps until the producer publishes a packet or `timeout` passes.
     pub fn wait(&mut self, timeout: Duration) {
         let s = self.ring.shared();
         let seq = s.cons_wake.load(Ordering::Acquire);
-        s.cons_sleeping.store(1, Ordering::SeqCst);
+        s.cons_sleeping.store(ASLEEP_FUTEX, Ordering::SeqCst);
         fence(Ordering::SeqCst);
         self.prod_cache = s.prod.load(Ordering::Acquire);
         if self.ready() == 0 {
             futex::wait(&s.cons_wake, seq, timeout);
         }
-        s.cons_sleeping.store(0, Ordering::Relaxed);
+        s.cons_sleeping.store(AWAKE, Ordering::Relaxed);
     }
 
     pub fn bad_slots(&self) -> u64 {
         self.bad_slots
+    }
+
+    /// For a worker about to sleep: asks the producer to ring this end's
+    /// bell when it publishes; returns whether packets are waiting already
+    /// (then do not sleep). Call [`Consumer::disarm`] when awake.
+    pub fn arm(&mut self) -> bool {
+        let s = self.ring.shared();
+        s.cons_sleeping.store(ASLEEP_BELL, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        self.prod_cache = s.prod.load(Ordering::Acquire);
+        self.ready() != 0
+    }
+
+    pub fn disarm(&mut self) {
+        self.ring
+            .shared()
+            .cons_sleeping
+            .store(AWAKE, Ordering::Relaxed);
     }
 
     /// The word a sleeping consumer waits on; the producer bumps it and
@@ -381,20 +470,17 @@ impl Consumer {
         &self.ring.shared().cons_wake
     }
 
-    /// Asks the producer to wake this consumer from now on; returns whether
-    /// packets are already waiting (then do not sleep). Read
-    /// [`Consumer::wake_word`] before calling, sleep on it after, and call
-    /// [`Consumer::disarm_wakeup`] when awake.
+    /// As [`Consumer::arm`], for a sleeper on [`Consumer::wake_word`].
     pub fn arm_wakeup(&mut self) -> bool {
         let s = self.ring.shared();
-        s.cons_sleeping.store(1, Ordering::SeqCst);
+        s.cons_sleeping.store(ASLEEP_FUTEX, Ordering::SeqCst);
         fence(Ordering::SeqCst);
         self.prod_cache = s.prod.load(Ordering::Acquire);
         self.ready() != 0
     }
 
     pub fn disarm_wakeup(&mut self) {
-        self.ring.shared().cons_sleeping.store(0, Ordering::Relaxed);
+        self.disarm()
     }
 }
 
@@ -575,5 +661,60 @@ mod tests {
         }
         sender.join().unwrap();
         assert_eq!(got, N);
+    }
+
+    /// An eventfd's count, read without blocking (0 when never rung).
+    fn rung(fd: &std::os::fd::OwnedFd) -> u64 {
+        use std::os::fd::AsRawFd;
+        let mut v = 0u64;
+        // SAFETY: reads 8 bytes into a local from our own eventfd.
+        let n = unsafe { libc::read(fd.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+        if n == 8 {
+            v
+        } else {
+            0
+        }
+    }
+
+    fn eventfd() -> std::os::fd::OwnedFd {
+        use std::os::fd::FromRawFd;
+        // SAFETY: a fresh eventfd; the result is checked.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: we own the new descriptor.
+        unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }
+    }
+
+    #[test]
+    fn a_sleeping_worker_is_rung_on_its_bell_and_only_while_it_sleeps() {
+        use std::os::fd::AsRawFd;
+        let (_r, mut p, mut c) = ring(64);
+        let (cons_bell, prod_bell) = (eventfd(), eventfd());
+        // SAFETY: both eventfds outlive the ends.
+        unsafe {
+            p.set_peer_bell(cons_bell.as_raw_fd());
+            c.set_peer_bell(prod_bell.as_raw_fd());
+        }
+        let mut tx = hand(100, 4, 60);
+        assert_eq!(p.send_burst(&mut tx), 4);
+        assert_eq!(rung(&cons_bell), 0, "an awake consumer is not rung");
+        assert!(c.arm(), "packets already wait: do not sleep");
+        let mut rx = hand(600, 4, 0);
+        assert_eq!(c.recv_burst(&mut rx), 4);
+        assert!(!c.arm());
+        let mut tx = hand(200, 1, 60);
+        assert_eq!(p.send_burst(&mut tx), 1);
+        assert_eq!(rung(&cons_bell), 1);
+        c.disarm();
+        assert_eq!(p.send_burst(&mut hand(300, 1, 60)), 1);
+        assert_eq!(rung(&cons_bell), 0);
+        // The producer side: full ring, armed, the consumer frees a slot.
+        let mut fill = hand(400, 64, 60);
+        assert_eq!(p.send_burst(&mut fill), 62);
+        assert!(!p.arm(), "a full ring: sleep");
+        assert_eq!(c.recv_burst(&mut hand(700, 1, 0)), 1);
+        assert_eq!(rung(&prod_bell), 1);
+        assert!(p.arm());
+        p.disarm();
     }
 }
