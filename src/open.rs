@@ -66,15 +66,16 @@ impl Default for Options {
 
 /// The receiving end of a queue, whatever the transport.
 pub enum Rx {
-    Host(HostRx),
+    Host(Box<HostRx>),
     /// The zc guest driver (in a VM over PCI, or over a vhost-user socket).
-    /// Boxed: it is large, and one pointer per burst costs nothing.
+    /// Both kinds are boxed: they are large, and one pointer per burst
+    /// costs nothing.
     Guest(Box<GuestRx>),
 }
 
 /// The sending end of a queue, whatever the transport.
 pub enum Tx {
-    Host(HostTx),
+    Host(Box<HostTx>),
     Guest(Box<GuestTx>),
 }
 
@@ -232,7 +233,7 @@ pub fn open_rx_with(name: &str, opts: &Options) -> Result<Rx, Error> {
 fn open_rx_once(name: &str, opts: &Options) -> Result<Rx, Error> {
     match resolve(name, opts)? {
         Route::Host { cluster, queue } => HostRx::open(&opts.run_dir, cluster, queue)
-            .map(Rx::Host)
+            .map(|q| Rx::Host(Box::new(q)))
             .map_err(host_err(name, cluster)),
         Route::Pci { cluster, queue } => GuestRx::open_pci(cluster, queue)
             .map(|q| Rx::Guest(Box::new(q)))
@@ -262,7 +263,7 @@ pub fn open_tx_with(name: &str, opts: &Options) -> Result<Tx, Error> {
 fn open_tx_once(name: &str, opts: &Options) -> Result<Tx, Error> {
     match resolve(name, opts)? {
         Route::Host { cluster, queue } => HostTx::open(&opts.run_dir, cluster, queue)
-            .map(Tx::Host)
+            .map(|q| Tx::Host(Box::new(q)))
             .map_err(host_err(name, cluster)),
         Route::Pci { cluster, queue } => GuestTx::open_pci(cluster, queue)
             .map(|q| Tx::Guest(Box::new(q)))
