@@ -1,7 +1,6 @@
 //! What zsend and zcount share: pinning, Ctrl-C, and PF_RING-style statistics.
 
 use serde::Serialize;
-use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -10,26 +9,10 @@ use std::time::{Duration, Instant};
 /// Packets per burst: the unit of work of every loop.
 pub const BURST: usize = 32;
 
-/// Pins the calling thread to one CPU.
-pub fn pin_to_core(core: usize) -> io::Result<()> {
-    let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if core >= libc::CPU_SETSIZE as usize {
-        return Err(io::Error::other(format!(
-            "core {core} does not exist (this machine has {ncpu})"
-        )));
-    }
-    // SAFETY: cpu_set_t is plain data; CPU_SET writes inside it (core checked above).
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    unsafe { libc::CPU_SET(core, &mut set) };
-    // SAFETY: sched_setaffinity reads the set we own, for this thread (0).
-    if unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) } != 0 {
-        let e = io::Error::last_os_error();
-        return Err(io::Error::other(format!(
-            "cannot pin to core {core} (this machine has {ncpu} cores): {e}"
-        )));
-    }
-    Ok(())
+/// `-g CORE`: pins the calling thread to one of the cores this process may
+/// run on (checked the same way as zc-hostd's `-g`).
+pub fn pin_to_core(core: usize) -> Result<(), String> {
+    zc_host::cpu::pin_to(core).map_err(|e| format!("-g: {e}"))
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -321,7 +304,10 @@ mod tests {
 
     #[test]
     fn pinning_to_a_missing_core_is_a_clear_error() {
-        let e = pin_to_core(100_000).unwrap_err().to_string();
-        assert!(e.contains("core 100000"), "{e}");
+        let e = pin_to_core(100_000).unwrap_err();
+        assert!(
+            e.starts_with("-g: core 100000 is not available: this process may run on cores "),
+            "{e}"
+        );
     }
 }

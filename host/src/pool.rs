@@ -2,9 +2,10 @@
 //! mapped by the daemon, by host applications, and into guests as the BAR of
 //! an ivshmem-plain device.
 
+use crate::paths::{self, Owned, PathError};
 use crate::shm::Mapping;
 use std::fs::{self, File, OpenOptions};
-use std::io;
+use std::io::{self, Read};
 use std::os::fd::AsFd;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -16,8 +17,14 @@ const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
 
 #[derive(Debug, Error)]
 pub enum PoolError {
-    #[error("cannot create pool directory {path}: {source}")]
-    Dir { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    Path(#[from] PathError),
+    #[error("pool file {}: {why} is in the way, not the pool of a stopped zc-hostd of cluster {cluster}; remove it if nothing needs it", path.display())]
+    NotAPool {
+        path: PathBuf,
+        cluster: u32,
+        why: String,
+    },
     #[error("cannot create pool file {path}: {source}")]
     Create { path: PathBuf, source: io::Error },
     #[error("cannot map pool file {path} ({size} bytes): {source}")]
@@ -51,6 +58,8 @@ pub struct PoolOptions {
 
 pub struct Pool {
     path: PathBuf,
+    /// The file as created: removed at the end only if still there.
+    owned: Owned,
     file: File,
     map: Mapping,
     layout: PoolLayout,
@@ -76,37 +85,90 @@ fn free_hugepages() -> Option<u64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-/// The directory of one cluster's pool under `base`.
-pub fn cluster_dir(base: &Path, cluster: u32) -> PathBuf {
-    base.join("zc").join(cluster.to_string())
-}
-
-/// Creates the file, reserves its pages and maps it.
-fn create_file(path: &Path, size: u64) -> Result<(File, Mapping), PoolError> {
-    let dir = path.parent().unwrap_or(Path::new("/"));
-    fs::create_dir_all(dir).map_err(|source| PoolError::Dir {
-        path: dir.into(),
-        source,
-    })?;
-    let create = |source| PoolError::Create {
+/// Removes what a killed daemon of `cluster` left at `path`: a regular
+/// file whose header says it is that cluster's pool. Anything else there is
+/// refused and kept. The caller holds the cluster lock, so no running
+/// daemon owns such a file.
+fn clear_stale_pool(path: &Path, cluster: u32) -> Result<(), PoolError> {
+    let meta = match fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => {
+            return Err(PoolError::Create {
+                path: path.into(),
+                source,
+            })
+        }
+    };
+    let not_a_pool = |why: String| PoolError::NotAPool {
+        path: path.into(),
+        cluster,
+        why,
+    };
+    if !meta.is_file() {
+        return Err(not_a_pool(paths::kind(&meta).into()));
+    }
+    // hugetlbfs files can be read (not written): the header is there.
+    let mut head = [0u8; 16];
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .and_then(|mut f| f.read_exact(&mut head))
+        .map_err(|e| {
+            not_a_pool(format!(
+                "a regular file whose zc pool header cannot be read ({e})"
+            ))
+        })?;
+    // Magic (8 bytes), version (4), cluster id (4, little-endian): see PoolHeader.
+    if head[..8] != zc_proto::layout::POOL_MAGIC {
+        return Err(not_a_pool("a regular file that is not a zc pool".into()));
+    }
+    let id = u32::from_le_bytes([head[12], head[13], head[14], head[15]]);
+    if id != cluster {
+        return Err(not_a_pool(format!("the zc pool of cluster {id}")));
+    }
+    log::info!(
+        "replacing {}, left by a zc-hostd that stopped",
+        path.display()
+    );
+    fs::remove_file(path).map_err(|source| PoolError::Create {
         path: path.into(),
         source,
+    })
+}
+
+/// Creates the pool file of `cluster` under `base` (`<base>/zc/<cluster>/pool`),
+/// reserves its pages and maps it.
+fn create_file(
+    base: &Path,
+    cluster: u32,
+    size: u64,
+) -> Result<(PathBuf, Owned, File, Mapping), PoolError> {
+    let dir = paths::make_dirs("pool directory", base, &["zc", &cluster.to_string()])?;
+    let path = dir.join("pool");
+    let create = |source| PoolError::Create {
+        path: path.clone(),
+        source,
     };
-    // A stale pool of a killed daemon may be there: start from nothing.
-    match fs::remove_file(path) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(create(e)),
-        _ => {}
-    }
+    clear_stale_pool(&path, cluster)?;
     let file = OpenOptions::new()
         .read(true)
         .write(true)
         .create_new(true)
         .mode(0o660)
-        .open(path)
+        .open(&path)
         .map_err(create)?;
+    let owned = Owned::record(&path).map_err(create)?;
+    let undo = |e| {
+        owned.remove();
+        paths::remove_empty_dirs(&dir, 2);
+        e
+    };
     file.set_permissions(fs::Permissions::from_mode(0o660))
-        .map_err(create)?;
-    file.set_len(size).map_err(create)?;
+        .map_err(create)
+        .map_err(undo)?;
+    file.set_len(size).map_err(create).map_err(undo)?;
     // Reserve every page now: on hugetlbfs this fails with ENOSPC when too few
     // hugepages are free, instead of SIGBUS on first touch later.
     // SAFETY: fallocate on a file we own, range within its size.
@@ -119,19 +181,16 @@ fn create_file(path: &Path, size: u64) -> Result<(File, Mapping), PoolError> {
         )
     } != 0
     {
-        let e = io::Error::last_os_error();
-        let _ = fs::remove_file(path);
-        return Err(create(e));
+        return Err(undo(create(io::Error::last_os_error())));
     }
     let map = Mapping::map(file.as_fd(), size as usize, true).map_err(|source| {
-        let _ = fs::remove_file(path);
-        PoolError::Map {
-            path: path.into(),
+        undo(PoolError::Map {
+            path: path.clone(),
             size,
             source,
-        }
+        })
     })?;
-    Ok((file, map))
+    Ok((path, owned, file, map))
 }
 
 impl Pool {
@@ -144,32 +203,33 @@ impl Pool {
             "hugepages disabled with --no-hugepages".to_string()
         } else {
             match is_hugetlbfs(&opts.hugepages_dir) {
-                Ok(true) => {
-                    let path = cluster_dir(&opts.hugepages_dir, cluster).join("pool");
-                    match create_file(&path, size) {
-                        Ok((file, map)) => {
-                            return Ok(Pool::finish(
-                                path,
-                                file,
-                                map,
-                                opts.layout,
-                                Backing::Hugepages,
-                            ))
-                        }
-                        Err(e) => format!(
-                            "{e} ({} of {pages} needed 2 MiB hugepages free)",
-                            free_hugepages().map_or("unknown".into(), |n| n.to_string())
-                        ),
+                Ok(true) => match create_file(&opts.hugepages_dir, cluster, size) {
+                    Ok((path, owned, file, map)) => {
+                        return Ok(Pool::finish(
+                            path,
+                            owned,
+                            file,
+                            map,
+                            opts.layout,
+                            Backing::Hugepages,
+                        ))
                     }
-                }
+                    // Something in the way is the user's to sort out, not
+                    // a reason to put the pool elsewhere.
+                    Err(e @ (PoolError::Path(_) | PoolError::NotAPool { .. })) => return Err(e),
+                    Err(e) => format!(
+                        "{e} ({} of {pages} needed 2 MiB hugepages free)",
+                        free_hugepages().map_or("unknown".into(), |n| n.to_string())
+                    ),
+                },
                 Ok(false) => format!("{} is not a hugetlbfs mount", opts.hugepages_dir.display()),
                 Err(e) => format!("{}: {e}", opts.hugepages_dir.display()),
             }
         };
-        let path = cluster_dir(&opts.fallback_dir, cluster).join("pool");
-        let (file, map) = create_file(&path, size)?;
+        let (path, owned, file, map) = create_file(&opts.fallback_dir, cluster, size)?;
         Ok(Pool::finish(
             path,
+            owned,
             file,
             map,
             opts.layout,
@@ -179,6 +239,7 @@ impl Pool {
 
     fn finish(
         path: PathBuf,
+        owned: Owned,
         file: File,
         map: Mapping,
         layout: PoolLayout,
@@ -189,6 +250,7 @@ impl Pool {
         unsafe { std::ptr::write_volatile(map.as_ptr().cast::<PoolHeader>(), layout.header()) };
         Pool {
             path,
+            owned,
             file,
             map,
             layout,
@@ -233,12 +295,12 @@ impl Pool {
         unsafe { PoolView::new(self.map.as_ptr(), self.layout) }
     }
 
-    /// Removes the file and its (now empty) cluster directory.
+    /// Removes the file, if it is still the one created, and its cluster
+    /// directory, then `zc/`, each if empty.
     pub fn remove(&self) {
-        let _ = fs::remove_file(&self.path);
-        // The cluster directory, then `zc/` if no other cluster uses it.
-        for dir in self.path.ancestors().skip(1).take(2) {
-            let _ = fs::remove_dir(dir);
+        self.owned.remove();
+        if let Some(dir) = self.path.parent() {
+            paths::remove_empty_dirs(dir, 2);
         }
     }
 }
@@ -274,5 +336,62 @@ mod tests {
         );
         pool.remove();
         assert!(!dir.path().join("zc/42").exists());
+    }
+
+    fn opts(dir: &Path, cluster: u32) -> PoolOptions {
+        PoolOptions {
+            layout: PoolLayout::new(cluster, 2048, 64).unwrap(),
+            hugepages_dir: dir.join("no-such-mount"),
+            fallback_dir: dir.to_path_buf(),
+            force_fallback: true,
+        }
+    }
+
+    #[test]
+    fn a_stale_pool_of_the_same_cluster_is_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = Pool::create(&opts(dir.path(), 42)).unwrap();
+        let last = old.layout().pool_size as usize - 1;
+        // SAFETY: inside the mapping.
+        unsafe { old.view().base().add(last).write_volatile(0xa5) };
+        // A daemon killed with -9 removes nothing.
+        drop(old);
+        let new = Pool::create(&opts(dir.path(), 42)).unwrap();
+        // SAFETY: inside the mapping.
+        let byte = unsafe { new.view().base().add(last).read_volatile() };
+        assert_eq!(byte, 0, "a new file, not the old one reused");
+        new.remove();
+        assert!(!dir.path().join("zc").exists());
+    }
+
+    #[test]
+    fn anything_else_at_the_pool_path_is_refused_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let other = Pool::create(&opts(dir.path(), 43)).unwrap();
+        let path = dir.path().join("zc/42/pool");
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let refused = |why: &str| {
+            let e = Pool::create(&opts(dir.path(), 42)).err().unwrap();
+            assert_eq!(
+                e.to_string(),
+                format!(
+                    "pool file {}: {why} is in the way, not the pool of a stopped zc-hostd of cluster 42; remove it if nothing needs it",
+                    path.display()
+                )
+            );
+        };
+        fs::write(&path, b"not a pool, but somebody's data").unwrap();
+        refused("a regular file that is not a zc pool");
+        assert_eq!(fs::read(&path).unwrap(), b"not a pool, but somebody's data");
+        fs::write(&path, b"ZC").unwrap();
+        refused("a regular file whose zc pool header cannot be read (failed to fill whole buffer)");
+        fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink(other.path(), &path).unwrap();
+        refused("a symbolic link");
+        fs::remove_file(&path).unwrap();
+        fs::copy(other.path(), &path).unwrap();
+        refused("the zc pool of cluster 43");
+        assert!(other.path().exists());
+        other.remove();
     }
 }

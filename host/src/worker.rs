@@ -415,7 +415,8 @@ pub struct Paused {
 
 impl Workers {
     /// Starts `n` workers; worker i is pinned to `cores[i % cores.len()]`
-    /// when cores are given (validated by the caller).
+    /// when cores are given (checked by the caller with `cpu::check_cores`;
+    /// `cpu::pin_to` refuses any other core without panicking).
     pub fn start(n: usize, cores: &[usize]) -> Result<Workers, WorkerError> {
         let mut handles = Vec::new();
         for index in 0..n.max(1) {
@@ -452,7 +453,7 @@ impl Workers {
                 .name(format!("zc-worker-{index}"))
                 .spawn(move || {
                     if let Some(core) = core {
-                        if let Err(e) = crate::export::poll::pin_to(core) {
+                        if let Err(e) = crate::cpu::pin_to(core) {
                             log::warn!("worker {index}: {e}");
                         }
                     }

@@ -83,7 +83,7 @@ fn run(args: &Args) -> Result<(), String> {
         }
     }
     if let Some(core) = args.common.core {
-        tool::pin_to_core(core).map_err(|e| format!("-g: {e}"))?;
+        tool::pin_to_core(core)?;
     }
     let stop = tool::stop_on_signals();
     let mut tx = zc::open_tx_with(&args.name, &args.common.options()).map_err(|e| e.to_string())?;

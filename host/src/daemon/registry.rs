@@ -79,11 +79,10 @@ impl Registry {
         e.stop(&self.cluster)
     }
 
-    /// Socket files to remove at shutdown.
-    pub fn socket_paths(&self) -> Vec<std::path::PathBuf> {
-        self.list()
-            .iter()
-            .map(|e| e.shared.spec.path.clone())
-            .collect()
+    /// At shutdown: removes the exports' socket files that are still ours.
+    pub fn remove_sockets(&self) {
+        for e in self.list().iter() {
+            e.remove_socket();
+        }
     }
 }

@@ -2,17 +2,19 @@
 //! attached connections and a signalfd for Ctrl-C/SIGTERM.
 
 use super::cluster::{Cluster, ConnId, CreateError};
+use super::lock::{ClusterLock, LockError};
 use super::registry::{ExportDefaults, Registry};
 use super::vm::{VmError, Vms};
 use crate::control::{self, Reply, Request};
+use crate::cpu::{self, CoreError};
 use crate::export::{self, ExportConfig, ExportError};
+use crate::paths::{self, Owned, PathError};
 use crate::pool::PoolOptions;
 use crate::queues::QueueGeometry;
 use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::fs;
+use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -21,12 +23,14 @@ use thiserror::Error;
 
 #[derive(Debug, Error)]
 pub enum DaemonError {
-    #[error("cluster {cluster} is already served by zc-hostd (pid {pid}); stop it first or pick another cluster id")]
-    AlreadyRunning { cluster: u32, pid: String },
+    #[error("-g: {0}")]
+    Core(#[from] CoreError),
+    #[error(transparent)]
+    Lock(#[from] LockError),
     #[error("cannot use run directory {path}: {source} (run as root, or pass --run-dir to a writable directory)")]
     RunDir { path: PathBuf, source: io::Error },
-    #[error("cannot listen on {path}: {source}")]
-    Listen { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    Path(#[from] PathError),
     #[error(transparent)]
     Create(#[from] CreateError),
     #[error(transparent)]
@@ -40,6 +44,9 @@ pub enum DaemonError {
 pub struct DaemonOptions {
     pub pool: PoolOptions,
     pub geometry: QueueGeometry,
+    /// Holds `<run-dir>/<cluster>/ctl`. The cluster lock is not here but
+    /// beside the fallback pool (`pool.fallback_dir`, see `lock`): it must
+    /// be the same for every daemon of the cluster id.
     pub run_dir: PathBuf,
     /// Queues served to VMs over vhost-user.
     pub exports: Vec<ExportConfig>,
@@ -60,54 +67,23 @@ pub fn control_path(run_dir: &Path, cluster: u32) -> PathBuf {
     cluster_run_dir(run_dir, cluster).join("ctl")
 }
 
-/// Holds the cluster's lock file: a second daemon for the same cluster fails
-/// here, and a daemon killed with -9 leaves a lock nobody holds, so the next
-/// one takes over its stale files.
-struct RunLock {
-    _file: File,
+/// What a daemon holds outside its cluster: the cluster lock (first to
+/// come, last to go), its run directory and the control socket in it.
+struct Files {
+    lock: ClusterLock,
     dir: PathBuf,
+    ctl: Option<Owned>,
 }
 
-impl RunLock {
-    fn take(run_dir: &Path, cluster: u32) -> Result<Self, DaemonError> {
-        let dir = cluster_run_dir(run_dir, cluster);
-        let rd = |source| DaemonError::RunDir {
-            path: dir.clone(),
-            source,
-        };
-        fs::create_dir_all(&dir).map_err(rd)?;
-        let path = dir.join("lock");
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o644)
-            .open(&path)
-            .map_err(rd)?;
-        // SAFETY: flock on a descriptor we own.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            let mut pid = String::new();
-            let _ = file.read_to_string(&mut pid);
-            let pid = pid.trim().to_string();
-            return Err(DaemonError::AlreadyRunning {
-                cluster,
-                pid: if pid.is_empty() {
-                    "unknown".into()
-                } else {
-                    pid
-                },
-            });
+impl Files {
+    /// Removes the control socket (if still ours), the run directory (if
+    /// empty), then gives up the lock.
+    fn remove(self) {
+        if let Some(ctl) = &self.ctl {
+            ctl.remove();
         }
-        file.set_len(0).map_err(rd)?;
-        write!(file, "{}", std::process::id()).map_err(rd)?;
-        Ok(RunLock { _file: file, dir })
-    }
-
-    fn remove(&self) {
-        let _ = fs::remove_file(self.dir.join("ctl"));
-        let _ = fs::remove_file(self.dir.join("lock"));
-        let _ = fs::remove_dir(&self.dir);
+        paths::remove_empty_dirs(&self.dir, 1);
+        self.lock.release();
     }
 }
 
@@ -184,59 +160,93 @@ pub struct Daemon {
     vms: Arc<Vms>,
     listener: UnixListener,
     signals: OwnedFd,
-    lock: RunLock,
+    files: Option<Files>,
+    dir: PathBuf,
     conns: BTreeMap<ConnId, Conn>,
     next_conn: ConnId,
 }
 
 impl Daemon {
     /// Takes the cluster's lock, creates pool and queues, and listens.
+    /// Nothing is created before the options are checked and the lock is
+    /// held; on failure nothing created is left.
     pub fn start(opts: DaemonOptions) -> Result<Daemon, DaemonError> {
         let id = opts.pool.layout.cluster_id;
+        let cores: Vec<usize> = (opts.exports.iter().filter_map(|e| e.core))
+            .chain(opts.defaults.cores.iter().copied())
+            .collect();
+        cpu::check_cores(&cores)?;
         let signals = signal_fd().map_err(DaemonError::Signals)?;
-        let lock = RunLock::take(&opts.run_dir, id)?;
-        let cluster = match Cluster::create(&opts.pool, opts.geometry) {
-            Ok(c) => c,
+        let lock = ClusterLock::take(&opts.pool.fallback_dir, id, &opts.run_dir)?;
+        let dir = match fs::create_dir_all(&opts.run_dir)
+            .map_err(|source| DaemonError::RunDir {
+                path: opts.run_dir.clone(),
+                source,
+            })
+            .and_then(|()| {
+                paths::make_dirs("run directory", &opts.run_dir, &[&id.to_string()])
+                    .map_err(DaemonError::from)
+            }) {
+            Ok(d) => d,
             Err(e) => {
-                lock.remove();
+                lock.release();
+                return Err(e);
+            }
+        };
+        let mut files = Files {
+            lock,
+            dir: dir.clone(),
+            ctl: None,
+        };
+        let cluster = match Cluster::create(&opts.pool, opts.geometry) {
+            Ok(c) => Arc::new(Mutex::new(c)),
+            Err(e) => {
+                files.remove();
                 return Err(e.into());
             }
         };
-        let cluster = Arc::new(Mutex::new(cluster));
+        let undo = |files: Files| {
+            lock_cluster(&cluster).remove_files();
+            files.remove();
+        };
         let exports = match export::start(&cluster, &opts.exports) {
             Ok(e) => e,
             Err(e) => {
-                lock_cluster(&cluster).remove_files();
-                for x in &opts.exports {
-                    let _ = fs::remove_file(&x.spec.path);
-                }
-                lock.remove();
+                undo(files);
                 return Err(e.into());
             }
         };
         let path = control_path(&opts.run_dir, id);
-        let listen = |source| DaemonError::Listen {
-            path: path.clone(),
-            source,
+        let listener = paths::bind_socket("control socket", &path, 0o660).and_then(|(l, owned)| {
+            files.ctl = Some(owned);
+            l.set_nonblocking(true)
+                .map(|()| l)
+                .map_err(|source| PathError::Io {
+                    what: "control socket",
+                    path: path.clone(),
+                    source,
+                })
+        });
+        let listener = match listener {
+            Ok(l) => l,
+            Err(e) => {
+                for x in exports {
+                    let _ = x.stop(&cluster);
+                }
+                undo(files);
+                return Err(e.into());
+            }
         };
-        let _ = fs::remove_file(&path);
-        let listener = UnixListener::bind(&path)
-            .and_then(|l| fs::set_permissions(&path, fs::Permissions::from_mode(0o660)).map(|_| l))
-            .and_then(|l| l.set_nonblocking(true).map(|_| l))
-            .map_err(|e| {
-                lock_cluster(&cluster).remove_files();
-                lock.remove();
-                listen(e)
-            })?;
         let registry = Arc::new(Registry::new(cluster.clone(), exports, opts.defaults));
-        let vms = Arc::new(Vms::new(registry.clone(), lock.dir.clone()));
+        let vms = Arc::new(Vms::new(registry.clone(), dir.clone()));
         Ok(Daemon {
             cluster,
             registry,
             vms,
             listener,
             signals,
-            lock,
+            files: Some(files),
+            dir,
             conns: BTreeMap::new(),
             next_conn: 1,
         })
@@ -251,7 +261,7 @@ impl Daemon {
     }
 
     pub fn control_path(&self) -> PathBuf {
-        self.lock.dir.join("ctl")
+        self.dir.join("ctl")
     }
 
     /// Serves until SIGINT or SIGTERM; returns the signal number.
@@ -435,10 +445,10 @@ impl Daemon {
         // VMs must not keep devices of a cluster that is going away (a
         // later attach would find a stale pool in them).
         self.vms.detach_all(Duration::from_secs(10));
-        for p in self.registry.socket_paths() {
-            let _ = fs::remove_file(p);
-        }
+        self.registry.remove_sockets();
         self.cluster().remove_files();
-        self.lock.remove();
+        if let Some(f) = self.files.take() {
+            f.remove();
+        }
     }
 }

@@ -3,9 +3,10 @@
 //! one frontend after another on the same socket.
 
 use super::shared::ExportShared;
+use crate::paths::{self, Owned, PathError};
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::linux::net::SocketAddrExt;
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -170,23 +171,65 @@ pub struct Sockets {
     internal_addr: SocketAddr,
 }
 
-/// Creates the sockets of the export at `path`.
-pub fn listen(path: &std::path::Path) -> io::Result<Sockets> {
-    let _ = std::fs::remove_file(path);
-    let public = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+/// What ends an export's accept loop and removes its socket file; the
+/// export keeps it.
+pub struct Closer {
+    /// A second descriptor of the public listener.
+    wake: UnixListener,
+    socket: Owned,
+}
+
+impl Closer {
+    /// Ends `serve`: sets `closing` and shuts the listening socket down,
+    /// which wakes the blocked accept (with EINVAL). Not by connecting to
+    /// the path: if the file there is no longer ours, that would reach
+    /// whoever put it there. Then removes the socket file, if still ours.
+    pub fn close(&self, shared: &ExportShared) {
+        shared.closing.store(true, Ordering::Release);
+        // SAFETY: shutdown on a descriptor we own.
+        unsafe { libc::shutdown(self.wake.as_raw_fd(), libc::SHUT_RDWR) };
+        self.socket.remove();
+    }
+
+    /// Removes the socket file if it is still ours (the daemon is stopping).
+    pub fn remove_socket(&self) {
+        self.socket.remove();
+    }
+}
+
+/// Creates the sockets of the export at `path`: only over nothing or a
+/// stale socket (see `paths::bind_socket`).
+pub fn listen(path: &std::path::Path) -> Result<(Sockets, Closer), PathError> {
+    const WHAT: &str = "export socket";
+    let (public, socket) = paths::bind_socket(WHAT, path, 0o660)?;
+    let io = |source| PathError::Io {
+        what: WHAT,
+        path: path.into(),
+        source,
+    };
     let name = format!("zc-export-{}-{}", std::process::id(), path.display());
-    let internal_addr = SocketAddr::from_abstract_name(name.as_bytes())?;
-    let internal = Listener::from(UnixListener::bind_addr(&internal_addr)?);
-    Ok(Sockets {
-        public,
-        internal,
-        internal_addr,
-    })
+    let internal = SocketAddr::from_abstract_name(name.as_bytes())
+        .and_then(|a| Ok((UnixListener::bind_addr(&a)?, a)))
+        .and_then(|(l, a)| Ok((l, a, public.try_clone()?)));
+    let (internal, internal_addr, wake) = match internal {
+        Ok(x) => x,
+        Err(e) => {
+            socket.remove();
+            return Err(io(e));
+        }
+    };
+    Ok((
+        Sockets {
+            public,
+            internal: Listener::from(internal),
+            internal_addr,
+        },
+        Closer { wake, socket },
+    ))
 }
 
 /// Serves frontends on the export's socket, one after another, until the
-/// export is removed (`closing`, then a connection to wake the accept).
+/// export is removed (`Closer::close`).
 pub fn serve(shared: Arc<ExportShared>, sockets: Sockets) {
     let Sockets {
         public,
@@ -255,14 +298,6 @@ pub fn serve(shared: Arc<ExportShared>, sockets: Sockets) {
             _ => log::info!("export {name}: frontend disconnected"),
         }
     }
-}
-
-/// Ends `serve` of the export whose public socket is `path`: sets `closing`
-/// and wakes the accept; removes the socket file.
-pub fn close(shared: &ExportShared, path: &std::path::Path) {
-    shared.closing.store(true, Ordering::Release);
-    let _ = UnixStream::connect(path);
-    let _ = std::fs::remove_file(path);
 }
 
 #[cfg(test)]

@@ -42,12 +42,8 @@ pub enum ExportError {
     TooMany,
     #[error("export {export}: {source}")]
     Attach { export: String, source: AttachError },
-    #[error("export {export}: cannot listen on {path}: {source}")]
-    Listen {
-        export: String,
-        path: String,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Socket(#[from] crate::paths::PathError),
     #[error("export {export}: its poll thread did not stop in time; it keeps its buffers")]
     Stuck { export: String },
     #[error("export {export}: {source}")]
@@ -70,6 +66,7 @@ pub struct ExportConfig {
 pub struct Export {
     pub shared: Arc<ExportShared>,
     poll: Option<std::thread::JoinHandle<()>>,
+    closer: backend::Closer,
 }
 
 impl BufferHolder for ExportShared {
@@ -103,7 +100,18 @@ pub fn start(
     }
     let mut out = Vec::new();
     for (slot, cfg) in configs.iter().enumerate() {
-        out.push(start_one(cluster, slot, cfg)?);
+        match start_one(cluster, slot, cfg) {
+            Ok(e) => out.push(e),
+            Err(e) => {
+                // All or nothing: the ones started already go.
+                for started in out {
+                    if let Err(stop) = started.stop(cluster) {
+                        log::error!("{stop}");
+                    }
+                }
+                return Err(e);
+            }
+        }
     }
     Ok(out)
 }
@@ -218,11 +226,7 @@ pub fn start_one(
         export: name.clone(),
         source,
     };
-    let listener = backend::listen(&spec.path).map_err(|source| ExportError::Listen {
-        export: name.clone(),
-        path: spec.path.display().to_string(),
-        source,
-    })?;
+    let (listener, closer) = backend::listen(&spec.path)?;
     let claimed = {
         let mut c = cluster.lock().unwrap_or_else(|e| e.into_inner());
         claim(&mut c, slot, cfg, &name)
@@ -230,7 +234,7 @@ pub fn start_one(
     let claimed = match claimed {
         Ok(cl) => cl,
         Err(source) => {
-            let _ = std::fs::remove_file(&spec.path);
+            closer.remove_socket();
             return Err(ExportError::Attach {
                 export: name,
                 source,
@@ -240,7 +244,7 @@ pub fn start_one(
     let all = claimed.all();
     let shared = claimed.shared.clone();
     let undo = |e: std::io::Error| {
-        let _ = std::fs::remove_file(&spec.path);
+        closer.remove_socket();
         let mut c = cluster.lock().unwrap_or_else(|e| e.into_inner());
         release(&mut c, &shared, all.clone());
         thread(e)
@@ -260,8 +264,8 @@ pub fn start_one(
         .name(format!("zc-poll-{slot}"))
         .spawn(move || {
             if let Some(core) = core {
-                if let Err(e) = poll::pin_to(core) {
-                    log::warn!("export {wname}: cannot pin the poll thread to core {core}: {e}");
+                if let Err(e) = crate::cpu::pin_to(core) {
+                    log::warn!("export {wname}: the poll thread stays unpinned: {e}");
                 }
             }
             worker.run()
@@ -271,6 +275,7 @@ pub fn start_one(
     let export = Export {
         shared,
         poll: Some(poll),
+        closer,
     };
     if let Err(e) = std::thread::Builder::new()
         .name(format!("zc-vhost-{slot}"))
@@ -284,6 +289,11 @@ pub fn start_one(
 }
 
 impl Export {
+    /// Removes the socket file, if it is still ours (the daemon is stopping).
+    pub fn remove_socket(&self) {
+        self.closer.remove_socket();
+    }
+
     /// Removes the export: ends its threads, clears its directory slot,
     /// gives back its queue roles and returns every buffer it or its guest
     /// held to the spare list. The frontend should be gone (the VM's device
@@ -291,7 +301,7 @@ impl Export {
     /// number of buffers returned.
     pub fn stop(mut self, cluster: &Arc<Mutex<Cluster>>) -> Result<usize, ExportError> {
         let name = self.shared.spec.path.display().to_string();
-        backend::close(&self.shared, &self.shared.spec.path);
+        self.closer.close(&self.shared);
         // The cluster stays locked throughout, so that no reclaim runs
         // between the export leaving the holders and its buffers coming back.
         let mut c = cluster.lock().unwrap_or_else(|e| e.into_inner());
