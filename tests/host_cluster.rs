@@ -241,9 +241,10 @@ fn second_daemon_for_a_cluster_names_the_first() {
     assert_one_line_error(
         &out,
         &format!(
-            "cluster {} is already served by zc-hostd (pid {})",
+            "cluster {} is already served by zc-hostd (pid {}, run directory {})",
             d.id,
-            d.pid()
+            d.pid(),
+            d.run_dir.path().display()
         ),
     );
     // The first daemon is untouched.

@@ -135,6 +135,11 @@ impl Qmp {
     }
 }
 
+/// The integration tests' skip record (`scripts/test.sh` lists skips).
+#[cfg(test)]
+#[path = "../tests/common/skip.rs"]
+mod skip;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -201,7 +206,7 @@ mod tests {
                 std::env::var_os("CI").is_none(),
                 "CI must provide qemu-system-x86_64"
             );
-            eprintln!("SKIPPED: needs qemu-system-x86_64");
+            super::skip::skipped("needs qemu-system-x86_64");
             return;
         }
         let (_q, sock) = Qemu::start();

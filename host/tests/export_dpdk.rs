@@ -6,7 +6,7 @@
 mod common;
 
 use common::tools::{self, require};
-use common::Hostd;
+use common::{unique, Hostd};
 use std::io::Write;
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
@@ -72,14 +72,14 @@ fn testpmd_txonly_into_an_export_is_counted_exactly_by_zcount() {
     if !can_run() {
         return;
     }
-    let h = Hostd::start(9201, &["tp.sock,rx=0,tx=1"], &[]);
+    let h = Hostd::start(&["tp.sock,rx=0,tx=1"], &[]);
     let zcount = Command::new(tools::tool("zcount"))
-        .args(["-i", "zc:9201@1", "-t", "12", "--json"])
+        .args(["-i", &format!("zc:{}@1", h.cluster), "-t", "12", "--json"])
         .env("ZC_RUN_DIR", h.run_dir())
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut tp = testpmd(&h.sock("tp.sock"), "zctx", "txonly");
+    let mut tp = testpmd(&h.sock("tp.sock"), &unique::name("zctx"), "txonly");
     wait_ready(&h, "tp.sock");
     cmd(&mut tp, "start");
     std::thread::sleep(Duration::from_secs(3));
@@ -109,14 +109,21 @@ fn zsend_through_an_export_is_counted_exactly_by_testpmd_rxonly() {
     if !can_run() {
         return;
     }
-    let h = Hostd::start(9202, &["rp.sock,rx=0,tx=1"], &[]);
-    let mut tp = testpmd(&h.sock("rp.sock"), "zcrx", "rxonly");
+    let h = Hostd::start(&["rp.sock,rx=0,tx=1"], &[]);
+    let mut tp = testpmd(&h.sock("rp.sock"), &unique::name("zcrx"), "rxonly");
     wait_ready(&h, "rp.sock");
     cmd(&mut tp, "start");
     std::thread::sleep(Duration::from_millis(500));
     const N: u64 = 200_000;
     let st = Command::new(tools::tool("zsend"))
-        .args(["-i", "zc:9202@0", "-n", &N.to_string(), "-l", "64"])
+        .args([
+            "-i",
+            &format!("zc:{}@0", h.cluster),
+            "-n",
+            &N.to_string(),
+            "-l",
+            "64",
+        ])
         .env("ZC_RUN_DIR", h.run_dir())
         .status()
         .unwrap();

@@ -170,7 +170,7 @@ fn guest_send_pool(f: &mut TestFrontend, bufs: &[u32], pkts: &[Vec<u8>]) -> Vec<
 
 #[test]
 fn copy_path_delivers_exact_packets_both_ways() {
-    let h = Hostd::start(9101, &["a.sock,rx=0,tx=1"], &[]);
+    let h = Hostd::start(&["a.sock,rx=0,tx=1"], &[]);
     let mut f = TestFrontend::connect(&h, "a.sock", Setup::default());
     // Host to guest: 600 packets of 60..1500 bytes, 128 guest buffers recycled.
     let pkts: Vec<Vec<u8>> = (0..600u32)
@@ -228,7 +228,7 @@ fn copy_path_delivers_exact_packets_both_ways() {
 
 #[test]
 fn mergeable_rx_spreads_a_packet_over_buffers() {
-    let h = Hostd::start(9102, &["m.sock,rx=0"], &[]);
+    let h = Hostd::start(&["m.sock,rx=0"], &[]);
     let mut f = TestFrontend::connect(&h, "m.sock", Setup::default());
     let addrs = post_rx_ram(&mut f, 200, 256);
     let pkts: Vec<Vec<u8>> = (0..40u32).map(|i| payload(i, 1000)).collect();
@@ -253,7 +253,7 @@ fn mergeable_rx_spreads_a_packet_over_buffers() {
 
 #[test]
 fn without_mrg_rxbuf_a_too_big_packet_is_dropped_and_counted() {
-    let h = Hostd::start(9103, &["n.sock,rx=0"], &[]);
+    let h = Hostd::start(&["n.sock,rx=0"], &[]);
     let mut f = TestFrontend::connect(&h, "n.sock", Setup::with_features(VERSION_1));
     assert_eq!(f.features & MRG_RXBUF, 0);
     post_rx_ram(&mut f, 8, 256);
@@ -269,7 +269,7 @@ fn without_mrg_rxbuf_a_too_big_packet_is_dropped_and_counted() {
 
 #[test]
 fn zero_copy_exchanges_pool_buffers_both_ways() {
-    let h = Hostd::start(9104, &["z.sock,rx=0,tx=1"], &[]);
+    let h = Hostd::start(&["z.sock,rx=0,tx=1"], &[]);
     let mut f = TestFrontend::connect(&h, "z.sock", Setup::default());
     let pool = f.mem.pool.as_ref().unwrap();
     let stock = directory::read_stock(&pool.view(), 0);
@@ -335,7 +335,7 @@ fn zero_copy_exchanges_pool_buffers_both_ways() {
 /// keeps its size. Anything else is counted and dropped without exchange.
 #[test]
 fn a_tx_less_export_consumes_pool_buffers_by_exchange() {
-    let h = Hostd::start(9113, &["s.sock,rx=0"], &[]);
+    let h = Hostd::start(&["s.sock,rx=0"], &[]);
     let spare0 = h.stats().0.spare_buffers;
     let mut f = TestFrontend::connect(&h, "s.sock", Setup::default());
     let pool = f.mem.pool.as_ref().unwrap();
@@ -416,7 +416,7 @@ fn a_tx_less_export_consumes_pool_buffers_by_exchange() {
 
 #[test]
 fn hostile_descriptors_are_dropped_and_counted() {
-    let h = Hostd::start(9105, &["h.sock,rx=0,tx=1"], &[]);
+    let h = Hostd::start(&["h.sock,rx=0,tx=1"], &[]);
     let mut f = TestFrontend::connect(&h, "h.sock", Setup::default());
     let good = payload(1, 200);
     let g = f.alloc(HDR as u64 + 200);
@@ -599,7 +599,7 @@ fn breaks(h: &Hostd, name: &str, breakage: impl FnOnce(&mut TestFrontend)) {
 
 #[test]
 fn broken_rings_need_reset_and_other_exports_keep_running() {
-    let h = Hostd::start(9106, &["bad.sock,tx=1", "ok.sock,tx=2"], &[]);
+    let h = Hostd::start(&["bad.sock,tx=1", "ok.sock,tx=2"], &[]);
     // The other export's traffic runs throughout.
     let receiver = host_recv(&h, 2, 3000);
     let mut ok = TestFrontend::connect(&h, "ok.sock", Setup::default());
@@ -656,7 +656,7 @@ fn broken_rings_need_reset_and_other_exports_keep_running() {
 
 #[test]
 fn frontend_disconnect_and_reconnect_on_the_same_socket() {
-    let h = Hostd::start(9107, &["r.sock,rx=0,tx=1"], &[]);
+    let h = Hostd::start(&["r.sock,rx=0,tx=1"], &[]);
     let receiver = host_recv(&h, 1, 30);
     for round in 0..3u32 {
         let mut f = TestFrontend::connect(&h, "r.sock", Setup::default());
@@ -679,7 +679,6 @@ fn frontend_disconnect_and_reconnect_on_the_same_socket() {
 #[test]
 fn export_roles_directory_and_reclaim() {
     let h = Hostd::start(
-        9108,
         &["d0.sock,rx=0,tx=1,mac=02:11:22:33:44:55", "d1.sock,tx=3"],
         &[],
     );
@@ -709,10 +708,11 @@ fn export_roles_directory_and_reclaim() {
     assert_eq!(d0.ring_size, zc_proto::layout::RING_AREA_SIZE);
     let d1 = directory::read_entry(&v, 1).unwrap();
     assert_eq!((d1.rx_queue, d1.tx_queue), (NO_QUEUE, 3));
+    let c = h.cluster.to_be_bytes();
     assert_eq!(
         d1.mac,
-        [0x02, 0x7a, 0x23, 0x94, 0x80, 3],
-        "cluster 9108 = 0x2394, tx-only queue 3"
+        [0x02, 0x7a, c[2], c[3], 0x80, 3],
+        "the cluster's low 16 bits, tx-only queue 3"
     );
     assert_eq!(directory::read_entry(&v, 2).unwrap().state, 0);
     // SAFETY: the header lies in the mapping; export_seq is even when idle.
@@ -751,10 +751,10 @@ fn export_roles_directory_and_reclaim() {
 
 #[test]
 fn qemu_args_and_stats_from_the_command_line() {
-    let h = Hostd::start(9109, &["q.sock,rx=0,tx=1"], &[]);
+    let h = Hostd::start(&["q.sock,rx=0,tx=1"], &[]);
     let run = |args: &[&str]| {
         let o = std::process::Command::new(env!("CARGO_BIN_EXE_zc-hostd"))
-            .args(["-c", "9109", "--run-dir"])
+            .args(["-c", &h.cluster.to_string(), "--run-dir"])
             .arg(h.run_dir())
             .args(args)
             .output()
@@ -778,11 +778,15 @@ fn qemu_args_and_stats_from_the_command_line() {
     );
     assert!(q.contains("ivshmem-plain"), "{q}");
     assert!(q.contains(&format!("path={}", sock.display())), "{q}");
-    assert!(q.contains("mac=02:7a:23:95:00:00"), "{q}");
+    let c = h.cluster.to_be_bytes();
+    assert!(
+        q.contains(&format!("mac=02:7a:{:02x}:{:02x}:00:00", c[2], c[3])),
+        "{q}"
+    );
     let j: serde_json::Value = serde_json::from_str(&run(&["stats", "--json"])).unwrap();
     assert_eq!(j["exports"][0]["rx_queue"], 0);
     assert_eq!(j["exports"][0]["tx"]["packets"], 0);
-    assert_eq!(j["cluster"]["cluster"], 9109);
+    assert_eq!(j["cluster"]["cluster"], h.cluster);
     let text = run(&["stats"]);
     assert!(text.contains("export q.sock: waiting"), "{text}");
 }
@@ -806,7 +810,7 @@ fn poll_thread_ticks(pid: u32) -> u64 {
 
 #[test]
 fn an_idle_export_sleeps_and_wakes_for_traffic() {
-    let h = Hostd::start(9110, &["i.sock,rx=0,tx=1"], &[]);
+    let h = Hostd::start(&["i.sock,rx=0,tx=1"], &[]);
     let mut f = TestFrontend::connect(&h, "i.sock", Setup::default());
     let receiver = host_recv(&h, 1, 2);
     guest_send(&mut f, &[payload(1, 60)]);
@@ -833,7 +837,7 @@ fn an_idle_export_sleeps_and_wakes_for_traffic() {
 
 #[test]
 fn a_pool_region_added_later_enables_zero_copy() {
-    let h = Hostd::start(9111, &["p.sock,rx=0"], &[]);
+    let h = Hostd::start(&["p.sock,rx=0"], &[]);
     let mut f = TestFrontend::connect(
         &h,
         "p.sock",
@@ -878,7 +882,7 @@ fn wait_rx_interrupt(f: &TestFrontend, what: &str) {
 
 #[test]
 fn interrupts_follow_no_interrupt_and_event_idx() {
-    let h = Hostd::start(9112, &["n.sock,rx=0"], &[]);
+    let h = Hostd::start(&["n.sock,rx=0"], &[]);
     // Without EVENT_IDX: VRING_AVAIL_F_NO_INTERRUPT decides.
     let mut f = TestFrontend::connect(&h, "n.sock", Setup::with_features(VERSION_1 | MRG_RXBUF));
     assert_eq!(f.features & EVENT_IDX, 0);

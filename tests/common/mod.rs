@@ -2,10 +2,14 @@
 //! zcount as real processes and cleans up after them.
 #![allow(dead_code)]
 
+// One copy of these for both harnesses (zc's and zc-host's tests).
+#[path = "../../host/tests/common/skip.rs"]
+pub mod skip;
+#[path = "../../host/tests/common/unique.rs"]
+pub mod unique;
 pub mod vm;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 /// The directory holding this build's binaries (target/<profile>).
@@ -38,21 +42,21 @@ pub fn in_ci() -> bool {
     std::env::var_os("CI").is_some()
 }
 
-/// Skips a test that needs something this machine lacks, except in CI,
-/// where everything the tests need is installed and a skip is a failure.
+/// Skips a test that needs something this machine lacks (visibly, see
+/// `skip`), except in CI, where everything the tests need is installed and
+/// a skip is a failure.
 pub fn require(ok: bool, what: &str) -> bool {
     if ok {
         return true;
     }
     assert!(!in_ci(), "CI must provide {what}");
-    eprintln!("SKIPPED: needs {what}");
+    skip::skipped(&format!("needs {what}"));
     false
 }
 
-/// A cluster id no other test in this run uses.
+/// A cluster id no other test process on this machine uses (see `unique`).
 pub fn unique_cluster() -> u32 {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    (std::process::id() % 10_000) * 100 + 10_000_000 + NEXT.fetch_add(1, Ordering::Relaxed)
+    unique::cluster()
 }
 
 pub fn free_hugepages() -> u64 {

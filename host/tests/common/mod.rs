@@ -3,7 +3,9 @@
 //! and the `vhost` crate's frontend speaking vhost-user to the daemon.
 #![allow(dead_code)]
 
+pub mod skip;
 pub mod tools;
+pub mod unique;
 
 use std::io::{BufRead, BufReader};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -38,9 +40,11 @@ pub struct Hostd {
 }
 
 impl Hostd {
-    /// Starts a daemon with a small pool in /dev/shm and `exports`
-    /// (`name,rx=..` with the name relative to the temp dir).
-    pub fn start(cluster: u32, exports: &[&str], extra: &[&str]) -> Hostd {
+    /// Starts a daemon of a cluster of its own (`unique::cluster`) with a
+    /// small pool in /dev/shm and `exports` (`name,rx=..` with the name
+    /// relative to the temp dir).
+    pub fn start(exports: &[&str], extra: &[&str]) -> Hostd {
+        let cluster = unique::cluster();
         let dir = tempfile::tempdir().unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_zc-hostd"));
         cmd.args(["-c", &cluster.to_string(), "-q", "4", "--buffers", "8192"])

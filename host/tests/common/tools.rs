@@ -6,8 +6,9 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::OnceLock;
 
-/// True when the test may run; false (after printing why) when it should
-/// be skipped. With CI set, a missing requirement fails the test instead.
+/// True when the test may run; false (after recording the skip, see
+/// `skip`) when it should be skipped. With CI set, a missing requirement
+/// fails the test instead.
 pub fn require(what: &str, ok: bool) -> bool {
     if ok {
         return true;
@@ -15,7 +16,7 @@ pub fn require(what: &str, ok: bool) -> bool {
     if std::env::var_os("CI").is_some() {
         panic!("CI is set but {what} is not available");
     }
-    eprintln!("SKIPPED: {what} is not available (set CI=1 to make this a failure)");
+    super::skip::skipped(&format!("{what} is not available"));
     false
 }
 
