@@ -274,6 +274,7 @@ fn second_daemon_leaves_the_first_alone(a_args: &[&str], b_args: &[&[&str]]) {
     }
     round(&a, 0, 10_000);
     assert!(a.stop(libc::SIGTERM).success());
+    assert_no_cluster_files(a.id, a.run_dir.path());
     let b = Daemon::start_in(a.id, other, b_args[0]);
     round(&b, 1, 1000);
 }

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 struct Testpmd {
     child: std::process::Child,
     log: std::path::PathBuf,
+    prefix: String,
 }
 
 impl Testpmd {
@@ -41,6 +42,7 @@ impl Drop for Testpmd {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+        unique::remove_dpdk_files(&self.prefix);
     }
 }
 
@@ -70,6 +72,7 @@ fn guest_driver_zsend_into_dpdk_vhost_pmd_counts_exactly() {
     let d = Daemon::start(&["--buffers", "8192", "--no-hugepages", "--export", &export]);
     let sock = dir.path().join("dpdk.sock");
     let log = dir.path().join("testpmd.log");
+    let prefix = unique::name("zcgt");
     let child = Command::new("dpdk-testpmd")
         .args([
             "--lcores",
@@ -81,7 +84,7 @@ fn guest_driver_zsend_into_dpdk_vhost_pmd_counts_exactly() {
             "256",
         ])
         .arg("--file-prefix")
-        .arg(format!("zcgt{}", std::process::id()))
+        .arg(&prefix)
         .arg("--vdev")
         .arg(format!("net_vhost0,iface={},queues=1", sock.display()))
         .args([
@@ -98,7 +101,7 @@ fn guest_driver_zsend_into_dpdk_vhost_pmd_counts_exactly() {
         .stderr(Stdio::null())
         .spawn()
         .expect("start dpdk-testpmd");
-    let pmd = Testpmd { child, log };
+    let pmd = Testpmd { child, log, prefix };
     let deadline = Instant::now() + Duration::from_secs(30);
     while !sock.exists() {
         assert!(

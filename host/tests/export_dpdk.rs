@@ -45,10 +45,12 @@ fn testpmd(sock: &std::path::Path, prefix: &str, mode: &str) -> Child {
         .expect("start dpdk-testpmd")
 }
 
-fn finish(mut tp: Child) -> String {
+/// Quits testpmd (started with --file-prefix `prefix`); returns its output.
+fn finish(mut tp: Child, prefix: &str) -> String {
     let _ = tp.stdin.as_mut().unwrap().write_all(b"quit\n");
     drop(tp.stdin.take());
     let out = tp.wait_with_output().unwrap();
+    unique::remove_dpdk_files(prefix);
     let s =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     eprintln!("{s}");
@@ -79,14 +81,15 @@ fn testpmd_txonly_into_an_export_is_counted_exactly_by_zcount() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut tp = testpmd(&h.sock("tp.sock"), &unique::name("zctx"), "txonly");
+    let prefix = unique::name("zctx");
+    let mut tp = testpmd(&h.sock("tp.sock"), &prefix, "txonly");
     wait_ready(&h, "tp.sock");
     cmd(&mut tp, "start");
     std::thread::sleep(Duration::from_secs(3));
     cmd(&mut tp, "stop");
     // Let the export drain the virtqueue before testpmd disconnects.
     std::thread::sleep(Duration::from_secs(1));
-    let out = finish(tp);
+    let out = finish(tp, &prefix);
     let sent = tools::testpmd_count(&out, "TX-packets:").expect("testpmd TX-packets");
     assert!(sent > 10_000, "testpmd sent only {sent}");
     let z = zcount.wait_with_output().unwrap();
@@ -110,7 +113,8 @@ fn zsend_through_an_export_is_counted_exactly_by_testpmd_rxonly() {
         return;
     }
     let h = Hostd::start(&["rp.sock,rx=0,tx=1"], &[]);
-    let mut tp = testpmd(&h.sock("rp.sock"), &unique::name("zcrx"), "rxonly");
+    let prefix = unique::name("zcrx");
+    let mut tp = testpmd(&h.sock("rp.sock"), &prefix, "rxonly");
     wait_ready(&h, "rp.sock");
     cmd(&mut tp, "start");
     std::thread::sleep(Duration::from_millis(500));
@@ -134,7 +138,7 @@ fn zsend_through_an_export_is_counted_exactly_by_testpmd_rxonly() {
     }
     std::thread::sleep(Duration::from_millis(500));
     cmd(&mut tp, "stop");
-    let out = finish(tp);
+    let out = finish(tp, &prefix);
     let got = tools::testpmd_count(&out, "RX-packets:").expect("testpmd RX-packets");
     let s = h.export("rp.sock");
     assert_eq!(s.rx.packets, N, "{s:?}");

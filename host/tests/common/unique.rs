@@ -19,3 +19,19 @@ pub fn cluster() -> u32 {
 pub fn name(prefix: &str) -> String {
     format!("{prefix}{}", std::process::id())
 }
+
+/// Removes what DPDK run with `--file-prefix prefix` left after its
+/// process ended: its hugepage files (their pages stay reserved until they
+/// are deleted) and its run directory. A prefix of [`name`] is never used
+/// again, so no later DPDK run cleans them up.
+pub fn remove_dpdk_files(prefix: &str) {
+    let map = format!("{prefix}map_");
+    if let Ok(dir) = std::fs::read_dir("/dev/hugepages") {
+        for e in dir.flatten() {
+            if e.file_name().to_string_lossy().starts_with(&map) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(format!("/var/run/dpdk/{prefix}"));
+}
