@@ -14,7 +14,7 @@ export ZC_SKIP_LOG=$skips
 summary() {
     local status=$?
     if [ -s "$skips" ]; then
-        echo "test.sh: $(wc -l <"$skips") tests skipped, which fails this run: $(sort "$skips" | paste -sd '|' | sed 's/|/; /g')" >&2
+        echo "test.sh: FAILED: skipped tests ($(wc -l <"$skips"); what they need was installed, so each is a bug): $(sort "$skips" | paste -sd '|' | sed 's/|/; /g')" >&2
         status=1
     else
         echo "test.sh: no test skipped" >&2
