@@ -92,12 +92,16 @@ fn an_export_onto_a_file_link_or_directory_fails_and_keeps_it() {
         (&sub, "a directory"),
     ] {
         let id = unique_cluster();
+        // An export that started before the bad one goes with the daemon.
+        let first = dir.path().join("first.sock");
+        let first_export = format!("{},rx=1", first.display());
         let export = format!("{},rx=0", path.display());
         let mut args = SMALL.to_vec();
-        args.extend(["--export", &export]);
+        args.extend(["--export", &first_export, "--export", &export]);
         let out = hostd_fails(id, &run, &args);
         assert_error_line(&out, &in_the_way("export socket", path, kind));
         assert_no_cluster_files(id, &run);
+        assert!(!first.exists());
     }
     assert_eq!(std::fs::read(&file).unwrap(), b"somebody's data");
     assert_eq!(std::fs::read_link(&link).unwrap(), file);
