@@ -2,7 +2,9 @@
 # Installs what zc's demo and tests need on a Debian machine, as root:
 # QEMU (10.0 from bookworm-backports where available), DPDK (testpmd, the
 # performance peer and independent client), busybox-static, cpio and kmod
-# (the guest image), and reserves 2 MiB hugepages. Safe to run repeatedly:
+# (the guest image), tshark, tcpdump and tcpreplay (independent readers and
+# senders of captures and interface traffic), xdp-tools and libxdp (the
+# XDP redirect program of interface ports), and reserves 2 MiB hugepages. Safe to run repeatedly:
 # it only installs what is missing.
 #
 # Sourced by scripts/demo.sh and scripts/test.sh; run alone with
@@ -20,7 +22,7 @@ command -v cargo >/dev/null || die "cargo is missing: install a Rust toolchain (
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "ok installed"; }
 missing=()
 command -v qemu-system-x86_64 >/dev/null || missing+=(qemu)
-for p in dpdk-dev busybox-static cpio kmod iproute2; do
+for p in dpdk-dev busybox-static cpio kmod iproute2 tshark tcpdump tcpreplay xdp-tools libxdp1; do
     installed "$p" || missing+=("$p")
 done
 

@@ -17,6 +17,7 @@
 //! The same names work everywhere: `zc:<cluster>@<queue>` opens a queue of a
 //! cluster served by `zc-hostd` on this host.
 
+pub mod capture;
 mod open;
 pub mod testpkt;
 pub mod tool;

@@ -2,12 +2,13 @@
 
 use clap::Parser;
 use std::process::ExitCode;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use zc::capture::CaptureReader;
 use zc::testpkt::{Template, MIN_LEN};
 use zc::tool::{self, CommonArgs, Counters, Reporter, Summary, BURST, IDLE_POLLS, IDLE_SLEEP};
-use zc::{QueueEnd, Sender};
+use zc::{BufferHandle, QueueEnd, Sender};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -17,7 +18,9 @@ use zc::{QueueEnd, Sender};
     long_about = "Send Ethernet/IPv4/UDP test packets into a zc queue without copying: each \
 packet is written into a pool buffer once and handed over by swapping buffer handles. \
 Every packet carries a 64-bit sequence number and a payload checksum that \
-`zcount --verify` checks.\n\n\
+`zcount --verify` checks. With -f FILE it replays a pcap or pcapng capture instead \
+(Ethernet link type), -n times, at top speed, at -r packets per second, or with the \
+capture's own timing (--timing original).\n\n\
 Names: zc:<cluster>@<queue> is queue <queue> of the cluster that `zc-hostd -c <cluster>` \
 serves (e.g. zc:99@0). One process sends into a queue at a time. Inside a VM the same name \
 opens the zc virtio-net device that exports the queue (zc:<interface>, e.g. zc:eth1, takes \
@@ -25,7 +28,7 @@ over that interface's device); --vhost-user PATH runs that guest driver over the
 vhost-user socket without a VM.\n\n\
 Once a second zsend prints PF_RING-style `Absolute Stats` and `Actual Stats` lines to \
 stderr; at the end a summary (and with --json one JSON line on stdout).",
-    after_help = "Examples:\n  zsend -i zc:99@0                    # 60-byte packets, unlimited rate, until Ctrl-C\n  zsend -i zc:99@0 -l 1500 -n 1000000  # one million 1500-byte packets\n  zsend -i zc:99@0 -r 1000 -g 1        # 1000 packets/s from a thread pinned to core 1"
+    after_help = "Examples:\n  zsend -i zc:99@0 -f day.pcap -n 3   # replay a capture three times, at top speed\n  zsend -i zc:99@0 -f day.pcapng --timing original  # with the capture's own gaps\n  zsend -i zc:99@0                    # 60-byte packets, unlimited rate, until Ctrl-C\n  zsend -i zc:99@0 -l 1500 -n 1000000  # one million 1500-byte packets\n  zsend -i zc:99@0 -r 1000 -g 1        # 1000 packets/s from a thread pinned to core 1"
 )]
 struct Args {
     /// Queue to send into, e.g. zc:99@0.
@@ -33,16 +36,32 @@ struct Args {
     name: String,
 
     /// Packet length in bytes, 60 up to the cluster's buffer size minus 64.
-    #[arg(short = 'l', value_name = "LEN", default_value_t = 60)]
+    #[arg(
+        short = 'l',
+        value_name = "LEN",
+        default_value_t = 60,
+        conflicts_with = "file"
+    )]
     len: usize,
 
-    /// Stop after COUNT packets (default: until Ctrl-C).
+    /// Stop after COUNT packets (default: until Ctrl-C). With -f: replay
+    /// the file COUNT times (default once; 0: until Ctrl-C).
     #[arg(short = 'n', value_name = "COUNT")]
     count: Option<u64>,
 
     /// Send at most PPS packets per second (default: unlimited).
-    #[arg(short = 'r', value_name = "PPS")]
+    #[arg(short = 'r', value_name = "PPS", conflicts_with = "timing")]
     rate: Option<f64>,
+
+    /// Replay the packets of a capture file (pcap or pcapng, Ethernet link
+    /// type) instead of making test packets; each is copied into a pool buffer once.
+    #[arg(short = 'f', value_name = "FILE.pcap")]
+    file: Option<std::path::PathBuf>,
+
+    /// With -f: `original` keeps the capture's gaps between packets
+    /// (default: as fast as the queue takes them, or -r).
+    #[arg(long, value_name = "original", requires = "file", value_parser = ["original"])]
+    timing: Option<String>,
 
     #[command(flatten)]
     common: CommonArgs,
@@ -68,19 +87,218 @@ impl Pacer {
     }
 }
 
-fn run(args: &Args) -> Result<(), String> {
-    if args.len < MIN_LEN {
-        return Err(format!(
-            "-l {} is too short: packets are at least {MIN_LEN} bytes",
-            args.len
-        ));
-    }
+fn check_rate(args: &Args) -> Result<(), String> {
     if let Some(r) = args.rate {
         if !(r > 0.0 && r.is_finite()) {
             return Err(format!(
                 "-r {r} is not a rate: give packets per second above 0"
             ));
         }
+    }
+    Ok(())
+}
+
+/// Sends `hand[..n]` whole, waiting for room; returns how many went (fewer
+/// only when stopped).
+#[inline]
+fn send_all(
+    tx: &mut zc::Tx,
+    hand: &mut [BufferHandle],
+    stop: &AtomicBool,
+    name: &str,
+) -> Result<usize, String> {
+    let mut done = 0;
+    let mut idle = 0u32;
+    while done < hand.len() {
+        let n = tx.send_burst(&mut hand[done..]);
+        done += n;
+        if n == 0 {
+            idle += 1;
+            if idle > IDLE_POLLS {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                if let Some(e) = tx.failure() {
+                    return Err(format!("{name}: {e}"));
+                }
+                tx.wait_send(IDLE_SLEEP);
+            }
+        }
+    }
+    Ok(done)
+}
+
+/// Ends a run: waits for a guest device to complete what is in flight,
+/// then prints the summary.
+fn finish(
+    args: &Args,
+    tx: &mut zc::Tx,
+    reporter: Reporter,
+    start: Instant,
+    (sent, bytes, drops): (u64, u64, u64),
+) -> Result<(), String> {
+    if !tx.flush(Duration::from_secs(5)) {
+        return Err(format!(
+            "{}: the device did not complete the last packets within 5 s{}",
+            args.name,
+            tx.failure().map_or(String::new(), |e| format!(": {e}"))
+        ));
+    }
+    let elapsed = start.elapsed();
+    drop(reporter);
+    let summary = Summary::new(&args.name, sent, bytes, drops, elapsed);
+    eprintln!("{}", summary.text());
+    if args.common.json {
+        println!("{}", summary.json());
+    }
+    Ok(())
+}
+
+fn run(args: &Args) -> Result<(), String> {
+    check_rate(args)?;
+    match &args.file {
+        Some(file) => replay(args, file),
+        None => generate(args),
+    }
+}
+
+/// Replays a capture file `-n` times.
+fn replay(args: &Args, path: &std::path::Path) -> Result<(), String> {
+    // The file is checked before the queue is opened: a bad file changes
+    // nothing in the cluster.
+    let mut reader = CaptureReader::open(path).map_err(|e| e.to_string())?;
+    if let Some(core) = args.common.core {
+        tool::pin_to_core(core).map_err(|e| format!("-g: {e}"))?;
+    }
+    let stop = tool::stop_on_signals();
+    let mut tx = zc::open_tx_with(&args.name, &args.common.options()).map_err(|e| e.to_string())?;
+    let max = tx.pool().layout().max_packet() as usize;
+    let mut hand = tx
+        .take_buffers(BURST)
+        .map_err(|e| format!("{}: {e}", args.name))?;
+    let counters = Arc::new(Counters::default());
+    let reporter = Reporter::start(counters.clone());
+    let loops = match args.count {
+        Some(0) => u64::MAX,
+        Some(n) => n,
+        None => 1,
+    };
+    let original = args.timing.is_some();
+    let pool = *tx.pool();
+    let start = Instant::now();
+    let (mut sent, mut bytes, mut empty) = (0u64, 0u64, 0u64);
+    let mut pending = 0usize;
+    let mut pending_bytes = 0u64;
+    // What a broken file ends with; what came before it is sent first.
+    let mut failed = None;
+    'loops: for l in 0..loops {
+        if l > 0 {
+            reader = CaptureReader::open(path).map_err(|e| e.to_string())?;
+        }
+        let loop_start = Instant::now();
+        let mut first_ts = None;
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                break 'loops;
+            }
+            let number = reader.packets() + 1;
+            let Some(frame) = (match reader.next_frame() {
+                Ok(f) => f,
+                Err(e) => {
+                    failed = Some(e.to_string());
+                    break 'loops;
+                }
+            }) else {
+                break;
+            };
+            if frame.data.is_empty() {
+                // A queue slot of length 0 is an empty buffer: nothing to send.
+                empty += 1;
+                continue;
+            }
+            if frame.data.len() > max {
+                failed = Some(format!(
+                    "{}: packet {} is {} bytes, more than the {max} a buffer of {} holds \
+                     (start the cluster with a larger zc-hostd --buf-size)",
+                    path.display(),
+                    number,
+                    frame.data.len(),
+                    args.name
+                ));
+                break 'loops;
+            }
+            let due = if original {
+                let first = *first_ts.get_or_insert(frame.timestamp);
+                Some(loop_start + frame.timestamp.saturating_sub(first))
+            } else {
+                args.rate.map(|pps| {
+                    start + Duration::from_secs_f64((sent + pending as u64) as f64 / pps)
+                })
+            };
+            if let Some(due) = due {
+                if due > Instant::now() {
+                    let n = send_all(&mut tx, &mut hand[..pending], stop, &args.name)?;
+                    sent += n as u64;
+                    bytes += pending_bytes;
+                    pending = 0;
+                    pending_bytes = 0;
+                    counters.publish(sent, bytes);
+                    wait_until(due, stop);
+                }
+            }
+            let len = frame.data.len();
+            pool.packet_mut(&mut hand[pending])
+                .fill(frame.data)
+                .map_err(|e| format!("{}: {e}", args.name))?;
+            pending += 1;
+            pending_bytes += len as u64;
+            if pending == BURST {
+                let n = send_all(&mut tx, &mut hand[..pending], stop, &args.name)?;
+                sent += n as u64;
+                bytes += pending_bytes;
+                pending = 0;
+                pending_bytes = 0;
+                counters.publish(sent, bytes);
+            }
+        }
+    }
+    let n = send_all(&mut tx, &mut hand[..pending], stop, &args.name)?;
+    if n == pending {
+        bytes += pending_bytes;
+    }
+    sent += n as u64;
+    if let Some(e) = failed {
+        // Whatever went is delivered; the line says where the file broke.
+        let _ = tx.flush(Duration::from_secs(5));
+        drop(reporter);
+        return Err(e);
+    }
+    finish(args, &mut tx, reporter, start, (sent, bytes, empty))
+}
+
+/// Sleeps, then spins, until `due` (or a stop signal).
+fn wait_until(due: Instant, stop: &AtomicBool) {
+    loop {
+        let now = Instant::now();
+        if now >= due || stop.load(Ordering::Relaxed) {
+            return;
+        }
+        let left = due - now;
+        if left > Duration::from_micros(500) {
+            std::thread::sleep((left - Duration::from_micros(200)).min(IDLE_SLEEP));
+        } else {
+            std::hint::spin_loop();
+        }
+    }
+}
+
+/// Sends generated test packets.
+fn generate(args: &Args) -> Result<(), String> {
+    if args.len < MIN_LEN {
+        return Err(format!(
+            "-l {} is too short: packets are at least {MIN_LEN} bytes",
+            args.len
+        ));
     }
     if let Some(core) = args.common.core {
         tool::pin_to_core(core)?;
@@ -119,24 +337,7 @@ fn run(args: &Args) -> Result<(), String> {
         for (i, h) in hand[..want].iter_mut().enumerate() {
             template.stamp(&mut pool.packet_mut(h), sent + i as u64);
         }
-        let mut done = 0;
-        let mut idle = 0u32;
-        while done < want {
-            let n = tx.send_burst(&mut hand[done..want]);
-            done += n;
-            if n == 0 {
-                idle += 1;
-                if idle > IDLE_POLLS {
-                    if stop.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    if let Some(e) = tx.failure() {
-                        return Err(format!("{}: {e}", args.name));
-                    }
-                    tx.wait_send(IDLE_SLEEP);
-                }
-            }
-        }
+        let done = send_all(&mut tx, &mut hand[..want], stop, &args.name)?;
         // The buffers just swapped in are written next round: start fetching.
         for h in &hand[..done] {
             pool.prefetch(h);
@@ -145,19 +346,11 @@ fn run(args: &Args) -> Result<(), String> {
         counters.publish(sent, sent * args.len as u64);
     }
     // A guest device stops when closed: let it finish what is in flight.
-    if !tx.flush(Duration::from_secs(5)) {
-        return Err(format!(
-            "{}: the device did not complete the last packets within 5 s{}",
-            args.name,
-            tx.failure().map_or(String::new(), |e| format!(": {e}"))
-        ));
-    }
-    let elapsed = start.elapsed();
-    drop(reporter);
-    let summary = Summary::new(&args.name, sent, sent * args.len as u64, 0, elapsed);
-    eprintln!("{}", summary.text());
-    if args.common.json {
-        println!("{}", summary.json());
-    }
-    Ok(())
+    finish(
+        args,
+        &mut tx,
+        reporter,
+        start,
+        (sent, sent * args.len as u64, 0),
+    )
 }
