@@ -119,7 +119,7 @@ fn pool_file(name: &str, opts: &Options, cluster: u32) -> Result<PathBuf, Error>
     Err(Error::NoPoolFile {
         name: name.to_string(),
         cluster,
-        ctl: zc_host::daemon::server::control_path(&opts.run_dir, cluster),
+        ctl: zc_host::control::control_path(&opts.run_dir, cluster),
         huge,
         shm,
     })
@@ -134,7 +134,7 @@ fn resolve(name: &str, opts: &Options) -> Result<Route, Error> {
                 queue: queue.0,
             }),
             // A cluster of this host wins; else, in a VM, its PCI pool.
-            None if !zc_host::daemon::server::control_path(&opts.run_dir, cluster.0).exists()
+            None if !zc_host::control::control_path(&opts.run_dir, cluster.0).exists()
                 && zc_guest::has_pci_pool(cluster.0) =>
             {
                 Ok(Route::Pci {

@@ -3,7 +3,7 @@
 
 use zc_guest::init::{DRIVER_FEATURES, F_NET_MRG_RXBUF, F_RING_EVENT_IDX, F_VERSION_1};
 use zc_guest::pool::{create_pool_file, PoolMap};
-use zc_host::export::{backend, directory};
+use zc_host::port::export::{backend, directory};
 use zc_proto::{BufferIndex, PoolLayout};
 
 #[test]

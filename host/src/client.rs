@@ -1,13 +1,12 @@
 //! The host application's end of a cluster queue: connect to zc-hostd, take
 //! a role, map pool and queues, then move packets without the daemon.
 
-use crate::control::{self, ClusterInfo, Reply, Request, Role};
-use crate::daemon::server::control_path;
+use crate::control::{self, control_path, ClusterInfo, Reply, Request, Role};
 use crate::queues::{QueueArea, QueueError};
 use crate::ring::{Consumer, Producer};
 use crate::shm::{self, Mapping};
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -83,10 +82,12 @@ pub fn cluster_info(run_dir: &Path, cluster: u32) -> Result<ClusterInfo, ClientE
 /// role), the mappings, and the ring end.
 pub struct HostQueue<E> {
     conn: UnixStream,
-    // Field order matters: the ring end points into `queues`, the view into
-    // `pool_map`; both are dropped after `end`.
+    // Field order matters: the ring end points into `queues` and rings
+    // `bell`, the view points into `pool_map`; all are dropped after `end`.
     end: E,
     queues: QueueArea,
+    /// The other side's bell, for when it sleeps in one of zc-hostd's workers.
+    _bell: Option<OwnedFd>,
     view: PoolView,
     _pool_map: Mapping,
     info: ClusterInfo,
@@ -98,7 +99,7 @@ pub type HostTx = HostQueue<Producer>;
 
 /// Attaches to `queue` in `role`, maps pool and queues, and builds the ring
 /// end with `end`.
-fn attach<E>(
+fn attach<E: PeerBell>(
     run_dir: &Path,
     cluster: u32,
     queue: u16,
@@ -112,9 +113,10 @@ fn attach<E>(
             "unexpected reply to attach",
         )));
     };
-    let [pool_fd, queue_fd]: [OwnedFd; 2] = fds
-        .try_into()
-        .map_err(|_| ClientError::Pool("expected two descriptors".into()))?;
+    let mut fds = fds.into_iter();
+    let (Some(pool_fd), Some(queue_fd), bell) = (fds.next(), fds.next(), fds.next()) else {
+        return Err(ClientError::Pool("expected two descriptors".into()));
+    };
     let size = shm::file_size(pool_fd.as_fd()).map_err(|e| ClientError::Pool(e.to_string()))?;
     if size < zc_proto::layout::HEADER_SIZE {
         return Err(ClientError::Pool("smaller than its header".into()));
@@ -129,16 +131,42 @@ fn attach<E>(
     // lives in the HostQueue next to every copy of this view.
     let view = unsafe { PoolView::new(pool_map.as_ptr(), layout) };
     let queues = QueueArea::open(queue_fd, &layout)?;
-    let end = end(&queues, queue);
+    let mut end = end(&queues, queue);
+    if let Some(b) = &bell {
+        // SAFETY: the HostQueue owns the bell and drops it after the end.
+        unsafe { end.set_peer_bell(b.as_raw_fd()) };
+    }
     Ok(HostQueue {
         conn,
         end,
         queues,
+        _bell: bell,
         view,
         _pool_map: pool_map,
         info,
         queue,
     })
+}
+
+/// Ring ends that can ring the other side's bell.
+trait PeerBell {
+    /// # Safety
+    /// `fd` must stay open while the end is used.
+    unsafe fn set_peer_bell(&mut self, fd: std::os::fd::RawFd);
+}
+
+impl PeerBell for Consumer {
+    unsafe fn set_peer_bell(&mut self, fd: std::os::fd::RawFd) {
+        // SAFETY: forwarded contract.
+        unsafe { Consumer::set_peer_bell(self, fd) }
+    }
+}
+
+impl PeerBell for Producer {
+    unsafe fn set_peer_bell(&mut self, fd: std::os::fd::RawFd) {
+        // SAFETY: forwarded contract.
+        unsafe { Producer::set_peer_bell(self, fd) }
+    }
 }
 
 impl HostRx {

@@ -5,11 +5,23 @@
 //! (SCM_RIGHTS). One connection is one attachment: when it closes, whatever
 //! role it held is released.
 
+use crate::stats::{ExportStats, WorkerStats};
 use serde::{Deserialize, Serialize};
 use std::io::{self, Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+/// Where a cluster's control files live: `<run-dir>/<cluster>`.
+pub fn cluster_run_dir(run_dir: &Path, cluster: u32) -> PathBuf {
+    run_dir.join(cluster.to_string())
+}
+
+/// The control socket of `cluster`: `<run-dir>/<cluster>/ctl`.
+pub fn control_path(run_dir: &Path, cluster: u32) -> PathBuf {
+    cluster_run_dir(run_dir, cluster).join("ctl")
+}
 
 /// Messages larger than this are a protocol error (a buffer list for the
 /// largest allowed allocation fits comfortably).
@@ -55,6 +67,34 @@ pub enum Request {
         rx: Option<u16>,
         tx: Option<u16>,
     },
+    /// Run the port named `port` on worker `worker` from now on.
+    MovePort { port: String, worker: usize },
+}
+
+/// One export attached to one VM, as `zc-hostd stats` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachmentInfo {
+    /// The VM's QMP socket.
+    pub vm: String,
+    /// The QEMU id of the virtio-net device.
+    pub device: String,
+    /// The export's vhost-user socket.
+    pub socket: String,
+    pub rx_queue: Option<u16>,
+    pub tx_queue: Option<u16>,
+    pub mac: String,
+}
+
+/// What a detach did.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Detached {
+    pub attachment: AttachmentInfo,
+    /// Buffers the export and its guest held, now back in the pool.
+    pub returned: u32,
+    /// Spare buffers in the pool afterwards.
+    pub spare: u32,
+    /// Why QEMU was not asked to remove the devices (the VM is gone).
+    pub vm_gone: Option<String>,
 }
 
 /// What an attached process needs to map the cluster's memory.
@@ -72,7 +112,7 @@ pub struct ClusterInfo {
     pub spare_buffers: u32,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Reply {
     /// Attach succeeded; fds: [pool, queue memory].
@@ -83,12 +123,20 @@ pub enum Reply {
     Info(ClusterInfo),
     Stats {
         info: ClusterInfo,
-        exports: Vec<crate::export::stats::ExportStats>,
+        exports: Vec<ExportStats>,
         #[serde(default)]
-        attachments: Vec<crate::daemon::vm::AttachmentInfo>,
+        attachments: Vec<AttachmentInfo>,
+        #[serde(default)]
+        workers: Vec<WorkerStats>,
     },
-    VmAttached(crate::daemon::vm::AttachmentInfo),
-    VmDetached(crate::daemon::vm::Detached),
+    VmAttached(AttachmentInfo),
+    VmDetached(Detached),
+    /// The port moved from worker `from` to worker `to`.
+    Moved {
+        port: String,
+        from: usize,
+        to: usize,
+    },
     Error {
         message: String,
     },

@@ -4,8 +4,8 @@
 //! remove them again. A failed step undoes the steps before it, so a VM is
 //! never left half-attached.
 
-use crate::export::qemu_args::{pool_object_id, OFFLOADS_OFF};
-use crate::export::spec::MacDisplay;
+use crate::port::export::qemu_args::{pool_object_id, OFFLOADS_OFF};
+use crate::port::export::spec::MacDisplay;
 use crate::qmp::{Qmp, QmpError};
 use serde_json::{json, Value};
 use std::path::Path;

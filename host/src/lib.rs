@@ -1,19 +1,25 @@
 //! zc-host: the host side of zc.
 //!
-//! The pool (`pool`), the shared queues (`ring`, `queues`), the control
-//! protocol between zc-hostd and the processes that attach (`control`), the
-//! daemon itself (`daemon`), its vhost-user exports (`export`) and their
-//! hot-plug into running VMs (`qmp`, `hotplug`), and the client end a host
-//! application uses (`client`). `paths` keeps the daemon from replacing or
-//! removing files that are not its own; `cpu` checks and applies `-g`.
+//! Memory: the pool (`pool`, `shm`), the shared queues (`ring`, `queues`,
+//! `futex`) and who holds which buffer (`owner`). A cluster's accounting
+//! (`cluster`): roles, spare buffers, reclaim. Ports (`port`), everything
+//! that moves packets between a cluster and the outside (the vhost-user
+//! export first), and the workers that step them (`worker`). What both
+//! report (`stats`). The control protocol between zc-hostd and the
+//! processes that attach (`control`) and the client end a host application
+//! uses (`client`). QEMU over QMP (`qmp`, `hotplug`). The daemon (`daemon`)
+//! composes all of these; nothing else depends on it.
+//! `paths` keeps the daemon from replacing or removing files that are not
+//! its own; `cpu` checks and applies `-g`.
 
 pub mod client;
+pub mod cluster;
 pub mod control;
 pub mod cpu;
 pub mod daemon;
-pub mod export;
 pub mod futex;
 pub mod hotplug;
+pub mod owner;
 pub mod paths;
 pub mod pool;
 pub mod port;
@@ -21,4 +27,5 @@ pub mod qmp;
 pub mod queues;
 pub mod ring;
 pub mod shm;
+pub mod stats;
 pub mod worker;

@@ -6,7 +6,7 @@ use crate::shm::{self, Mapping};
 use std::ffi::CStr;
 use std::io;
 use std::mem::{offset_of, size_of};
-use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use thiserror::Error;
 use zc_proto::{BufferIndex, PoolLayout};
 
@@ -91,6 +91,28 @@ pub struct QueueArea {
     map: Mapping,
     geometry: QueueGeometry,
     limits: SlotLimits,
+    /// Per queue, the eventfds that wake a worker sleeping on it: [the
+    /// consumer's, the producer's]. Only the daemon has them all; a process
+    /// attached to a queue gets the bell of the other side.
+    bells: Vec<[OwnedFd; 2]>,
+}
+
+/// A fresh non-blocking eventfd.
+fn eventfd() -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall; the result is checked.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Which side of a queue a bell wakes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    Consumer = 0,
+    Producer = 1,
 }
 
 impl QueueArea {
@@ -131,11 +153,16 @@ impl QueueArea {
         };
         // SAFETY: the fresh mapping holds the header page; nobody else has it yet.
         unsafe { std::ptr::write_volatile(map.as_ptr().cast::<AreaHeader>(), hdr) };
+        let bells = (0..geometry.queue_count)
+            .map(|_| Ok([eventfd()?, eventfd()?]))
+            .collect::<io::Result<Vec<_>>>()
+            .map_err(QueueError::Create)?;
         let area = QueueArea {
             fd,
             map,
             geometry,
             limits,
+            bells,
         };
         let n = geometry.ring_size as usize;
         for q in 0..geometry.queue_count {
@@ -184,7 +211,16 @@ impl QueueArea {
             map,
             geometry,
             limits,
+            bells: Vec::new(),
         })
+    }
+
+    /// The bell that wakes `side` of queue `q` when it sleeps in a worker
+    /// (daemon side only; `None` in an area a process opened).
+    pub fn bell(&self, q: u16, side: Side) -> Option<BorrowedFd<'_>> {
+        self.bells
+            .get(usize::from(q))
+            .map(|b| b[side as usize].as_fd())
     }
 
     pub fn fd(&self) -> &OwnedFd {
@@ -206,17 +242,30 @@ impl QueueArea {
     }
 
     /// The producer end of queue `q`. The daemon guarantees one producer.
-    /// The area must outlive the endpoint.
+    /// The area must outlive the endpoint. In the daemon's area, the end
+    /// rings the consumer's bell when the consumer sleeps in a worker.
     pub fn producer(&self, q: u16) -> Producer {
         // SAFETY: the ring lies inside our mapping; the daemon hands the role
         // to one attachment only; callers keep `self` alive (HostQueue owns both).
-        unsafe { Producer::attach(self.ring_base(q), self.geometry.ring_size, self.limits) }
+        let mut p =
+            unsafe { Producer::attach(self.ring_base(q), self.geometry.ring_size, self.limits) };
+        if let Some(b) = self.bell(q, Side::Consumer) {
+            // SAFETY: the bell lives as long as `self`, which outlives the end.
+            unsafe { p.set_peer_bell(b.as_raw_fd()) };
+        }
+        p
     }
 
     /// The consumer end of queue `q` (see [`QueueArea::producer`]).
     pub fn consumer(&self, q: u16) -> Consumer {
         // SAFETY: as for producer.
-        unsafe { Consumer::attach(self.ring_base(q), self.geometry.ring_size, self.limits) }
+        let mut c =
+            unsafe { Consumer::attach(self.ring_base(q), self.geometry.ring_size, self.limits) };
+        if let Some(b) = self.bell(q, Side::Producer) {
+            // SAFETY: as for producer.
+            unsafe { c.set_peer_bell(b.as_raw_fd()) };
+        }
+        c
     }
 
     /// Buffers sitting in queue `q`'s ring. Only meaningful while no process

@@ -462,26 +462,6 @@ impl Consumer {
             .cons_sleeping
             .store(AWAKE, Ordering::Relaxed);
     }
-
-    /// The word a sleeping consumer waits on; the producer bumps it and
-    /// wakes it. A consumer that also sleeps for other reasons (the export
-    /// thread waits for guest kicks too) lets those wakers bump it as well.
-    pub fn wake_word(&self) -> *const AtomicU32 {
-        &self.ring.shared().cons_wake
-    }
-
-    /// As [`Consumer::arm`], for a sleeper on [`Consumer::wake_word`].
-    pub fn arm_wakeup(&mut self) -> bool {
-        let s = self.ring.shared();
-        s.cons_sleeping.store(ASLEEP_FUTEX, Ordering::SeqCst);
-        fence(Ordering::SeqCst);
-        self.prod_cache = s.prod.load(Ordering::Acquire);
-        self.ready() != 0
-    }
-
-    pub fn disarm_wakeup(&mut self) {
-        self.disarm()
-    }
 }
 
 #[cfg(test)]

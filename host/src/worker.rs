@@ -9,7 +9,7 @@
 //! steps and handed to another.
 
 use crate::port::{Arm, Port};
-use serde::{Deserialize, Serialize};
+pub use crate::stats::{PortLoad, WorkerStats};
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::RawFd;
@@ -56,26 +56,6 @@ pub enum WorkerError {
     NoWorker { worker: usize, count: usize },
     #[error("no port {0} runs on the workers")]
     NoPort(String),
-}
-
-/// One worker as `zc-hostd stats` shows it.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct WorkerStats {
-    pub worker: usize,
-    /// The core it is pinned to, if any.
-    pub core: Option<usize>,
-    /// Share of the last second spent in steps that moved packets (0..100).
-    pub busy_pct: f64,
-    /// Times it went to sleep.
-    pub sleeps: u64,
-    pub ports: Vec<PortLoad>,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct PortLoad {
-    pub name: String,
-    /// Share of the worker's last second spent moving this port's packets.
-    pub busy_pct: f64,
 }
 
 /// Cycles of a cheap, monotonic counter (the TSC on x86_64), and their
@@ -306,6 +286,7 @@ impl Worker {
             Arm::Sleep => Some(MAX_SLEEP),
             Arm::SleepAtMost(d) => Some(d.min(MAX_SLEEP)),
         };
+        let slept = timeout.is_some();
         if let Some(t) = timeout {
             self.sleeps += 1;
             let now = clock::now();
@@ -331,7 +312,7 @@ impl Worker {
             lock(&self.shared.report).asleep = None;
         }
         for s in &mut self.slots {
-            s.port.disarm();
+            s.port.disarm(slept);
         }
     }
 
@@ -405,7 +386,7 @@ struct Handle {
 pub struct Workers {
     handles: Vec<Handle>,
     /// Which worker runs which port (control plane).
-    placement: Mutex<Vec<(PortId, usize, String)>>,
+    placement: Mutex<Vec<(PortId, usize)>>,
 }
 
 /// Keeps every worker parked; they resume when this is dropped.
@@ -483,7 +464,7 @@ impl Workers {
     }
 
     /// The worker with the least load: lowest busy share, then fewest ports.
-    fn least_loaded(&self, placement: &[(PortId, usize, String)]) -> usize {
+    fn least_loaded(&self, placement: &[(PortId, usize)]) -> usize {
         let mut best = (f64::INFINITY, usize::MAX, 0);
         for h in &self.handles {
             let busy = h.shared.stats().busy_pct;
@@ -528,9 +509,8 @@ impl Workers {
             Some(w) => w,
             None => self.least_loaded(&placement),
         };
-        let name = port.name().to_string();
         self.hand_over(worker, id, port)?;
-        placement.push((id, worker, name));
+        placement.push((id, worker));
         Ok(worker)
     }
 
@@ -556,16 +536,16 @@ impl Workers {
         Ok(port)
     }
 
-    /// Moves the port named `name` to worker `to`; returns the worker it
-    /// ran on. Nothing it holds is lost: it is not stepped in between.
-    pub fn move_port(&self, name: &str, to: usize) -> Result<usize, WorkerError> {
+    /// Moves port `id` to worker `to`; returns the worker it ran on.
+    /// Nothing it holds is lost: it is not stepped in between.
+    pub fn move_port(&self, id: PortId, to: usize) -> Result<usize, WorkerError> {
         self.worker(to)?;
         let mut placement = lock(&self.placement);
         let i = placement
             .iter()
-            .position(|p| p.2 == name)
-            .ok_or_else(|| WorkerError::NoPort(name.to_string()))?;
-        let (id, from, _) = placement[i].clone();
+            .position(|p| p.0 == id)
+            .ok_or_else(|| WorkerError::NoPort(format!("{id:?}")))?;
+        let from = placement[i].1;
         if from == to {
             return Ok(from);
         }
@@ -615,11 +595,11 @@ impl Workers {
         self.handles.iter().map(|h| h.shared.stats()).collect()
     }
 
-    /// Which worker runs the port named `name`.
-    pub fn placement_of(&self, name: &str) -> Option<usize> {
+    /// Which worker runs port `id`.
+    pub fn placement_of(&self, id: PortId) -> Option<usize> {
         lock(&self.placement)
             .iter()
-            .find(|p| p.2 == name)
+            .find(|p| p.0 == id)
             .map(|p| p.1)
     }
 }
@@ -741,7 +721,7 @@ mod tests {
                 Arm::Busy
             }
         }
-        fn disarm(&mut self) {
+        fn disarm(&mut self, _slept: bool) {
             self.armed.store(false, Ordering::SeqCst);
         }
         fn wake_fds(&self) -> Vec<RawFd> {
@@ -764,7 +744,7 @@ mod tests {
         assert_eq!(w.add(PortId(1), a, None).unwrap(), 0);
         assert_eq!(w.add(PortId(2), b, None).unwrap(), 1);
         assert_eq!(w.add(PortId(3), c, None).unwrap(), 0);
-        assert_eq!(w.placement_of("c"), Some(0));
+        assert_eq!(w.placement_of(PortId(3)), Some(0));
         // Both asleep once idle; then few wake-ups (the 500 ms safety net
         // only), not a spinning loop.
         std::thread::sleep(Duration::from_millis(100));
@@ -800,23 +780,20 @@ mod tests {
             }
         });
         for i in 0..20 {
-            assert_eq!(w.move_port("mover", (i + 1) % 2).unwrap(), i % 2);
+            assert_eq!(w.move_port(PortId(9), (i + 1) % 2).unwrap(), i % 2);
         }
         producer.join().unwrap();
         feed.wait_for(N as usize, Duration::from_secs(20));
         assert_eq!(feed.out(), (0..N).collect::<Vec<_>>());
-        assert_eq!(w.placement_of("mover"), Some(0));
-        assert!(matches!(
-            w.move_port("mover", 2),
-            Err(WorkerError::NoWorker {
-                worker: 2,
-                count: 2
-            })
-        ));
+        assert_eq!(w.placement_of(PortId(9)), Some(0));
         assert_eq!(
-            w.move_port("nobody", 1).unwrap_err().to_string(),
-            "no port nobody runs on the workers"
+            w.move_port(PortId(9), 2).unwrap_err().to_string(),
+            "there is no worker 2: this zc-hostd runs workers 0..1"
         );
+        assert!(matches!(
+            w.move_port(PortId(8), 1),
+            Err(WorkerError::NoPort(_))
+        ));
     }
 
     #[test]

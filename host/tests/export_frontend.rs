@@ -7,7 +7,7 @@ mod common;
 use common::*;
 use std::time::{Duration, Instant};
 use zc_host::client::{HostRx, HostTx};
-use zc_host::export::directory;
+use zc_host::port::export::directory;
 use zc_proto::layout::{EXPORT_ACTIVE, NO_QUEUE};
 use zc_proto::{QueueEnd, Receiver, Sender};
 
@@ -620,7 +620,9 @@ fn broken_rings_need_reset_and_other_exports_keep_running() {
     breaks(&h, "bad.sock", |f| {
         // The descriptor table lies in the pool's buffers, outside this
         // export's ring area.
-        let va = f.mem.pool.as_ref().unwrap().map.as_ptr() as u64 + (4 << 20) - 0x10000;
+        let va = f.mem.pool.as_ref().unwrap().map.as_ptr() as u64
+            + zc_proto::layout::BUFFERS_OFFSET
+            + 0x10000;
         let cfg = vhost::VringConfigData {
             queue_max_size: 256,
             queue_size: 256,
@@ -791,12 +793,12 @@ fn qemu_args_and_stats_from_the_command_line() {
     assert!(text.contains("export q.sock: waiting"), "{text}");
 }
 
-/// CPU ticks (user + system) the daemon's poll thread of export 0 used.
+/// CPU ticks (user + system) the daemon's worker 0 used.
 fn poll_thread_ticks(pid: u32) -> u64 {
     for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
         let dir = t.unwrap().path();
         let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
-        if comm.trim() == "zc-poll-0" {
+        if comm.trim() == "zc-worker-0" {
             let stat = std::fs::read_to_string(dir.join("stat")).unwrap();
             // Fields after the ")" that ends the command name: utime is the
             // 12th, stime the 13th.
@@ -805,7 +807,7 @@ fn poll_thread_ticks(pid: u32) -> u64 {
             return f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
         }
     }
-    panic!("no zc-poll-0 thread in pid {pid}");
+    panic!("no zc-worker-0 thread in pid {pid}");
 }
 
 #[test]

@@ -3,7 +3,7 @@
 //! ```text
 //! 0            header page (PoolHeader, export directory)
 //! 64 KiB       ring area of export 0, 1, ... (RING_AREA_SIZE each)
-//! 2 MiB        buffer 0, 1, ... (buf_size each, packet data at HEADROOM)
+//! 8 MiB        buffer 0, 1, ... (buf_size each, packet data at HEADROOM)
 //! ...          padding up to pool_size (a power of two: it is a PCI BAR)
 //! ```
 //!
@@ -17,7 +17,8 @@ use std::mem::{offset_of, size_of};
 use thiserror::Error;
 
 pub const POOL_MAGIC: [u8; 8] = *b"ZCPOOL\0\0";
-pub const POOL_VERSION: u32 = 1;
+/// 2: room for 124 exports (one host serves many VMs), buffers at 8 MiB.
+pub const POOL_VERSION: u32 = 2;
 
 /// Pools are mapped from 2 MiB hugepages; every region boundary that matters
 /// to QEMU's memory table is a multiple of this.
@@ -28,8 +29,12 @@ pub const RING_AREAS_OFFSET: u64 = 64 << 10;
 /// Room for one export's virtqueues: two split rings of up to 1024 entries
 /// (16 B descriptors + avail + used = 26.6 KiB each), page aligned.
 pub const RING_AREA_SIZE: u64 = 64 << 10;
-pub const MAX_EXPORTS: usize = 31;
-pub const BUFFERS_OFFSET: u64 = RING_AREAS_OFFSET + RING_AREA_SIZE * MAX_EXPORTS as u64;
+/// As many as the header page's directory holds.
+pub const MAX_EXPORTS: usize = 124;
+/// The first buffer, on the first hugepage after the ring areas.
+pub const BUFFERS_OFFSET: u64 = (RING_AREAS_OFFSET + RING_AREA_SIZE * MAX_EXPORTS as u64)
+    .div_ceil(HUGEPAGE_SIZE)
+    * HUGEPAGE_SIZE;
 
 /// Offset of an export's stock list inside its ring area. The first half of
 /// the area holds the guest driver's virtqueues (two of up to 512 entries);
@@ -102,7 +107,7 @@ const _: () = assert!(offset_of!(PoolHeader, export_seq) == 64);
 const _: () = assert!(offset_of!(PoolHeader, exports) == 128);
 const _: () = assert!(size_of::<PoolHeader>() == 128 + 32 * MAX_EXPORTS);
 const _: () = assert!(size_of::<PoolHeader>() as u64 <= HEADER_SIZE);
-const _: () = assert!(BUFFERS_OFFSET == HUGEPAGE_SIZE);
+const _: () = assert!(BUFFERS_OFFSET == 4 * HUGEPAGE_SIZE);
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum LayoutError {
@@ -282,7 +287,7 @@ mod tests {
     #[test]
     fn small_pool_is_still_a_power_of_two() {
         let l = PoolLayout::new(1, 2048, 16).unwrap();
-        assert_eq!(l.pool_size, 4 << 20);
+        assert_eq!(l.pool_size, 16 << 20);
         assert!(l.pool_size.is_power_of_two());
     }
 
@@ -343,10 +348,10 @@ mod tests {
             Err(LayoutError::Magic)
         );
         let mut bad = h;
-        bad.version = 2;
+        bad.version = 1;
         assert_eq!(
             PoolLayout::from_header(&bad, l.pool_size),
-            Err(LayoutError::Version(2))
+            Err(LayoutError::Version(1))
         );
         let mut bad = h;
         bad.buf_count = 4_000_000;
@@ -359,7 +364,7 @@ mod tests {
     #[test]
     fn ring_areas_fit_before_the_buffers() {
         let last = PoolLayout::ring_area_offset(MAX_EXPORTS - 1).unwrap();
-        assert_eq!(last + RING_AREA_SIZE, BUFFERS_OFFSET);
+        assert!(last + RING_AREA_SIZE <= BUFFERS_OFFSET);
         assert_eq!(PoolLayout::ring_area_offset(MAX_EXPORTS), None);
     }
 }

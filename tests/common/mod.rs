@@ -266,7 +266,7 @@ pub fn assert_one_line_error(out: &Output, want: &str) {
 }
 
 /// Per-export counters of a running daemon (`zc-hostd stats`).
-pub fn export_stats(d: &Daemon) -> Vec<zc_host::export::stats::ExportStats> {
+pub fn export_stats(d: &Daemon) -> Vec<zc_host::stats::ExportStats> {
     use zc_host::control::{Reply, Request};
     let sock = zc_host::client::connect(d.run_dir.path(), d.id).expect("control socket");
     match zc_host::client::call(&sock, &Request::Stats).expect("stats") {
@@ -276,7 +276,7 @@ pub fn export_stats(d: &Daemon) -> Vec<zc_host::export::stats::ExportStats> {
 }
 
 /// The export of `d` whose socket is `path`.
-pub fn export_named(d: &Daemon, path: &Path) -> zc_host::export::stats::ExportStats {
+pub fn export_named(d: &Daemon, path: &Path) -> zc_host::stats::ExportStats {
     export_stats(d)
         .into_iter()
         .find(|e| Path::new(&e.path) == path)

@@ -8,16 +8,16 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 use zc_host::client;
-use zc_host::control::{ClusterInfo, Reply, Request};
-use zc_host::daemon::registry::ExportDefaults;
+use zc_host::control::{AttachmentInfo, ClusterInfo, Reply, Request};
+use zc_host::daemon::registry::ExportConfig;
 use zc_host::daemon::server::{Daemon, DaemonOptions};
-use zc_host::daemon::vm::{queues_text, AttachmentInfo};
-use zc_host::export::qemu_args::QemuArgs;
-use zc_host::export::spec::{parse_mac, QueueSpec};
-use zc_host::export::stats::{format_line, ExportStats};
-use zc_host::export::{ExportConfig, ExportSpec, DEFAULT_STOCK};
+use zc_host::daemon::vm::queues_text;
 use zc_host::pool::PoolOptions;
+use zc_host::port::export::qemu_args::QemuArgs;
+use zc_host::port::export::spec::{parse_mac, MacDisplay, QueueSpec};
+use zc_host::port::export::{ExportSpec, DEFAULT_STOCK};
 use zc_host::queues::QueueGeometry;
+use zc_host::stats::{format_line, worker_line, ExportStats, WorkerStats};
 use zc_proto::PoolLayout;
 
 #[derive(Parser, Debug)]
@@ -65,7 +65,13 @@ struct Args {
     #[arg(long, value_name = "N", default_value_t = DEFAULT_STOCK)]
     stock: u32,
 
-    /// Pin the export poll threads to these cores (export i gets the i-th, cycling).
+    /// Poll threads that move the packets of every export: each serves
+    /// many exports, busy while any has traffic, asleep when all are idle.
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u16).range(1..=64))]
+    workers: u16,
+
+    /// Pin the workers to these cores (worker i gets the i-th, cycling).
     #[arg(
         short = 'g',
         long = "core",
@@ -143,6 +149,19 @@ shared RAM (-object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memd
 -qmp unix:PATH,server=on,wait=off. If a step fails, the steps before it are undone."
     )]
     Attach(VmArgs),
+    /// Run a port (an export: its socket's file name or path) on another worker.
+    #[command(
+        long_about = "Run a port on another worker, e.g. `zc-hostd -c 99 move vm1.sock 1`. \
+The port is taken off its worker between two of its steps, with every buffer it holds, and \
+handed to the other: no packet is lost or reordered. `zc-hostd -c 99 stats` shows which worker \
+runs which port and how busy each is."
+    )]
+    Move {
+        /// The export's socket file name (as `stats` shows it) or its path.
+        port: String,
+        /// The worker to run it on (0 .. --workers - 1).
+        worker: usize,
+    },
     /// Remove an export from a running VM and return its buffers to the pool.
     #[command(
         long_about = "Remove an export that `attach` added: device_del (waiting for the \
@@ -180,7 +199,12 @@ fn main() -> ExitCode {
     }
 }
 
-type Stats = (ClusterInfo, Vec<ExportStats>, Vec<AttachmentInfo>);
+type Stats = (
+    ClusterInfo,
+    Vec<ExportStats>,
+    Vec<AttachmentInfo>,
+    Vec<WorkerStats>,
+);
 
 fn stats(run_dir: &Path, cluster: u32) -> Result<Stats, Box<dyn std::error::Error>> {
     let sock = client::connect(run_dir, cluster)?;
@@ -190,9 +214,10 @@ fn stats(run_dir: &Path, cluster: u32) -> Result<Stats, Box<dyn std::error::Erro
                 info,
                 exports,
                 attachments,
+                workers,
             },
             _,
-        ) => Ok((info, exports, attachments)),
+        ) => Ok((info, exports, attachments, workers)),
         _ => Err("unexpected reply from zc-hostd".into()),
     }
 }
@@ -269,7 +294,7 @@ fn print_qemu_args(
     cluster: u32,
     socket: &Path,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    let (info, exports, _) = stats(&args.run_dir, cluster)?;
+    let (info, exports, _, _) = stats(&args.run_dir, cluster)?;
     let want = std::fs::canonicalize(socket).unwrap_or_else(|_| socket.to_path_buf());
     let (index, e) = exports
         .iter()
@@ -309,11 +334,16 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         .ok_or("the cluster id is required: -c ID (e.g. -c 99)")?;
     match &args.cmd {
         Some(Cmd::Stats { json }) => {
-            let (info, exports, attachments) = stats(&args.run_dir, cluster)?;
+            let (info, exports, attachments, workers) = stats(&args.run_dir, cluster)?;
             if *json {
                 println!(
                     "{}",
-                    serde_json::json!({ "cluster": info, "exports": exports, "attachments": attachments })
+                    serde_json::json!({
+                        "cluster": info,
+                        "exports": exports,
+                        "attachments": attachments,
+                        "workers": workers,
+                    })
                 );
             } else {
                 println!(
@@ -326,6 +356,23 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 for a in &attachments {
                     println!("{}", attachment_line(a));
                 }
+                for w in &workers {
+                    println!("{}", worker_line(w));
+                }
+            }
+            return Ok(());
+        }
+        Some(Cmd::Move { port, worker }) => {
+            let sock = client::connect(&args.run_dir, cluster)?;
+            let req = Request::MovePort {
+                port: port.clone(),
+                worker: *worker,
+            };
+            match client::call(&sock, &req)?.0 {
+                Reply::Moved { port, from, to } => {
+                    println!("port {port}: moved from worker {from} to worker {to}")
+                }
+                _ => return Err("unexpected reply from zc-hostd".into()),
             }
             return Ok(());
         }
@@ -339,11 +386,9 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let exports: Vec<ExportConfig> = args
         .exports
         .iter()
-        .enumerate()
-        .map(|(i, spec)| ExportConfig {
+        .map(|spec| ExportConfig {
             spec: spec.clone(),
             stock: args.stock,
-            core: (!args.cores.is_empty()).then(|| args.cores[i % args.cores.len()]),
         })
         .collect();
     let layout = PoolLayout::new(cluster, args.buf_size, args.buffers)?;
@@ -360,10 +405,9 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         },
         run_dir: args.run_dir.clone(),
         exports,
-        defaults: ExportDefaults {
-            stock: args.stock,
-            cores: args.cores.clone(),
-        },
+        stock: args.stock,
+        workers: usize::from(args.workers),
+        cores: args.cores.clone(),
     };
     let daemon = Daemon::start(opts)?;
     let guard = daemon.cluster();
@@ -391,7 +435,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             e.spec.path.display(),
             e.spec.rx.map_or("-".into(), |q| format!("zc:{cluster}@{q}")),
             e.spec.tx.map_or("-".into(), |q| format!("zc:{cluster}@{q}")),
-            zc_host::export::spec::MacDisplay(&e.mac),
+            MacDisplay(&e.mac),
             e.spec.path.display(),
         );
     }
@@ -406,13 +450,16 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 let secs = t.elapsed().as_secs_f64();
                 t = Instant::now();
                 let mut next = HashMap::new();
-                for s in registry.shared() {
-                    let now = s.stats();
+                let (exports, workers) = registry.stats();
+                for now in exports {
                     eprintln!(
                         "zc-hostd: {}",
                         format_line(&now, prev.get(&now.path).map(|p| (p, secs)))
                     );
                     next.insert(now.path.clone(), now);
+                }
+                for w in &workers {
+                    eprintln!("zc-hostd: {}", worker_line(w));
                 }
                 prev = next;
             }

@@ -1,6 +1,6 @@
-//! zc-hostd: owns a cluster and serves its control socket.
+//! zc-hostd: composes a cluster, its ports and the workers that step them,
+//! and serves the control socket. Nothing outside depends on it.
 
-pub mod cluster;
 pub mod lock;
 pub mod registry;
 pub mod server;

@@ -1,37 +1,208 @@
-//! The daemon's running exports, from the command line and attached to VMs
-//! at run time, and the directory slots they occupy.
+//! The daemon's running exports (from the command line, and attached to
+//! VMs at run time) on its workers: what each claims from the cluster
+//! (queue roles, buffers, a directory slot), the port built from that
+//! claim, and giving it all back when the export goes.
 
-use super::cluster::Cluster;
-use crate::export::shared::ExportShared;
-use crate::export::{self, Export, ExportConfig, ExportError, ExportSpec};
+use crate::cluster::{AttachError, BufferHolder, Cluster, Held};
+use crate::control::Role;
+use crate::port::export::shared::ExportShared;
+use crate::port::export::{backend, directory, ExportParts, ExportPort, ExportSpec, BURST};
+use crate::queues::Side;
+use crate::ring::{Consumer, Producer};
+use crate::stats::{ExportStats, WorkerStats};
+use crate::worker::{PortId, WorkerError, Workers};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use zc_proto::layout::MAX_EXPORTS;
+use thiserror::Error;
+use zc_proto::layout::{ExportEntry, EXPORT_ACTIVE, MAX_EXPORTS, NO_QUEUE};
+use zc_proto::BufferIndex;
 
-/// What a run-time export gets unless it says otherwise (the daemon's
-/// `--stock` and `-g`).
-#[derive(Clone, Debug, Default)]
-pub struct ExportDefaults {
+#[derive(Debug, Error)]
+pub enum ExportError {
+    #[error("at most {MAX_EXPORTS} exports per cluster")]
+    TooMany,
+    #[error("export {export}: {source}")]
+    Attach { export: String, source: AttachError },
+    #[error(transparent)]
+    Socket(#[from] crate::paths::PathError),
+    #[error("export {export}: its worker did not give it back in time; it keeps its buffers")]
+    Stuck { export: String },
+    #[error("export {export}: {source}")]
+    Io {
+        export: String,
+        source: std::io::Error,
+    },
+    #[error("export {export}: {source}")]
+    Worker { export: String, source: WorkerError },
+}
+
+/// What one export serves and how many buffers its guest may hold.
+#[derive(Clone, Debug)]
+pub struct ExportConfig {
+    pub spec: ExportSpec,
+    /// Buffers the guest starts with (zero-copy stock); at most directory::MAX_STOCK.
     pub stock: u32,
-    pub cores: Vec<usize>,
+}
+
+/// A running export: its state shared with the vhost-user threads, and
+/// the port the workers step.
+struct Running {
+    shared: Arc<ExportShared>,
+    id: PortId,
+    closer: backend::Closer,
+}
+
+/// The workers hold buffers for the cluster's accounting: pausing them
+/// holds every port still.
+struct WorkerHolder(Arc<Workers>);
+
+impl BufferHolder for WorkerHolder {
+    fn pause(&self) -> Option<Held> {
+        self.0.pause().map(|(buffers, paused)| Held {
+            buffers,
+            resume: Box::new(paused),
+        })
+    }
+
+    fn name(&self) -> String {
+        "the workers".into()
+    }
 }
 
 /// Lock order: `exports` before the cluster.
 pub struct Registry {
     cluster: Arc<Mutex<Cluster>>,
-    exports: Mutex<Vec<Export>>,
-    defaults: ExportDefaults,
+    workers: Arc<Workers>,
+    exports: Mutex<Vec<Running>>,
+    /// `--stock` for exports attached at run time.
+    stock: u32,
+    next_id: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// What an export took from the cluster when it started.
+struct Claim {
+    shared: Arc<ExportShared>,
+    rx_hand: Vec<BufferIndex>,
+    tx_hand: Vec<BufferIndex>,
+    stock: Vec<BufferIndex>,
+    rx_end: Option<Consumer>,
+    tx_end: Option<Producer>,
+}
+
+impl Claim {
+    fn all(&self) -> Vec<BufferIndex> {
+        [&self.rx_hand, &self.tx_hand, &self.stock]
+            .into_iter()
+            .flatten()
+            .copied()
+            .collect()
+    }
+}
+
+/// Takes queue roles, hands and stock for an export in `slot`, and writes
+/// its directory entry; all or nothing.
+fn claim(
+    c: &mut Cluster,
+    slot: usize,
+    cfg: &ExportConfig,
+    name: &str,
+) -> Result<Claim, ExportError> {
+    let spec = &cfg.spec;
+    let attach = |source| ExportError::Attach {
+        export: name.to_string(),
+        source,
+    };
+    let mac = spec.mac_for(c.id());
+    if let Some(q) = spec.rx {
+        c.attach_export(name, q, Role::Consumer).map_err(attach)?;
+    }
+    // Every export has a tx hand: without a tx queue, it holds the empties
+    // the export hands back for the pool buffers its guest sends.
+    let hands = if spec.rx.is_some() { BURST as u32 } else { 0 } + BURST as u32;
+    let stock_n = cfg.stock.min(directory::MAX_STOCK as u32);
+    let taken = spec
+        .tx
+        .map_or(Ok(()), |q| c.attach_export(name, q, Role::Producer))
+        .and_then(|()| c.take_spare(stock_n + hands));
+    let mut stock = match taken {
+        Ok(b) => b,
+        Err(e) => {
+            c.detach_export(name, spec.rx, spec.tx);
+            return Err(attach(e));
+        }
+    };
+    let shared = match ExportShared::new(spec.clone(), slot, mac) {
+        Ok(s) => Arc::new(s),
+        Err(source) => {
+            c.detach_export(name, spec.rx, spec.tx);
+            c.give_spare(stock);
+            return Err(ExportError::Io {
+                export: name.to_string(),
+                source,
+            });
+        }
+    };
+    let rx_hand: Vec<BufferIndex> = if spec.rx.is_some() {
+        stock.drain(..BURST).collect()
+    } else {
+        Vec::new()
+    };
+    let tx_hand: Vec<BufferIndex> = stock.drain(..BURST).collect();
+    for b in &stock {
+        c.owners().give_to_guest(*b, slot);
+    }
+    let view = c.pool().view();
+    directory::write_stock(&view, slot, &stock);
+    directory::write_entry(
+        &view,
+        slot,
+        Some(ExportEntry {
+            state: EXPORT_ACTIVE,
+            mac,
+            rx_queue: spec.rx.unwrap_or(NO_QUEUE),
+            tx_queue: spec.tx.unwrap_or(NO_QUEUE),
+            ..Default::default()
+        }),
+    );
+    Ok(Claim {
+        shared,
+        rx_hand,
+        tx_hand,
+        stock,
+        rx_end: spec.rx.map(|q| c.queues().consumer(q)),
+        tx_end: spec.tx.map(|q| c.queues().producer(q)),
+    })
+}
+
+/// Undoes `claim` (or ends an export): directory slot, roles and buffers
+/// back to the cluster.
+fn release(c: &mut Cluster, shared: &ExportShared, bufs: Vec<BufferIndex>) {
+    let view = c.pool().view();
+    directory::write_stock(&view, shared.slot, &[]);
+    directory::write_entry(&view, shared.slot, None);
+    for b in &bufs {
+        c.owners().take_from_guest(*b);
+    }
+    let name = shared.spec.path.display().to_string();
+    c.detach_export(&name, shared.spec.rx, shared.spec.tx);
+    c.give_spare(bufs);
 }
 
 impl Registry {
-    pub fn new(
-        cluster: Arc<Mutex<Cluster>>,
-        exports: Vec<Export>,
-        defaults: ExportDefaults,
-    ) -> Self {
+    /// The registry of a cluster whose ports run on `workers`.
+    pub fn new(cluster: Arc<Mutex<Cluster>>, workers: Arc<Workers>, stock: u32) -> Self {
+        lock(&cluster).add_buffer_holder(Arc::new(WorkerHolder(workers.clone())));
         Registry {
             cluster,
-            exports: Mutex::new(exports),
-            defaults,
+            workers,
+            exports: Mutex::new(Vec::new()),
+            stock,
+            next_id: AtomicU64::new(1),
         }
     }
 
@@ -39,50 +210,220 @@ impl Registry {
         &self.cluster
     }
 
-    fn list(&self) -> MutexGuard<'_, Vec<Export>> {
-        self.exports.lock().unwrap_or_else(|e| e.into_inner())
+    pub fn workers(&self) -> &Arc<Workers> {
+        &self.workers
     }
 
     /// The running exports' shared state, in slot order.
     pub fn shared(&self) -> Vec<Arc<ExportShared>> {
-        let mut v: Vec<_> = self.list().iter().map(|e| e.shared.clone()).collect();
+        let mut v: Vec<_> = lock(&self.exports)
+            .iter()
+            .map(|e| e.shared.clone())
+            .collect();
         v.sort_by_key(|s| s.slot);
         v
     }
 
-    /// Starts an export in the lowest free directory slot.
+    /// Every export's counters (with the worker it runs on) and every
+    /// worker's load.
+    pub fn stats(&self) -> (Vec<ExportStats>, Vec<WorkerStats>) {
+        let exports = self
+            .shared()
+            .iter()
+            .map(|s| ExportStats {
+                worker: self.id_of(s).and_then(|id| self.workers.placement_of(id)),
+                ..s.stats()
+            })
+            .collect();
+        (exports, self.workers.stats())
+    }
+
+    /// Starts the exports of the command line, in slots 0, 1, ...
+    pub fn start_all(&self, configs: &[ExportConfig]) -> Result<(), ExportError> {
+        if configs.len() > MAX_EXPORTS {
+            return Err(ExportError::TooMany);
+        }
+        for cfg in configs {
+            self.start(cfg.clone())?;
+        }
+        Ok(())
+    }
+
+    /// Starts an export of `spec` at run time, with the daemon's `--stock`.
     pub fn add(&self, spec: ExportSpec) -> Result<Arc<ExportShared>, ExportError> {
-        let mut list = self.list();
+        self.start(ExportConfig {
+            spec,
+            stock: self.stock,
+        })
+    }
+
+    /// Starts one export in the lowest free directory slot: claim, socket,
+    /// port on a worker, vhost-user thread. On failure nothing of it is left.
+    fn start(&self, cfg: ExportConfig) -> Result<Arc<ExportShared>, ExportError> {
+        let mut list = lock(&self.exports);
         let slot = (0..MAX_EXPORTS)
             .find(|s| list.iter().all(|e| e.shared.slot != *s))
             .ok_or(ExportError::TooMany)?;
-        let d = &self.defaults;
-        let cfg = ExportConfig {
-            spec,
-            stock: d.stock,
-            core: (!d.cores.is_empty()).then(|| d.cores[slot % d.cores.len()]),
+        let spec = &cfg.spec;
+        let name = spec.path.display().to_string();
+        let io = |source| ExportError::Io {
+            export: name.clone(),
+            source,
         };
-        let e = export::start_one(&self.cluster, slot, &cfg)?;
-        let shared = e.shared.clone();
-        list.push(e);
+        let (sockets, closer) = backend::listen(&spec.path)?;
+        let mut c = lock(&self.cluster);
+        let claimed = match claim(&mut c, slot, &cfg, &name) {
+            Ok(cl) => cl,
+            Err(e) => {
+                closer.remove_socket();
+                return Err(e);
+            }
+        };
+        let all = claimed.all();
+        let shared = claimed.shared.clone();
+        let mut bells = Vec::new();
+        if let Some(q) = spec.rx {
+            bells.extend(c.queues().bell(q, Side::Consumer).map(|b| b.as_raw_fd()));
+        }
+        if let Some(q) = spec.tx {
+            bells.extend(c.queues().bell(q, Side::Producer).map(|b| b.as_raw_fd()));
+        }
+        let port = ExportPort::new(ExportParts {
+            shared: shared.clone(),
+            pool: c.pool().clone(),
+            owners: c.owners().clone(),
+            queues: c.queues().clone(),
+            rx_end: claimed.rx_end,
+            tx_end: claimed.tx_end,
+            bells,
+            rx_hand: claimed.rx_hand,
+            tx_hand: claimed.tx_hand,
+        });
+        let undo = |c: &mut Cluster| {
+            closer.remove_socket();
+            release(c, &shared, all.clone());
+        };
+        let port = match port {
+            Ok(p) => p,
+            Err(e) => {
+                undo(&mut c);
+                return Err(io(e));
+            }
+        };
+        drop(c);
+        let id = PortId(self.next_id.fetch_add(1, Ordering::Relaxed));
+        if let Err(e) = self.workers.add(id, Box::new(port), None) {
+            if e.port.is_none() {
+                // The worker kept it: its buffers stay with it.
+                log::error!("export {name}: {:?}", e.error);
+                closer.remove_socket();
+            } else {
+                undo(&mut lock(&self.cluster));
+            }
+            return Err(ExportError::Worker {
+                export: name,
+                source: e.error,
+            });
+        }
+        let s2 = shared.clone();
+        if let Err(e) = std::thread::Builder::new()
+            .name(format!("zc-vhost-{slot}"))
+            .spawn(move || backend::serve(s2, sockets))
+        {
+            let running = Running {
+                shared: shared.clone(),
+                id,
+                closer,
+            };
+            let _ = self.stop(running);
+            return Err(io(e));
+        }
+        list.push(Running {
+            shared: shared.clone(),
+            id,
+            closer,
+        });
         Ok(shared)
     }
 
+    /// Ends an export: its socket, its port, its directory slot and queue
+    /// roles; returns the number of buffers that went back to the pool.
+    fn stop(&self, e: Running) -> Result<usize, ExportError> {
+        let shared = &e.shared;
+        let name = shared.spec.path.display().to_string();
+        e.closer.close(shared);
+        // The cluster stays locked throughout, so that no reclaim runs
+        // between the port leaving its worker and its buffers coming back.
+        let mut c = lock(&self.cluster);
+        let port = self
+            .workers
+            .take(e.id)
+            .map_err(|_| ExportError::Stuck { export: name })?;
+        let held = port.stop();
+        let n = held.len();
+        release(&mut c, shared, held);
+        Ok(n)
+    }
+
     /// Stops the export `shared` and returns its buffers to the pool;
-    /// returns how many it held.
+    /// returns how many it held. The frontend should be gone (the VM's
+    /// device removed); a guest still running on it loses the device.
     pub fn remove(&self, shared: &Arc<ExportShared>) -> Result<usize, ExportError> {
-        let mut list = self.list();
+        let mut list = lock(&self.exports);
         let Some(i) = list.iter().position(|e| Arc::ptr_eq(&e.shared, shared)) else {
             return Ok(0);
         };
         let e = list.swap_remove(i);
-        e.stop(&self.cluster)
+        self.stop(e)
     }
 
-    /// At shutdown: removes the exports' socket files that are still ours.
-    pub fn remove_sockets(&self) {
-        for e in self.list().iter() {
-            e.remove_socket();
+    /// Stops every export (at shutdown).
+    pub fn remove_all(&self) {
+        let mut list = lock(&self.exports);
+        for e in list.drain(..) {
+            if let Err(err) = self.stop(e) {
+                log::warn!("{err}");
+            }
         }
     }
+
+    fn id_of(&self, shared: &Arc<ExportShared>) -> Option<PortId> {
+        lock(&self.exports)
+            .iter()
+            .find(|e| Arc::ptr_eq(&e.shared, shared))
+            .map(|e| e.id)
+    }
+
+    /// Moves the export named `name` (its socket's file name, or its path)
+    /// to worker `to`; returns the worker it ran on.
+    pub fn move_port(&self, name: &str, to: usize) -> Result<usize, MoveError> {
+        let ids: Vec<PortId> = lock(&self.exports)
+            .iter()
+            .filter(|e| e.shared.name == name || e.shared.spec.path.as_os_str() == name)
+            .map(|e| e.id)
+            .collect();
+        match ids[..] {
+            [id] => Ok(self.workers.move_port(id, to)?),
+            [] => Err(MoveError::NoPort {
+                name: name.to_string(),
+                ports: self
+                    .shared()
+                    .iter()
+                    .map(|s| s.name.clone())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            }),
+            _ => Err(MoveError::Ambiguous(name.to_string())),
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum MoveError {
+    #[error("no port is named {name}; the ports: {ports}")]
+    NoPort { name: String, ports: String },
+    #[error("several exports have sockets named {0}: give the socket's whole path")]
+    Ambiguous(String),
+    #[error(transparent)]
+    Worker(#[from] WorkerError),
 }

@@ -1,16 +1,17 @@
 //! The daemon's control loop: one thread polling the control socket, the
 //! attached connections and a signalfd for Ctrl-C/SIGTERM.
 
-use super::cluster::{Cluster, ConnId, CreateError};
 use super::lock::{ClusterLock, LockError};
-use super::registry::{ExportDefaults, Registry};
+use super::registry::{ExportConfig, ExportError, Registry};
 use super::vm::{VmError, Vms};
-use crate::control::{self, Reply, Request};
+use crate::cluster::{Cluster, ConnId, CreateError};
+pub use crate::control::{cluster_run_dir, control_path};
+use crate::control::{self, Reply, Request, Role};
 use crate::cpu::{self, CoreError};
-use crate::export::{self, ExportConfig, ExportError};
 use crate::paths::{self, Owned, PathError};
 use crate::pool::PoolOptions;
-use crate::queues::QueueGeometry;
+use crate::queues::{QueueGeometry, Side};
+use crate::worker::{WorkerError, Workers};
 use std::collections::BTreeMap;
 use std::fs;
 use std::io;
@@ -35,6 +36,8 @@ pub enum DaemonError {
     Create(#[from] CreateError),
     #[error(transparent)]
     Export(#[from] ExportError),
+    #[error(transparent)]
+    Workers(#[from] WorkerError),
     #[error("signal set-up failed: {0}")]
     Signals(io::Error),
     #[error("poll failed: {0}")]
@@ -50,21 +53,15 @@ pub struct DaemonOptions {
     pub run_dir: PathBuf,
     /// Queues served to VMs over vhost-user.
     pub exports: Vec<ExportConfig>,
-    /// For exports attached to VMs at run time.
-    pub defaults: ExportDefaults,
+    /// `--stock` of exports attached to VMs at run time.
+    pub stock: u32,
+    /// Poll threads, and the cores they are pinned to.
+    pub workers: usize,
+    pub cores: Vec<usize>,
 }
 
 fn lock_cluster(c: &Mutex<Cluster>) -> MutexGuard<'_, Cluster> {
     c.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Where a cluster's control files live.
-pub fn cluster_run_dir(run_dir: &Path, cluster: u32) -> PathBuf {
-    run_dir.join(cluster.to_string())
-}
-
-pub fn control_path(run_dir: &Path, cluster: u32) -> PathBuf {
-    cluster_run_dir(run_dir, cluster).join("ctl")
 }
 
 /// What a daemon holds outside its cluster: the cluster lock (first to
@@ -172,10 +169,7 @@ impl Daemon {
     /// held; on failure nothing created is left.
     pub fn start(opts: DaemonOptions) -> Result<Daemon, DaemonError> {
         let id = opts.pool.layout.cluster_id;
-        let cores: Vec<usize> = (opts.exports.iter().filter_map(|e| e.core))
-            .chain(opts.defaults.cores.iter().copied())
-            .collect();
-        cpu::check_cores(&cores)?;
+        cpu::check_cores(&opts.cores)?;
         let signals = signal_fd().map_err(DaemonError::Signals)?;
         let lock = ClusterLock::take(&opts.pool.fallback_dir, id, &opts.run_dir)?;
         let dir = match fs::create_dir_all(&opts.run_dir)
@@ -209,13 +203,20 @@ impl Daemon {
             lock_cluster(&cluster).remove_files();
             files.remove();
         };
-        let exports = match export::start(&cluster, &opts.exports) {
-            Ok(e) => e,
+        let workers = match Workers::start(opts.workers, &opts.cores) {
+            Ok(w) => Arc::new(w),
             Err(e) => {
                 undo(files);
                 return Err(e.into());
             }
         };
+        let registry = Arc::new(Registry::new(cluster.clone(), workers, opts.stock));
+        if let Err(e) = registry.start_all(&opts.exports) {
+            // All or nothing: the ones started already go.
+            registry.remove_all();
+            undo(files);
+            return Err(e.into());
+        }
         let path = control_path(&opts.run_dir, id);
         let listener = paths::bind_socket("control socket", &path, 0o660).and_then(|(l, owned)| {
             files.ctl = Some(owned);
@@ -230,14 +231,11 @@ impl Daemon {
         let listener = match listener {
             Ok(l) => l,
             Err(e) => {
-                for x in exports {
-                    let _ = x.stop(&cluster);
-                }
+                registry.remove_all();
                 undo(files);
                 return Err(e.into());
             }
         };
-        let registry = Arc::new(Registry::new(cluster.clone(), exports, opts.defaults));
         let vms = Arc::new(Vms::new(registry.clone(), dir.clone()));
         Ok(Daemon {
             cluster,
@@ -346,30 +344,56 @@ impl Daemon {
         let pid = conn.pid;
         // Lock order: the registry's export list before the cluster (an
         // attach holds the list while it starts an export).
-        let exports = matches!(req, Request::Stats).then(|| self.registry.shared());
+        let stats = matches!(req, Request::Stats).then(|| self.registry.stats());
         let mut cluster = lock_cluster(&self.cluster);
         let (reply, fds): (Reply, Vec<i32>) = match req {
             Request::Info => (Reply::Info(cluster.info()), vec![]),
-            Request::Stats => (
-                Reply::Stats {
-                    info: cluster.info(),
-                    exports: exports
-                        .unwrap_or_default()
-                        .iter()
-                        .map(|e| e.stats())
-                        .collect(),
-                    attachments: self.vms.list(),
-                },
-                vec![],
-            ),
+            Request::Stats => {
+                let (exports, workers) = stats.unwrap_or_default();
+                (
+                    Reply::Stats {
+                        info: cluster.info(),
+                        exports,
+                        attachments: self.vms.list(),
+                        workers,
+                    },
+                    vec![],
+                )
+            }
+            Request::MovePort { port, worker } => {
+                drop(cluster);
+                let reply = match self.registry.move_port(&port, worker) {
+                    Ok(from) => Reply::Moved {
+                        port,
+                        from,
+                        to: worker,
+                    },
+                    Err(e) => Reply::Error {
+                        message: e.to_string(),
+                    },
+                };
+                return match control::send(&self.conns[&id].sock, &reply, &[]) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        log::warn!("reply to pid {pid} failed: {e}");
+                        false
+                    }
+                };
+            }
             Request::Attach { queue, role } => match cluster.attach(id, pid, queue, role) {
-                Ok(()) => (
-                    Reply::Attached(cluster.info()),
-                    vec![
+                Ok(()) => {
+                    // The bell of the other side, rung when it sleeps in a worker.
+                    let peer = match role {
+                        Role::Producer => Side::Consumer,
+                        Role::Consumer => Side::Producer,
+                    };
+                    let mut fds = vec![
                         cluster.pool().file().as_raw_fd(),
                         cluster.queues().fd().as_raw_fd(),
-                    ],
-                ),
+                    ];
+                    fds.extend(cluster.queues().bell(queue, peer).map(|b| b.as_raw_fd()));
+                    (Reply::Attached(cluster.info()), fds)
+                }
                 Err(e) => (
                     Reply::Error {
                         message: e.to_string(),
@@ -445,7 +469,7 @@ impl Daemon {
         // VMs must not keep devices of a cluster that is going away (a
         // later attach would find a stale pool in them).
         self.vms.detach_all(Duration::from_secs(10));
-        self.registry.remove_sockets();
+        self.registry.remove_all();
         self.cluster().remove_files();
         if let Some(f) = self.files.take() {
             f.remove();

@@ -2,32 +2,18 @@
 //! `detach`): the export on the host side, the pool and a virtio-net device
 //! in the VM, and the list of attachments `zc-hostd stats` shows.
 
-use super::registry::Registry;
-use crate::export::shared::ExportShared;
-use crate::export::spec::MacDisplay;
-use crate::export::{ExportError, ExportSpec};
+use super::registry::{ExportError, Registry};
+pub use crate::control::{AttachmentInfo, Detached};
 use crate::hotplug::{NetPlug, PoolPlug, UNPLUG_TIMEOUT};
+use crate::port::export::shared::ExportShared;
+use crate::port::export::spec::MacDisplay;
+use crate::port::export::ExportSpec;
 use crate::qmp::{Qmp, QmpError};
-use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use thiserror::Error;
-
-/// One export attached to one VM, as `zc-hostd stats` shows it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AttachmentInfo {
-    /// The VM's QMP socket.
-    pub vm: String,
-    /// The QEMU id of the virtio-net device.
-    pub device: String,
-    /// The export's vhost-user socket.
-    pub socket: String,
-    pub rx_queue: Option<u16>,
-    pub tx_queue: Option<u16>,
-    pub mac: String,
-}
 
 /// The queues of an export, as the user writes them: `rx=0,tx=1`.
 pub fn queues_text(rx: Option<u16>, tx: Option<u16>) -> String {
@@ -65,18 +51,6 @@ pub enum VmError {
         queues: String,
         source: ExportError,
     },
-}
-
-/// What a detach did.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Detached {
-    pub attachment: AttachmentInfo,
-    /// Buffers the export and its guest held, now back in the pool.
-    pub returned: u32,
-    /// Spare buffers in the pool afterwards.
-    pub spare: u32,
-    /// Why QEMU was not asked to remove the devices (the VM is gone).
-    pub vm_gone: Option<String>,
 }
 
 struct Attachment {

@@ -9,6 +9,8 @@
 //! [`Port::step`] on each of its ports while any of them has traffic, and
 //! sleeps when none has, until one of the ports' wake-up descriptors fires.
 
+pub mod export;
+
 use std::os::fd::RawFd;
 use std::time::Duration;
 use zc_proto::BufferIndex;
@@ -58,8 +60,9 @@ pub trait Port: Send {
     /// arrived meanwhile.
     fn arm(&mut self) -> Arm;
 
-    /// The worker is awake again: wakers may stop signalling.
-    fn disarm(&mut self);
+    /// The worker is awake again (`slept`: it did sleep, rather than find
+    /// work while arming): wakers may stop signalling.
+    fn disarm(&mut self, slept: bool);
 
     /// Descriptors that become readable when the port may have work
     /// (eventfds, sockets); the worker waits on them edge-triggered and

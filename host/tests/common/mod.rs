@@ -19,8 +19,8 @@ use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vmm_sys_util::eventfd::EventFd;
 use zc_host::client;
 use zc_host::control::{ClusterInfo, Reply, Request};
-use zc_host::export::stats::ExportStats;
 use zc_host::shm::Mapping;
+use zc_host::stats::ExportStats;
 use zc_proto::PoolLayout;
 
 pub const VERSION_1: u64 = 1 << 32;

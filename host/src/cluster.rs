@@ -2,7 +2,7 @@
 //! queue role, and the buffers nobody holds.
 
 use crate::control::{ClusterInfo, Role};
-use crate::export::owner::OwnerTable;
+use crate::owner::OwnerTable;
 use crate::pool::{Backing, Pool, PoolError, PoolOptions};
 use crate::queues::{QueueArea, QueueError, QueueGeometry};
 use std::sync::Arc;
@@ -71,25 +71,30 @@ enum Holder {
 }
 
 /// Something in the daemon that holds buffers outside the rings: the
-/// vhost-user exports (their hands and their guests' buffers). A reclaim
+/// workers, whose ports have hands and lend buffers to guests. A reclaim
 /// must not free what they hold.
 pub trait BufferHolder: Send + Sync {
-    /// Stops touching rings and buffers and returns every buffer held;
-    /// `None` if the holder could not stop in time (then nothing is reclaimed).
-    fn pause(&self) -> Option<Vec<BufferIndex>>;
-    /// Undoes `pause`.
-    fn resume(&self);
+    /// Stops touching rings and buffers and returns every buffer held; the
+    /// holder stays still until the returned value is dropped. `None` if it
+    /// could not stop in time (then nothing is reclaimed).
+    fn pause(&self) -> Option<Held>;
     fn name(&self) -> String;
 }
 
+/// What a paused holder holds; dropping it lets the holder go on.
+pub struct Held {
+    pub buffers: Vec<BufferIndex>,
+    pub resume: Box<dyn Send>,
+}
+
 pub struct Cluster {
-    pool: Pool,
-    queues: QueueArea,
+    pool: Arc<Pool>,
+    queues: Arc<QueueArea>,
     spare: Vec<BufferIndex>,
-    holders: Vec<[Option<Holder>; 2]>,
+    roles: Vec<[Option<Holder>; 2]>,
     /// Which export's guest holds which buffer (host-private).
     owners: Arc<OwnerTable>,
-    exports: Vec<Arc<dyn BufferHolder>>,
+    holders: Vec<Arc<dyn BufferHolder>>,
     /// Connections that took buffers or a role and have not closed.
     active: std::collections::BTreeMap<ConnId, u32>,
     /// Buffers that left with processes that exited while others stayed.
@@ -120,12 +125,12 @@ impl Cluster {
         // Popped from the end: hand out low indices first.
         let spare = all[in_rings..].iter().rev().copied().collect();
         Ok(Cluster {
-            pool,
-            queues,
+            pool: Arc::new(pool),
+            queues: Arc::new(queues),
             spare,
-            holders: vec![[None, None]; usize::from(geometry.queue_count)],
+            roles: vec![[None, None]; usize::from(geometry.queue_count)],
             owners: Arc::new(OwnerTable::new(layout.buf_count)),
-            exports: Vec::new(),
+            holders: Vec::new(),
             active: Default::default(),
             stranded: 0,
         })
@@ -135,11 +140,11 @@ impl Cluster {
         self.pool.layout().cluster_id
     }
 
-    pub fn pool(&self) -> &Pool {
+    pub fn pool(&self) -> &Arc<Pool> {
         &self.pool
     }
 
-    pub fn queues(&self) -> &QueueArea {
+    pub fn queues(&self) -> &Arc<QueueArea> {
         &self.queues
     }
 
@@ -165,7 +170,7 @@ impl Cluster {
         let cluster = self.id();
         let queues = self.queues.geometry().queue_count;
         let slot = self
-            .holders
+            .roles
             .get_mut(usize::from(queue))
             .ok_or(AttachError::QueueRange {
                 cluster,
@@ -231,7 +236,7 @@ impl Cluster {
     /// A connection closed: release its roles; when nothing is attached any
     /// more, take back every buffer that is not in a ring.
     pub fn release(&mut self, conn: ConnId) {
-        for (q, slot) in self.holders.iter_mut().enumerate() {
+        for (q, slot) in self.roles.iter_mut().enumerate() {
             for (r, h) in slot.iter_mut().enumerate() {
                 if let Some(Holder::Process { conn: c, pid }) = h {
                     if *c != conn {
@@ -262,27 +267,24 @@ impl Cluster {
     fn reclaim(&mut self) {
         let count = self.pool.layout().buf_count as usize;
         let mut in_ring = vec![false; count];
-        // Exports keep running while processes come and go: park them so
+        // Ports keep running while processes come and go: park them so
         // their hands hold still, and keep everything they hold.
-        let mut paused: Vec<Arc<dyn BufferHolder>> = Vec::new();
-        for e in &self.exports {
-            match e.pause() {
+        let mut paused: Vec<Held> = Vec::new();
+        for h in &self.holders {
+            match h.pause() {
                 Some(held) => {
-                    paused.push(e.clone());
-                    for b in held {
+                    for b in &held.buffers {
                         if let Some(x) = in_ring.get_mut(b.get() as usize) {
                             *x = true;
                         }
                     }
+                    paused.push(held);
                 }
                 None => {
                     log::warn!(
-                        "export {} did not pause; buffers of exited processes stay stranded",
-                        e.name()
+                        "{} did not pause; buffers of exited processes stay stranded",
+                        h.name()
                     );
-                    for p in paused {
-                        p.resume();
-                    }
                     return;
                 }
             }
@@ -316,9 +318,7 @@ impl Cluster {
         );
         self.spare = free;
         self.stranded = 0;
-        for p in paused {
-            p.resume();
-        }
+        drop(paused);
     }
 
     /// An export takes `role` on `queue` until it is removed.
@@ -339,26 +339,16 @@ impl Cluster {
         Ok(self.spare.split_off(at).into_iter().rev().collect())
     }
 
+    /// `h` holds buffers outside the rings from now on (until the cluster goes).
     pub fn add_buffer_holder(&mut self, h: Arc<dyn BufferHolder>) {
-        self.exports.push(h);
+        self.holders.push(h);
     }
 
-    /// An export is removed (or failed to start): it no longer holds
-    /// buffers (`holder`, if it was added) nor its queue roles (rx: consumer,
-    /// tx: producer, taken under `name`).
-    pub fn detach_export(
-        &mut self,
-        holder: Option<&Arc<dyn BufferHolder>>,
-        name: &str,
-        rx: Option<u16>,
-        tx: Option<u16>,
-    ) {
-        if let Some(h) = holder {
-            self.exports
-                .retain(|e| !std::ptr::addr_eq(Arc::as_ptr(e), Arc::as_ptr(h)));
-        }
+    /// An export is removed (or failed to start): it no longer holds its
+    /// queue roles (rx: consumer, tx: producer, taken under `name`).
+    pub fn detach_export(&mut self, name: &str, rx: Option<u16>, tx: Option<u16>) {
         for (q, role) in [(rx, Role::Consumer), (tx, Role::Producer)] {
-            let Some(slot) = q.and_then(|q| self.holders.get_mut(usize::from(q))) else {
+            let Some(slot) = q.and_then(|q| self.roles.get_mut(usize::from(q))) else {
                 continue;
             };
             let r = &mut slot[role_slot(role)];
@@ -468,19 +458,26 @@ mod tests {
     struct FakeExport {
         held: Vec<BufferIndex>,
         pauses: std::sync::atomic::AtomicU32,
-        resumes: std::sync::atomic::AtomicU32,
+        resumes: Arc<std::sync::atomic::AtomicU32>,
         refuse: bool,
     }
 
+    /// Counts a resume when the pause ends.
+    struct Resume(Arc<std::sync::atomic::AtomicU32>);
+    impl Drop for Resume {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
     impl BufferHolder for FakeExport {
-        fn pause(&self) -> Option<Vec<BufferIndex>> {
+        fn pause(&self) -> Option<Held> {
             self.pauses
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            (!self.refuse).then(|| self.held.clone())
-        }
-        fn resume(&self) {
-            self.resumes
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            (!self.refuse).then(|| Held {
+                buffers: self.held.clone(),
+                resume: Box::new(Resume(self.resumes.clone())),
+            })
         }
         fn name(&self) -> String {
             "fake".into()

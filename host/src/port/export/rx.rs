@@ -2,9 +2,9 @@
 //! virtqueue, by exchanging pool buffers (pool descriptors) or by copying
 //! (everything else, with mergeable RX buffers).
 
-use super::poll::{Worker, RXQ};
 use super::virtq::PoolCtx;
 use super::virtq::{RingError, MAX_CHAIN};
+use super::{ExportPort, RXQ};
 use std::ptr;
 use zc_proto::buffer::VIRTIO_NET_HDR_LEN;
 
@@ -26,7 +26,7 @@ enum Placed {
     Skipped,
 }
 
-impl Worker {
+impl ExportPort {
     pub fn rx_step(&mut self) -> Result<usize, RingError> {
         let Some(end) = self.rx_end.as_mut() else {
             return Ok(0);

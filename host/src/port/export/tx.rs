@@ -4,16 +4,16 @@
 //! packet, and still exchanges a pool buffer for an empty one from its hand
 //! (the guest's full buffer becomes an empty of the hand: consumed).
 
-use super::poll::{Worker, BURST, TXQ};
 use super::virtq::PoolCtx;
 use super::virtq::RingError;
+use super::{ExportPort, BURST, TXQ};
 use std::ptr;
 use zc_proto::buffer::VIRTIO_NET_HDR_LEN;
 use zc_proto::BufferHandle;
 
 const HDR: u64 = VIRTIO_NET_HDR_LEN as u64;
 
-impl Worker {
+impl ExportPort {
     /// Sends what waits in tx_pending; true when nothing is left.
     pub(super) fn flush_tx(&mut self) -> bool {
         if let Some(p) = self.tx_end.as_mut() {
@@ -45,6 +45,9 @@ impl Worker {
         let dev = self.dev.as_ref().expect("checked");
         let q = dev.queues[TXQ].as_ref().expect("checked");
         let avail = q.pending()?.min(BURST as u16);
+        if avail == 0 {
+            return Ok(0);
+        }
         q.prefetch_pending(avail);
         let has_queue = self.tx_end.is_some();
         for k in 0..avail {
@@ -133,7 +136,7 @@ impl Worker {
             .and_then(|d| d.queues[TXQ].as_mut())
             .expect("checked");
         q.complete(avail, avail);
-        if avail > 0 && self.wants_interrupt(TXQ) {
+        if self.wants_interrupt(TXQ) {
             self.tx_stats.interrupts += 1;
             self.publish();
             self.signal(TXQ);

@@ -6,7 +6,7 @@
 //! and only the copy is checked and used.
 
 use super::guest_mem::{GuestMap, Target};
-use super::owner::OwnerTable;
+use crate::owner::OwnerTable;
 use std::sync::atomic::{fence, Ordering};
 use thiserror::Error;
 use zc_proto::buffer::VIRTIO_NET_HDR_LEN;

@@ -1,5 +1,7 @@
-//! Per-export counters: written by the export's poll thread (single writer,
-//! relaxed stores), read by anyone at any time.
+//! What `zc-hostd stats` reports: per-export counters (written by the
+//! export's port, single writer, relaxed stores; read by anyone at any
+//! time) and per-worker load. Plain data shared by the ports, the workers
+//! and the control protocol; none of them owns it.
 
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -77,7 +79,7 @@ counters!(
         broken_rings,
         /// Kicks (guest notifications) received.
         kicks,
-        /// Times the poll thread went to sleep.
+        /// Times the export's worker went to sleep with this export idle.
         sleeps,
     }
 );
@@ -93,6 +95,50 @@ pub struct ExportStats {
     pub rx: RxStats,
     pub tx: TxStats,
     pub dev: DevStats,
+    /// The worker that steps the export.
+    #[serde(default)]
+    pub worker: Option<usize>,
+}
+
+/// One worker as `zc-hostd stats` shows it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WorkerStats {
+    pub worker: usize,
+    /// The core it is pinned to, if any.
+    pub core: Option<usize>,
+    /// Share of the last second spent in steps that moved packets (0..100).
+    pub busy_pct: f64,
+    /// Times it went to sleep.
+    pub sleeps: u64,
+    pub ports: Vec<PortLoad>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PortLoad {
+    pub name: String,
+    /// Share of the worker's last second spent moving this port's packets.
+    pub busy_pct: f64,
+}
+
+/// One line per worker for `zc-hostd stats`: its core, load and ports.
+pub fn worker_line(w: &WorkerStats) -> String {
+    let ports: Vec<String> = w
+        .ports
+        .iter()
+        .map(|p| format!("{} {:.1}%", p.name, p.busy_pct))
+        .collect();
+    format!(
+        "worker {}{}: {:.1}% busy, {} sleeps, ports: {}",
+        w.worker,
+        w.core.map_or(String::new(), |c| format!(" (core {c})")),
+        w.busy_pct,
+        w.sleeps,
+        if ports.is_empty() {
+            "none".into()
+        } else {
+            ports.join(", ")
+        }
+    )
 }
 
 #[derive(Default, Debug)]

@@ -1,32 +1,55 @@
-//! The export's poll thread: moves packets between the cluster queues and
-//! the guest's virtqueues, busy while there is traffic and asleep on a
-//! futex (woken by the cluster queue's producer or by guest kicks) when
-//! there is none.
+//! The export port: cluster queues served to a virtual machine as a
+//! vhost-user virtio-net device.
+//!
+//! The vhost-user protocol runs on threads of its own (`backend`, behind
+//! the relay in `shim`) and hands ring and memory changes to the port
+//! through `shared`; the port itself is stepped by a worker and moves
+//! packets between the cluster queues and the guest's virtqueues (`rx`,
+//! `tx`), exchanging pool buffers where the guest's descriptors name them
+//! and copying otherwise. Guest rings are reached through `virtq` and
+//! `guest_mem`, which check everything the guest controls; the export's
+//! slot in the pool's export directory is written by `directory`.
 
-use super::guest_mem::{FileId, GuestMap};
-use super::owner::OwnerTable;
-use super::shared::{Ctl, Doorbell, ExportShared};
-use super::stats::{RxStats, TxStats};
-use super::virtq::{Chain, PoolCtx, RingAddrs, RingError, SplitQueue};
-use crate::daemon::cluster::Cluster;
-use crate::futex;
+pub mod backend;
+pub mod directory;
+pub mod guest_mem;
+pub mod qemu_args;
+pub mod rx;
+pub mod shared;
+pub mod shim;
+pub mod spec;
+pub mod tx;
+pub mod virtq;
+
+use crate::owner::OwnerTable;
+use crate::pool::Pool;
+use crate::port::{Arm, Port};
+use crate::queues::QueueArea;
 use crate::ring::{Consumer, Producer};
+use crate::stats::{RxStats, TxStats};
+use guest_mem::{FileId, GuestMap};
+use shared::{Ctl, ExportShared};
+pub use spec::ExportSpec;
+use std::os::fd::RawFd;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::QueueT;
+use virtq::{Chain, PoolCtx, RingAddrs, RingError, SplitQueue};
 use vm_memory::GuestAddressSpace;
 use zc_proto::{BufferHandle, BufferIndex, PoolLayout};
 
+/// Buffers a guest may hold by default (the bound on buffers in flight
+/// towards one export's guest on the zero-copy path).
+pub const DEFAULT_STOCK: u32 = 1024;
+
 /// Packets moved per step and direction.
 pub const BURST: usize = 32;
-/// How long the thread keeps polling after the last packet before it sleeps.
-const IDLE_SPIN: Duration = Duration::from_micros(200);
-/// Longest sleep; rings are re-checked after it even without a wake-up.
-const MAX_SLEEP: Duration = Duration::from_millis(500);
-/// Sleep while the cluster's tx queue is full (its consumer does not wake us).
-const BLOCKED_SLEEP: Duration = Duration::from_micros(200);
+/// While the cluster's tx queue is full and its consumer does not ring
+/// (a host process sleeping on a futex rings; one that polls does not),
+/// look again this often.
+const BLOCKED_SLEEP: Duration = Duration::from_millis(1);
 
 pub const RXQ: usize = 0;
 pub const TXQ: usize = 1;
@@ -38,10 +61,27 @@ pub struct Device {
     pub mrg_rxbuf: bool,
 }
 
-pub struct Worker {
+/// Everything an export port is made of: handed over by whoever claimed
+/// its queue roles and buffers from the cluster.
+pub struct ExportParts {
     pub shared: Arc<ExportShared>,
-    /// Keeps the pool and queue mappings alive.
-    _cluster: Arc<Mutex<Cluster>>,
+    pub pool: Arc<Pool>,
+    pub owners: Arc<OwnerTable>,
+    /// Keeps the ring memory of `rx_end` and `tx_end` (and their bells) alive.
+    pub queues: Arc<QueueArea>,
+    pub rx_end: Option<Consumer>,
+    pub tx_end: Option<Producer>,
+    /// Descriptors the ends' peers ring when this port sleeps on them.
+    pub bells: Vec<RawFd>,
+    pub rx_hand: Vec<BufferIndex>,
+    pub tx_hand: Vec<BufferIndex>,
+}
+
+pub struct ExportPort {
+    pub shared: Arc<ExportShared>,
+    /// Keep the pool and the queue mappings alive.
+    _pool: Arc<Pool>,
+    _queues: Arc<QueueArea>,
     pub owners: Arc<OwnerTable>,
     pub layout: PoolLayout,
     pub pool_base: *mut u8,
@@ -49,6 +89,7 @@ pub struct Worker {
     pub area: (u64, u64),
     pub rx_end: Option<Consumer>,
     pub tx_end: Option<Producer>,
+    bells: Vec<RawFd>,
     /// Host-to-guest hand: rx_hand[rx_pos..rx_have] are packets not yet delivered.
     pub rx_hand: Vec<BufferHandle>,
     pub rx_pos: usize,
@@ -69,44 +110,16 @@ pub struct Worker {
     pub rx_stats: RxStats,
     pub tx_stats: TxStats,
     seen: u64,
-    doorbell: Doorbell,
+    steps: u32,
 }
 
-// SAFETY: pool_base points into the pool mapping kept alive by `_cluster`;
-// the worker is moved once into its thread and used only there.
-unsafe impl Send for Worker {}
+// SAFETY: pool_base points into the pool mapping kept alive by `_pool`; the
+// port is used by one worker thread at a time and moved between them whole.
+unsafe impl Send for ExportPort {}
 
-/// Everything a worker is built from.
-pub struct WorkerParts {
-    pub shared: Arc<ExportShared>,
-    pub cluster: Arc<Mutex<Cluster>>,
-    pub rx_end: Option<Consumer>,
-    pub tx_end: Option<Producer>,
-    pub rx_hand: Vec<BufferIndex>,
-    pub tx_hand: Vec<BufferIndex>,
-}
-
-impl Worker {
-    pub fn new(p: WorkerParts) -> std::io::Result<Self> {
-        let (owners, layout, pool_base, pool_id) = {
-            let c = p.cluster.lock().unwrap_or_else(|e| e.into_inner());
-            let view = c.pool().view();
-            (
-                c.owners().clone(),
-                *c.pool().layout(),
-                view.base(),
-                FileId::of(c.pool().file())?,
-            )
-        };
+impl ExportPort {
+    pub fn new(p: ExportParts) -> std::io::Result<Self> {
         let area_start = PoolLayout::ring_area_offset(p.shared.slot).unwrap_or(0);
-        let doorbell = match &p.rx_end {
-            // SAFETY: the word lies in the queue memory `cluster` keeps mapped.
-            Some(c) => unsafe { Doorbell::new(c.wake_word()) },
-            // SAFETY: ExportShared outlives the worker and every doorbell copy
-            // (the backend and the control thread hold it in Arcs too).
-            None => unsafe { Doorbell::new(&p.shared.own_word) },
-        };
-        p.shared.set_doorbell(doorbell);
         let handles = |v: Vec<BufferIndex>| {
             v.into_iter()
                 .map(|b| BufferHandle::from_raw(b, 0))
@@ -114,16 +127,17 @@ impl Worker {
         };
         let mut tx_pending = Vec::new();
         tx_pending.reserve_exact(BURST);
-        Ok(Worker {
-            shared: p.shared,
-            _cluster: p.cluster,
-            owners,
-            layout,
-            pool_base,
-            pool_id,
+        Ok(ExportPort {
+            pool_id: FileId::of(p.pool.file())?,
+            layout: *p.pool.layout(),
+            pool_base: p.pool.view().base(),
+            _pool: p.pool,
+            _queues: p.queues,
+            owners: p.owners,
             area: (area_start, area_start + zc_proto::layout::RING_AREA_SIZE),
             rx_end: p.rx_end,
             tx_end: p.tx_end,
+            bells: p.bells,
             rx_hand: handles(p.rx_hand),
             rx_pos: 0,
             rx_have: 0,
@@ -140,7 +154,8 @@ impl Worker {
             rx_stats: RxStats::default(),
             tx_stats: TxStats::default(),
             seen: 0,
-            doorbell,
+            steps: 0,
+            shared: p.shared,
         })
     }
 
@@ -150,69 +165,6 @@ impl Worker {
             base: self.pool_base,
             owners: &self.owners,
             slot: self.shared.slot,
-        }
-    }
-
-    /// Every buffer this export holds outside the rings.
-    fn held(&self) -> Vec<BufferIndex> {
-        let mut v: Vec<BufferIndex> = self
-            .rx_hand
-            .iter()
-            .chain(&self.tx_empties)
-            .chain(&self.tx_pending)
-            .map(|h| h.index())
-            .collect();
-        v.extend(self.owners.guest_buffers(self.shared.slot));
-        v
-    }
-
-    pub fn run(mut self) {
-        let mut iter: u32 = 0;
-        let mut idle: u32 = 0;
-        let mut idle_start = Instant::now();
-        loop {
-            let s = self.shared.seq();
-            if s != self.seen && !self.control(s) {
-                return;
-            }
-            let kicked = self.shared.kicked.load(Ordering::Acquire)
-                && self.shared.kicked.swap(false, Ordering::AcqRel);
-            if kicked || iter.is_multiple_of(1 << 16) {
-                self.refresh();
-            }
-            iter = iter.wrapping_add(1);
-            let moved = if self.dev.is_some() && !self.broken {
-                match self.rx_step().and_then(|a| Ok(a + self.tx_step()?)) {
-                    Ok(n) => n,
-                    Err(e) => {
-                        self.mark_broken(e);
-                        0
-                    }
-                }
-            } else {
-                // Packets taken from a guest before its device went away
-                // still go to the cluster queue.
-                self.flush_tx();
-                0
-            };
-            if moved > 0 {
-                idle = 0;
-                continue;
-            }
-            idle += 1;
-            // Back off a little: re-reading the guest's avail index in a
-            // tight loop steals its cache line from the guest.
-            for _ in 0..4 {
-                std::hint::spin_loop();
-            }
-            if idle == 64 {
-                idle_start = Instant::now();
-            }
-            if idle < 64 || !idle.is_multiple_of(64) || idle_start.elapsed() < IDLE_SPIN {
-                continue;
-            }
-            self.sleep();
-            idle = 0;
         }
     }
 
@@ -242,59 +194,10 @@ impl Worker {
             .store(0, Ordering::Relaxed);
     }
 
-    /// Sleeps until a kick, a packet on the rx queue, a control request or
-    /// a timeout. Guest notifications are on only while asleep.
-    fn sleep(&mut self) {
-        let word = self.doorbell.word();
-        let seq = word.load(Ordering::Acquire);
-        let mut busy = self.shared.seq() != self.seen || self.shared.kicked.load(Ordering::Acquire);
-        let rx_waiting =
-            self.rx_pos < self.rx_have || self.rx_end.as_mut().is_some_and(|c| c.arm_wakeup());
-        let blocked = !self.tx_pending.is_empty();
-        if let Some(dev) = self.dev.as_ref().filter(|_| !self.broken) {
-            if let Some(q) = &dev.queues[RXQ] {
-                busy |= q.set_notify(true) && rx_waiting;
-            }
-            if let Some(q) = &dev.queues[TXQ] {
-                busy |= q.set_notify(true) && !blocked;
-            }
-        }
-        if !busy {
-            self.shared
-                .counters
-                .dev
-                .sleeps
-                .fetch_add(1, Ordering::Relaxed);
-            let t = if blocked { BLOCKED_SLEEP } else { MAX_SLEEP };
-            futex::wait(word, seq, t);
-        }
-        if let Some(c) = self.rx_end.as_mut() {
-            c.disarm_wakeup();
-        }
-        if let Some(dev) = self.dev.as_ref() {
-            for q in dev.queues.iter().flatten() {
-                q.set_notify(false);
-            }
-        }
-    }
-
-    /// Handles control requests up to `s`; false when the export is removed
-    /// and the thread must end.
-    fn control(&mut self, s: u64) -> bool {
+    /// Handles the control requests up to `s` (from the vhost-user thread).
+    fn control(&mut self, s: u64) {
         let shared = self.shared.clone();
         let mut g = shared.lock();
-        if g.quit {
-            // The rings' state goes back to the frontend; the buffers go to
-            // whoever asked (Export::stop frees them and their ownership).
-            for i in 0..2 {
-                self.stop_queue(i);
-            }
-            g.held = self.held();
-            g.quitted = true;
-            self.seen = s;
-            shared.ack(&mut g, s);
-            return false;
-        }
         for i in 0..2 {
             if std::mem::take(&mut g.stop[i]) {
                 self.stop_queue(i);
@@ -313,20 +216,12 @@ impl Worker {
             self.publish_stock();
         }
         self.apply(&mut g);
-        if g.pause {
-            g.held = self.held();
-            g.paused = true;
-            shared.ack(&mut g, s);
-            g = shared.park(g);
-            g.paused = false;
-        }
         self.seen = s;
         shared.ack(&mut g, s);
-        true
     }
 
     pub fn view(&self) -> zc_proto::PoolView {
-        // SAFETY: pool_base maps pool_size bytes kept alive by `_cluster`.
+        // SAFETY: pool_base maps pool_size bytes kept alive by `_pool`.
         unsafe { zc_proto::PoolView::new(self.pool_base, self.layout) }
     }
 
@@ -410,7 +305,7 @@ impl Worker {
     /// the owner table, as the stock the next driver starts with.
     fn publish_stock(&self) {
         let stock = self.owners.guest_buffers(self.shared.slot);
-        super::directory::write_stock(&self.view(), self.shared.slot, &stock);
+        directory::write_stock(&self.view(), self.shared.slot, &stock);
     }
 
     /// Starts using rings the frontend made ready, drops those it stopped.
@@ -498,5 +393,119 @@ impl Worker {
         if let Some(v) = self.vrings.as_ref().and_then(|v| v.get(i)) {
             let _ = v.signal_used_queue();
         }
+    }
+
+    /// Every buffer this export holds outside the rings: its hands and
+    /// whatever its guest holds (the owner table knows).
+    fn held_buffers(&self) -> Vec<BufferIndex> {
+        let mut v: Vec<BufferIndex> = self
+            .rx_hand
+            .iter()
+            .chain(&self.tx_empties)
+            .chain(&self.tx_pending)
+            .map(|h| h.index())
+            .collect();
+        v.extend(self.owners.guest_buffers(self.shared.slot));
+        v
+    }
+}
+
+impl Port for ExportPort {
+    fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    fn step(&mut self) -> usize {
+        let s = self.shared.seq();
+        if s != self.seen {
+            self.control(s);
+        }
+        let kicked = self.shared.kicked.load(Ordering::Acquire)
+            && self.shared.kicked.swap(false, Ordering::AcqRel);
+        if kicked || self.steps.is_multiple_of(1 << 16) {
+            self.refresh();
+        }
+        self.steps = self.steps.wrapping_add(1);
+        if self.dev.is_some() && !self.broken {
+            match self.rx_step().and_then(|a| Ok(a + self.tx_step()?)) {
+                Ok(n) => n,
+                Err(e) => {
+                    self.mark_broken(e);
+                    0
+                }
+            }
+        } else {
+            // Packets taken from a guest before its device went away
+            // still go to the cluster queue.
+            self.flush_tx();
+            0
+        }
+    }
+
+    /// Guest notifications are on only while the worker sleeps.
+    fn arm(&mut self) -> Arm {
+        let mut busy = self.shared.seq() != self.seen || self.shared.kicked.load(Ordering::Acquire);
+        let rx_waiting =
+            self.rx_pos < self.rx_have || self.rx_end.as_mut().is_some_and(|c| c.arm());
+        let blocked = !self.tx_pending.is_empty();
+        // Blocked on a full tx queue: the consumer rings when it frees a slot.
+        let room = blocked && self.tx_end.as_mut().is_some_and(|p| p.arm());
+        busy |= room;
+        if let Some(dev) = self.dev.as_ref().filter(|_| !self.broken) {
+            if let Some(q) = &dev.queues[RXQ] {
+                busy |= q.set_notify(true) && rx_waiting;
+            }
+            if let Some(q) = &dev.queues[TXQ] {
+                busy |= q.set_notify(true) && !blocked;
+            }
+        }
+        if busy {
+            Arm::Busy
+        } else if blocked {
+            Arm::SleepAtMost(BLOCKED_SLEEP)
+        } else {
+            Arm::Sleep
+        }
+    }
+
+    fn disarm(&mut self, slept: bool) {
+        if let Some(c) = self.rx_end.as_mut() {
+            c.disarm();
+        }
+        if let Some(p) = self.tx_end.as_mut() {
+            p.disarm();
+        }
+        if let Some(dev) = self.dev.as_ref() {
+            for q in dev.queues.iter().flatten() {
+                q.set_notify(false);
+            }
+        }
+        if slept {
+            self.shared
+                .counters
+                .dev
+                .sleeps
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn wake_fds(&self) -> Vec<RawFd> {
+        let mut v = vec![self.shared.bell_fd()];
+        v.extend(&self.bells);
+        v
+    }
+
+    fn held(&self) -> Vec<BufferIndex> {
+        self.held_buffers()
+    }
+
+    /// The rings' state goes back to the frontend; the buffers go to
+    /// whoever stops the export (it frees them and their ownership).
+    fn stop(mut self: Box<Self>) -> Vec<BufferIndex> {
+        for i in 0..2 {
+            self.stop_queue(i);
+        }
+        self.publish();
+        self.held_buffers()
     }
 }
