@@ -24,6 +24,8 @@ use zc_proto::PoolLayout;
 #[command(
     name = "zc-hostd",
     version,
+    // A later option wins over an earlier one (scripts add to a base line).
+    args_override_self = true,
     about = "Create a zc cluster (buffer pool + packet queues) and serve it",
     long_about = "Create a zc cluster: a buffer pool on 2 MiB hugepages and a set of \
 single-producer single-consumer packet queues. Applications open the queues by name, \
