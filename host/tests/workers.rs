@@ -47,7 +47,10 @@ fn finish(child: Child, within: Duration, what: &str) -> Output {
             let out = t.join().unwrap();
             panic!(
                 "{what} did not finish in {within:?}: {}",
-                String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or_default()
+                String::from_utf8_lossy(&out.stderr)
+                    .lines()
+                    .last()
+                    .unwrap_or_default()
             );
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -80,17 +83,24 @@ fn hostd_cli(h: &Hostd, args: &[&str]) -> Output {
 fn sixty_four_guest_drivers_on_two_workers_and_an_idle_daemon_sleeps() {
     const EXPORTS: usize = 64;
     const N: u64 = 2000;
-    let cluster = 9301;
     let socks: Vec<String> = (0..EXPORTS).map(|i| format!("e{i}.sock,rx={i}")).collect();
     let socks: Vec<&str> = socks.iter().map(String::as_str).collect();
     let h = Hostd::start(
-        cluster,
         &socks,
         &[
-            "-q", "64", "--queue-len", "64", "--buffers", "32768", "--stock", "160",
-            "--workers", "2",
+            "-q",
+            "64",
+            "--queue-len",
+            "64",
+            "--buffers",
+            "32768",
+            "--stock",
+            "160",
+            "--workers",
+            "2",
         ],
     );
+    let cluster = h.cluster;
     // One container-mode guest driver per export, each on its own socket.
     let counters: Vec<Child> = (0..EXPORTS)
         .map(|i| {
@@ -190,18 +200,16 @@ fn sixty_four_guest_drivers_on_two_workers_and_an_idle_daemon_sleeps() {
         exports.iter().map(|e| e.rx.packets).sum::<u64>(),
         N * EXPORTS as u64
     );
-    assert!(exports.iter().all(|e| e.rx.exchanged == N && e.rx.copied == 0));
+    assert!(exports
+        .iter()
+        .all(|e| e.rx.exchanged == N && e.rx.copied == 0));
 }
 
 #[test]
 fn ports_moved_between_workers_under_traffic_lose_nothing() {
     const N: u64 = 3_000_000;
-    let cluster = 9302;
-    let h = Hostd::start(
-        cluster,
-        &["in.sock,rx=0", "out.sock,tx=1"],
-        &["--workers", "2"],
-    );
+    let h = Hostd::start(&["in.sock,rx=0", "out.sock,tx=1"], &["--workers", "2"]);
+    let cluster = h.cluster;
     let run = |args: &[&str]| {
         let out = hostd_cli(&h, args);
         assert!(
