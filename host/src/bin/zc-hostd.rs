@@ -38,6 +38,10 @@ arrives on queue tx=Q. `zc-hostd -c ID --qemu-args SOCKET` prints the QEMU optio
 attach a VM at its start; `zc-hostd -c ID attach --qmp QMP --export rx=Q,tx=Q` hot-plugs an \
 export (and the pool) into a VM that is already running, `detach` removes it again; \
 `zc-hostd -c ID stats` shows per-export counters and the attachments.\n\n\
+The exports' packets are moved by --workers N poll threads (default 1), each serving many \
+exports: busy while any has traffic, asleep in epoll when all are idle (an idle daemon uses no \
+CPU). -g pins them; `zc-hostd -c ID move PORT WORKER` moves an export to another worker without \
+losing a packet; `stats` shows each worker's load and ports.\n\n\
 Stop the daemon with Ctrl-C or SIGTERM: it removes the cluster's files. A cluster left \
 behind by a killed daemon is cleaned up by the next start.",
     after_help = "Example:\n  zc-hostd -c 99 -q 4 &\n  zcount -i zc:99@0 &\n  zsend -i zc:99@0 -n 1000000 -l 64\n\n\
