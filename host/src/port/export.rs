@@ -36,7 +36,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::QueueT;
-use virtq::{Chain, PoolCtx, RingAddrs, RingError, SplitQueue};
+use virtq::{Chain, RingAddrs, RingError, SplitQueue};
 use vm_memory::GuestAddressSpace;
 use zc_proto::{BufferHandle, BufferIndex, PoolLayout};
 
@@ -55,10 +55,10 @@ pub const RXQ: usize = 0;
 pub const TXQ: usize = 1;
 
 /// The guest device while a frontend has it set up.
-pub struct Device {
-    pub map: GuestMap,
-    pub queues: [Option<SplitQueue>; 2],
-    pub mrg_rxbuf: bool,
+struct Device {
+    map: GuestMap,
+    queues: [Option<SplitQueue>; 2],
+    mrg_rxbuf: bool,
 }
 
 /// Everything an export port is made of: handed over by whoever claimed
@@ -78,37 +78,37 @@ pub struct ExportParts {
 }
 
 pub struct ExportPort {
-    pub shared: Arc<ExportShared>,
+    shared: Arc<ExportShared>,
     /// Keep the pool and the queue mappings alive.
     _pool: Arc<Pool>,
     _queues: Arc<QueueArea>,
-    pub owners: Arc<OwnerTable>,
-    pub layout: PoolLayout,
-    pub pool_base: *mut u8,
-    pub pool_id: FileId,
-    pub area: (u64, u64),
-    pub rx_end: Option<Consumer>,
-    pub tx_end: Option<Producer>,
+    owners: Arc<OwnerTable>,
+    layout: PoolLayout,
+    pool_base: *mut u8,
+    pool_id: FileId,
+    area: (u64, u64),
+    rx_end: Option<Consumer>,
+    tx_end: Option<Producer>,
     bells: Vec<RawFd>,
     /// Host-to-guest hand: rx_hand[rx_pos..rx_have] are packets not yet delivered.
-    pub rx_hand: Vec<BufferHandle>,
-    pub rx_pos: usize,
-    pub rx_have: usize,
+    rx_hand: Vec<BufferHandle>,
+    rx_pos: usize,
+    rx_have: usize,
     /// Guest-to-host hand: empties to fill, and full buffers not yet sent.
-    pub tx_empties: Vec<BufferHandle>,
-    pub tx_pending: Vec<BufferHandle>,
+    tx_empties: Vec<BufferHandle>,
+    tx_pending: Vec<BufferHandle>,
     /// Without a tx queue: the next hand buffer to give the guest.
-    pub tx_turn: usize,
-    pub dev: Option<Device>,
-    pub vrings: Option<Vec<VringRwLock>>,
-    pub mem_gen: u64,
-    pub features: u64,
-    pub broken: bool,
+    tx_turn: usize,
+    dev: Option<Device>,
+    vrings: Option<Vec<VringRwLock>>,
+    mem_gen: u64,
+    features: u64,
+    broken: bool,
     /// Ring set-ups that failed, not retried until the frontend changes them.
     failed: [Option<RingAddrs>; 2],
-    pub chain: Box<Chain>,
-    pub rx_stats: RxStats,
-    pub tx_stats: TxStats,
+    chain: Box<Chain>,
+    rx_stats: RxStats,
+    tx_stats: TxStats,
     seen: u64,
     steps: u32,
 }
@@ -159,16 +159,7 @@ impl ExportPort {
         })
     }
 
-    pub fn pool_ctx(&self) -> PoolCtx<'_> {
-        PoolCtx {
-            layout: self.layout,
-            base: self.pool_base,
-            owners: &self.owners,
-            slot: self.shared.slot,
-        }
-    }
-
-    pub fn publish(&self) {
+    fn publish(&self) {
         let c = &self.shared.counters;
         c.rx.publish(&self.rx_stats);
         c.tx.publish(&self.tx_stats);
@@ -220,7 +211,7 @@ impl ExportPort {
         shared.ack(&mut g, s);
     }
 
-    pub fn view(&self) -> zc_proto::PoolView {
+    fn view(&self) -> zc_proto::PoolView {
         // SAFETY: pool_base maps pool_size bytes kept alive by `_pool`.
         unsafe { zc_proto::PoolView::new(self.pool_base, self.layout) }
     }
@@ -381,7 +372,7 @@ impl ExportPort {
     }
 
     /// Whether the guest asked for an interrupt for ring `i`'s new used entries.
-    pub fn wants_interrupt(&mut self, i: usize) -> bool {
+    fn wants_interrupt(&mut self, i: usize) -> bool {
         self.dev
             .as_mut()
             .and_then(|d| d.queues[i].as_mut())
@@ -389,7 +380,7 @@ impl ExportPort {
     }
 
     /// Signals the guest's call eventfd of ring `i`.
-    pub fn signal(&self, i: usize) {
+    fn signal(&self, i: usize) {
         if let Some(v) = self.vrings.as_ref().and_then(|v| v.get(i)) {
             let _ = v.signal_used_queue();
         }
