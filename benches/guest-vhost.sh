@@ -32,41 +32,9 @@ RUNS=${RUNS:-3}
 SECS=${SECS:-5}
 SIZES=${SIZES:-"64 512 1024 1500"}
 CLUSTER=${CLUSTER:-4343}
-TMP=$(mktemp -d /tmp/zc-guest-bench.XXXXXX)
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$TMP"
-}
-trap cleanup EXIT
+. benches/lib.sh
+bench_setup guest-vhost 1100
 
-[ "$(id -u)" = 0 ] || { echo "guest-vhost: needs root (hugepages)" >&2; exit 1; }
-command -v dpdk-testpmd >/dev/null || { echo "guest-vhost: dpdk-testpmd missing (apt-get install dpdk-dev)" >&2; exit 1; }
-[ "$(cat /proc/sys/vm/nr_hugepages)" -ge 1100 ] || echo 1100 > /proc/sys/vm/nr_hugepages
-mkdir -p /dev/hugepages
-mountpoint -q /dev/hugepages || mount -t hugetlbfs nodev /dev/hugepages
-[ -n "${NO_BUILD:-}" ] || cargo build --release -q --workspace
-B=target/release
-export ZC_RUN_DIR=$TMP/run
-
-# Percent of all CPU time used over half a second (between runs: by others).
-cpu_busy() {
-    local a b
-    a=$(awk '$1 == "cpu" { print $2+$3+$4+$7+$8+$9, $5+$6 }' /proc/stat); sleep 0.5
-    b=$(awk '$1 == "cpu" { print $2+$3+$4+$7+$8+$9, $5+$6 }' /proc/stat)
-    echo "$a $b" | awk '{ t = $3 - $1 + $4 - $2; print (t > 0 ? int(100 * ($3 - $1) / t) : 0) }'
-}
-# Waits up to IDLE_WAIT seconds (default 120) for the machine to go idle.
-wait_idle() {
-    local i
-    for ((i = 0; i < ${IDLE_WAIT:-120} * 2; i++)); do
-        [ "$(cpu_busy)" -lt 10 ] && return 0
-    done
-    echo "guest-vhost: other processes keep the CPUs busy; measuring anyway" >&2
-}
-median() { sort -g | awk '{a[NR]=$1} END {if (NR==0) print 0; else if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
-json_pps() { sed -n 's/.*"pps":\([0-9.e+]*\).*/\1/p' | tail -1; }
 
 # start_hostd EXPORT-QUEUES, e.g. "rx=0" (a sink: no tx) or "rx=0,tx=1".
 start_hostd() {
@@ -84,7 +52,6 @@ tx_counter() {
     "$B/zc-hostd" -c "$CLUSTER" stats --json 2>/dev/null |
         grep -o '"tx":{[^}]*}' | sed -n "s/.*\"$1\":\([0-9]*\).*/\1/p" | head -1
 }
-now() { date +%s.%N; }
 
 # Guest zsend (core 0) -> export without tx (poll thread, core 1). Prints
 # "pps packets exchanged".
@@ -142,12 +109,12 @@ dpdk() {
     local sock=$TMP/vh.sock
     rm -f "$sock"
     timeout -s INT $((SECS + 8)) dpdk-testpmd --lcores '0@0,1@1' -n 1 --no-pci --socket-mem 512 \
-        --file-prefix zcgbe --vdev "net_vhost0,iface=$sock,queues=1" -- \
+        --file-prefix zcguest-vhost-be --vdev "net_vhost0,iface=$sock,queues=1" -- \
         --forward-mode=rxonly --nb-cores 1 --stats-period 1 -a >"$TMP/be.log" 2>&1 &
     local be=$!
     for _ in $(seq 200); do [ -S "$sock" ] && break; sleep 0.05; done
     timeout -s INT $((SECS + 3)) dpdk-testpmd --lcores '0@1,1@0' -n 1 --no-pci --socket-mem 512 \
-        --file-prefix zcgfe --single-file-segments \
+        --file-prefix zcguest-vhost-fe --single-file-segments \
         --vdev "virtio_user0,path=$sock,queues=1" -- \
         --forward-mode=txonly --txpkts "$1" --nb-cores 1 --stats-period 1 -a \
         >"$TMP/fe.log" 2>&1 || true
@@ -178,7 +145,6 @@ for size in $SIZES; do
     awk -v s="$size" -v k="$k" -v r="$r" -v d="$d" -v h="$h" -v p="$proof" 'BEGIN {
         printf "%-7s %11.2f %11.2f %8.2f %11.2f %9.2f %11.2f %10.2f   %s\n",
             s " B", k/1e6, d/1e6, (d > 0 ? k/d : 0), r/1e6, (d > 0 ? r/d : 0), h/1e6, (h > 0 ? k/h : 0), p }'
-    mpps() { awk '{ for (i = 1; i <= NF; i++) printf "%s%.2f", (i > 1 ? " " : ""), $i / 1e6 }'; }
     echo "        runs Mpps: sink $(echo "${sk[*]}" | mpps) | dpdk $(echo "${dp[*]}" | mpps) | rx $(echo "${rx[*]}" | mpps) | hostq $(echo "${hq[*]}" | mpps)"
 done
 echo "sink: guest-driver zsend (core 0) -> export without tx (poll thread, core 1): two busy threads."

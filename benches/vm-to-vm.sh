@@ -26,42 +26,9 @@ RUNS=${RUNS:-3}
 SECS=${SECS:-5}
 SIZES=${SIZES:-"64 1500"}
 CLUSTER=${CLUSTER:-4344}
-TMP=$(mktemp -d /tmp/zc-vm2vm.XXXXXX)
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$TMP"
-    rm -f /dev/hugepages/zcv2v*
-    rm -rf /var/run/dpdk/zcv2v*
-}
-trap cleanup EXIT
+. benches/lib.sh
+bench_setup v2v 1024
 
-[ "$(id -u)" = 0 ] || { echo "vm-to-vm: needs root (hugepages)" >&2; exit 1; }
-command -v dpdk-testpmd >/dev/null || { echo "vm-to-vm: dpdk-testpmd missing (apt-get install dpdk-dev)" >&2; exit 1; }
-[ "$(cat /proc/sys/vm/nr_hugepages)" -ge 1024 ] || echo 1024 > /proc/sys/vm/nr_hugepages
-mkdir -p /dev/hugepages
-mountpoint -q /dev/hugepages || mount -t hugetlbfs nodev /dev/hugepages
-[ -n "${NO_BUILD:-}" ] || cargo build --release -q --workspace
-B=target/release
-export ZC_RUN_DIR=$TMP/run
-
-cpu_busy() {
-    local a b
-    a=$(awk '$1 == "cpu" { print $2+$3+$4+$7+$8+$9, $5+$6 }' /proc/stat); sleep 0.5
-    b=$(awk '$1 == "cpu" { print $2+$3+$4+$7+$8+$9, $5+$6 }' /proc/stat)
-    echo "$a $b" | awk '{ t = $3 - $1 + $4 - $2; print (t > 0 ? int(100 * ($3 - $1) / t) : 0) }'
-}
-wait_idle() {
-    local i
-    for ((i = 0; i < ${IDLE_WAIT:-120} * 2; i++)); do
-        [ "$(cpu_busy)" -lt 10 ] && return 0
-    done
-    echo "vm-to-vm: other processes keep the CPUs busy; measuring anyway" >&2
-}
-median() { sort -g | awk '{a[NR]=$1} END {if (NR==0) print 0; else if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
-json_field() { sed -n "s/.*\"$1\":\([0-9.e+]*\).*/\1/p" | tail -1; }
-now() { date +%s.%N; }
 
 # The packets counter of export $1's direction $2 (rx or tx) from `stats --json`.
 counter() {
@@ -154,7 +121,6 @@ for size in $SIZES; do
     dlm=$(printf '%s\n' "${dl[@]}" | median)
     awk -v s="$size" -v z="$zm" -v d="$dm" -v zl="$zlm" -v dl="$dlm" 'BEGIN {
         printf "%-7s %14.3f %14.3f %8.1f %12d %12d\n", s " B", z/1e6, d/1e6, (d > 0 ? z/d : 0), zl, dl }'
-    mpps() { awk '{ for (i = 1; i <= NF; i++) printf "%s%.3f", (i > 1 ? " " : ""), $i / 1e6 }'; }
     echo "        runs Mpps: zc $(echo "${z[*]}" | mpps) | dpdk $(echo "${d[*]}" | mpps); last zc run: $proof"
 done
 echo "export counters after each zc run:"
