@@ -1,4 +1,56 @@
 //! Buffers: fixed-size slots in the pool, named by index, owned through handles.
+//!
+//! # Where packet data sits, and AF_XDP (decision for issue 11)
+//!
+//! Every transport finds a packet at the same place: [`HEADROOM`] bytes
+//! into its buffer, with the 12-byte virtio-net header right in front of
+//! it (the zero-copy contract: a pool descriptor starts at packet data
+//! minus 12). Host interfaces bring a third party that writes into
+//! buffers: with the pool registered as an AF_XDP UMEM (one chunk per
+//! buffer), the kernel or a zero-copy NIC writes a received frame at
+//! `chunk + UMEM headroom + XDP_PACKET_HEADROOM (256)`; it never writes in
+//! front of that, and TX descriptors carry any offset.
+//!
+//! **Decision: one layout constant, `HEADROOM = 256`, and no per-packet
+//! data offset in handles.** Registered with UMEM headroom
+//! `HEADROOM - 256 = 0`, AF_XDP puts received data exactly where the rings,
+//! exports, the guest driver and the tools already look, and the virtio-net
+//! header still fits in front (bytes 244..256), so the zero-copy contract
+//! and every address computation stay as they are; only the constant moves.
+//! Costs, transport by transport:
+//! - host rings: none (they carry index and length).
+//! - exports: none in code (`packet_offset`/`buffer_at_packet_offset`
+//!   follow the constant); a guest packet longer than `buf_size - 256` is
+//!   dropped and counted as any oversized packet is.
+//! - guest driver: none in code; it checks the header's `buf_headroom`
+//!   against its own constant, so an image built before the switch refuses
+//!   a new pool with "fixed offsets differ" instead of misplacing data
+//!   (bump `POOL_VERSION` with the switch for a plainer message).
+//! - tools and users: 192 fewer bytes per buffer. With the default 2048-byte
+//!   buffers the largest packet goes from 1984 to 1792 bytes: every
+//!   1500-MTU frame (1514, 1518 with a VLAN tag, 1522 with two) still fits;
+//!   jumbo frames need `--buf-size 4096` or more, as they do today.
+//!   `MIN_BUF_SIZE` must grow past the headroom (320 holds a 64-byte frame).
+//! - cache: packet data stays 64-byte aligned and the header stays on the
+//!   line just before it, as now; the buffer size (and so the L1-set
+//!   pattern of 2 KiB buffers) is unchanged.
+//!
+//! A per-packet offset (DPDK's `data_off`) was weighed and not taken: it
+//! needs bits in every ring slot (index and length fill the 64 bits today),
+//! a field in every handle and every swap, an offset check on every
+//! hostile descriptor the exports and the guest read, and a looser
+//! zero-copy contract ("any offset in the buffer" instead of one exact
+//! address), all to save 192 bytes of buffers that are mostly larger than
+//! their packets. Putting data at 64 with AF_XDP's unaligned-chunk mode
+//! (fill address = buffer - 192) was ruled out too: the kernel may write
+//! the whole 256-byte headroom in front of the data (XDP metadata), which
+//! would be the previous buffer's tail, and such chunks cross pages, which
+//! the kernel refuses on pools that are not on hugepages.
+//!
+//! While `HEADROOM` is still 64, the interface port stays correct: it
+//! registers UMEM headroom 0, and moves each received frame from +256 down
+//! to +`HEADROOM` inside its own buffer (counted as `realigned`, not as
+//! zero-copy); transmitting needs no move.
 
 use std::fmt;
 
