@@ -10,6 +10,7 @@
 //! sleeps when none has, until one of the ports' wake-up descriptors fires.
 
 pub mod export;
+pub mod nic;
 
 use std::os::fd::RawFd;
 use std::time::Duration;
