@@ -212,6 +212,11 @@ impl XdpPort {
                         buf_size: layout.buf_size,
                         source: e,
                     }
+                } else if e.raw_os_error() == Some(libc::EFAULT) {
+                    os(
+                        ifname,
+                        "registering the pool as AF_XDP UMEM (the kernel pins only hugetlbfs and shmem pages: keep the pool on hugepages or /dev/shm)",
+                    )(e)
                 } else {
                     os(ifname, "registering the pool as AF_XDP UMEM")(e)
                 });
