@@ -4,17 +4,29 @@
 //! on the interface.
 //!
 //! Two ways in and out of the kernel, chosen by `mode`:
-//! - `xdp` (`xdp`): AF_XDP with the pool's buffers registered as the UMEM,
+//! - `xdp`: AF_XDP with the pool's buffers registered as the UMEM,
 //!   so a driver with AF_XDP zero-copy support writes received frames
 //!   straight into pool buffers and sends from them. Drivers without it
 //!   (veth) run AF_XDP in copy mode: the kernel copies, zc does not.
-//! - `packet` (`packet`): AF_PACKET, a TPACKET_V3 receive ring and a
+//! - `packet`: AF_PACKET, a TPACKET_V3 receive ring and a
 //!   PACKET_TX_RING that bypasses the qdisc; every packet is copied
 //!   between the kernel's ring and a pool buffer.
 //!
 //! The port owns every buffer it was given for as long as it lives, in one
 //! of these places: its spare list, its hands, or lent to the kernel (the
 //! XDP fill ring, the TX ring until completion). `stop` gives every one back.
+//!
+//! `auto` tries AF_XDP first and falls back to AF_PACKET where it cannot
+//! attach, except for refusals that are the user's call: another XDP
+//! program on the interface (`takeover` replaces one attached through
+//! netlink), `zerocopy=on` on a driver without it, missing privileges.
+//!
+//! The redirect program is libxdp's `xsk_def_xdp_prog.o` (Debian's
+//! libxdp1), loaded with aya rather than linked through libxdp: aya is
+//! pure Rust and builds here without C headers, attaches through a bpf
+//! link (the program goes when the port's file descriptors close, even if
+//! the daemon is killed), and needs no /sys/fs/bpf mount, which libxdp's
+//! dispatcher does.
 
 mod link;
 mod packet;
@@ -82,7 +94,11 @@ pub enum NicError {
         bpf: bool,
     },
     #[error("{ifname} already runs XDP program {id} ({name}); zc does not replace it unless told to (takeover), or use mode=packet beside it")]
-    Busy { ifname: String, id: u32, name: String },
+    Busy {
+        ifname: String,
+        id: u32,
+        name: String,
+    },
     #[error("{ifname}: cannot take over XDP program {id}: {source} (a program held by a bpf link goes only when its owner closes it)")]
     Takeover {
         ifname: String,
@@ -177,10 +193,7 @@ pub struct NicPort {
 impl NicPort {
     /// Binds to the interface. On failure every buffer comes back with the
     /// error, so the caller's accounting is unchanged.
-    pub fn open(
-        cfg: &NicConfig,
-        parts: NicParts,
-    ) -> Result<NicPort, (NicError, Vec<BufferIndex>)> {
+    pub fn open(cfg: &NicConfig, parts: NicParts) -> Result<NicPort, (NicError, Vec<BufferIndex>)> {
         let NicParts {
             pool,
             ingress,

@@ -377,7 +377,8 @@ impl PacketPort {
         bump(&c.rx_packets, sent as u64);
         bump(&c.rx_bytes, sent_bytes);
         bump(&c.rx_copied, sent as u64);
-        self.spare.extend(self.rx_batch.drain(..).map(|h| h.index()));
+        self.spare
+            .extend(self.rx_batch.drain(..).map(|h| h.index()));
         n
     }
 

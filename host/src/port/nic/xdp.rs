@@ -26,9 +26,7 @@ use std::ptr::NonNull;
 use std::sync::Arc;
 use std::time::Duration;
 use xdpilone::xdp::XdpDesc;
-use xdpilone::{
-    DeviceQueue, IfInfo, RingRx, RingTx, Socket, SocketConfig, Umem, UmemConfig, User,
-};
+use xdpilone::{DeviceQueue, IfInfo, RingRx, RingTx, Socket, SocketConfig, Umem, UmemConfig, User};
 use zc_proto::buffer::HEADROOM;
 use zc_proto::layout::BUFFERS_OFFSET;
 use zc_proto::{BufferHandle, BufferIndex, PoolLayout, PoolView};
@@ -106,11 +104,12 @@ fn not_root(e: &io::Error) -> bool {
 /// names nothing in the pool's buffers.
 #[inline]
 fn locate(layout: &PoolLayout, addr: u64) -> Option<(BufferIndex, u32)> {
-    let real = (addr & ((1 << UNALIGNED_OFFSET_SHIFT) - 1))
-        .checked_add(addr >> UNALIGNED_OFFSET_SHIFT)?;
+    let real =
+        (addr & ((1 << UNALIGNED_OFFSET_SHIFT) - 1)).checked_add(addr >> UNALIGNED_OFFSET_SHIFT)?;
     let size = u64::from(layout.buf_size);
     let idx = real / size;
-    (idx < u64::from(layout.buf_count)).then(|| (BufferIndex::new(idx as u32), (real % size) as u32))
+    (idx < u64::from(layout.buf_count))
+        .then(|| (BufferIndex::new(idx as u32), (real % size) as u32))
 }
 
 impl XdpPort {
@@ -136,7 +135,13 @@ impl XdpPort {
                 ends,
             }));
         }
-        match Self::bind(link, cfg, pool, ends.ingress.is_some(), ends.egress.is_some()) {
+        match Self::bind(
+            link,
+            cfg,
+            pool,
+            ends.ingress.is_some(),
+            ends.egress.is_some(),
+        ) {
             Ok(b) => Ok(Self::start(b, pool, ends, buffers, counters)),
             Err(error) => Err(Box::new(Refused {
                 error,
@@ -458,9 +463,14 @@ impl XdpPort {
         bump(&c.drop_queue_full, (n - sent) as u64);
         bump(&c.rx_packets, sent as u64);
         bump(&c.rx_bytes, sent_bytes);
-        let copied = if self.copy_mode { sent as u64 } else { realigned.min(sent as u64) };
+        let copied = if self.copy_mode {
+            sent as u64
+        } else {
+            realigned.min(sent as u64)
+        };
         bump(&c.rx_copied, copied);
-        self.spare.extend(self.rx_batch.drain(..).map(|h| h.index()));
+        self.spare
+            .extend(self.rx_batch.drain(..).map(|h| h.index()));
         n
     }
 
@@ -702,7 +712,9 @@ fn attach(
         .program_mut("xsk_def_prog")
         .ok_or_else(|| load_err("the redirect program", "no xsk_def_prog in it".into()))?
         .try_into()
-        .map_err(|e: aya::programs::ProgramError| load_err("the redirect program", e.to_string()))?;
+        .map_err(|e: aya::programs::ProgramError| {
+            load_err("the redirect program", e.to_string())
+        })?;
     prog.load()
         .map_err(|e| load_err("loading the redirect program", e.to_string()))?;
     // Driver mode where the driver has XDP (zero-copy needs it); generic
