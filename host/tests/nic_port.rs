@@ -12,7 +12,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
-use zc_host::daemon::cluster::Cluster;
+use zc_host::cluster::Cluster;
 use zc_host::pool::PoolOptions;
 use zc_host::port::nic::{Mode, NicConfig, NicError, NicParts, NicPort, ZeroCopy};
 use zc_host::port::Port;

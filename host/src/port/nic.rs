@@ -296,7 +296,7 @@ impl Port for NicPort {
         }
     }
 
-    fn disarm(&mut self) {
+    fn disarm(&mut self, _slept: bool) {
         match &mut self.backend {
             Backend::Xdp(p) => p.disarm(),
             Backend::Packet(p) => p.disarm(),
