@@ -2,13 +2,16 @@
 //! avail ring and used ring in memory the device reads and writes at any
 //! time.
 //!
-//! Nothing here forms a reference into that memory: every access is a
-//! volatile read or write through a raw pointer, ordered with fences, and
-//! every value the device wrote is returned as a plain copy for the caller
-//! to check. The queue only knows offsets and indices; what a descriptor's
+//! Nothing here forms a reference into that memory but atomics: the
+//! indices, flags and event fields that order the two sides are
+//! `AtomicU16`s (Release on the avail index, Acquire on the used index,
+//! SeqCst fences where a store must be seen before a load); descriptors and
+//! ring entries, ordered by those, are volatile reads and writes through raw
+//! pointers, and every value the device wrote is returned as a plain copy
+//! for the caller to check. The queue only knows offsets and indices; what a descriptor's
 //! address means is the driver core's business.
 
-use std::sync::atomic::{fence, Ordering};
+use std::sync::atomic::{fence, AtomicU16, Ordering};
 
 use zc_proto::virtio::prefetch_write;
 pub use zc_proto::virtio::{
@@ -67,6 +70,22 @@ const CACHE_LINE: u64 = 64;
 const _: () = assert!(
     (16 * 512 + 6 + 2 * 512u64).next_multiple_of(CACHE_LINE) + 6 + 8 * 512 <= QUEUE_SLOT_BYTES
 );
+
+/// The ring index or flags field at `p`, as the atomic it is shared as.
+///
+/// # Safety
+/// `p` must be a field of a queue's rings inside the memory given to
+/// `DriverQueue::new` (16-byte aligned, with the avail ring at a multiple
+/// of 16 and the used ring at a multiple of 64 from it, so every such
+/// field is 2-byte aligned), which stays mapped while the queue lives; the
+/// reference lives for one access.
+#[inline(always)]
+unsafe fn ring_u16<'a>(p: *mut u8) -> &'a AtomicU16 {
+    debug_assert!((p as usize).is_multiple_of(2));
+    // SAFETY: the caller's contract; the device only ever accesses these
+    // fields as whole, aligned 16-bit words.
+    unsafe { AtomicU16::from_ptr(p.cast()) }
+}
 
 /// One split virtqueue, driver side.
 pub struct DriverQueue {
@@ -231,21 +250,21 @@ impl DriverQueue {
         if old == new {
             return false;
         }
-        fence(Ordering::Release);
+        // Release: the entries and descriptors are visible before the index
+        // that publishes them.
         // SAFETY: avail + 2 is the avail ring's idx field.
-        unsafe { std::ptr::write_volatile(self.avail.add(2).cast::<u16>(), new.to_le()) };
+        unsafe { ring_u16(self.avail.add(2)) }.store(new.to_le(), Ordering::Release);
         self.published = new;
-        // The device's flag or event index must be read after our index write.
+        // The device's flag or event index must be read after our index
+        // write: the fence orders them, the loads themselves are Relaxed.
         fence(Ordering::SeqCst);
         if self.event_idx {
             // SAFETY: avail_event sits right after the used ring's elements.
-            let ev = u16::from_le(unsafe {
-                std::ptr::read_volatile(self.used.add(4 + 8 * usize::from(self.size)).cast::<u16>())
-            });
-            need_event(ev, new, old)
+            let ev = unsafe { ring_u16(self.used.add(4 + 8 * usize::from(self.size))) };
+            need_event(u16::from_le(ev.load(Ordering::Relaxed)), new, old)
         } else {
             // SAFETY: the used ring's first field is its flags.
-            let flags = u16::from_le(unsafe { std::ptr::read_volatile(self.used.cast::<u16>()) });
+            let flags = u16::from_le(unsafe { ring_u16(self.used) }.load(Ordering::Relaxed));
             flags & USED_F_NO_NOTIFY == 0
         }
     }
@@ -254,9 +273,10 @@ impl DriverQueue {
     /// More than are in flight means the device broke the ring.
     #[inline]
     pub fn used_ready(&self) -> Result<u16, UsedJump> {
+        // Acquire: the used elements (and rewritten descriptors) the device
+        // published before this index are visible after it.
         // SAFETY: used + 2 is the used ring's idx field.
-        let idx = u16::from_le(unsafe { std::ptr::read_volatile(self.used.add(2).cast::<u16>()) });
-        fence(Ordering::Acquire);
+        let idx = u16::from_le(unsafe { ring_u16(self.used.add(2)) }.load(Ordering::Acquire));
         let n = idx.wrapping_sub(self.last_used);
         if n > self.in_flight() {
             return Err(UsedJump {
@@ -299,13 +319,11 @@ impl DriverQueue {
 
     fn write_used_event(&mut self, v: u16) {
         self.used_event = v;
+        // Relaxed: a hint to the device; where it must be seen before a
+        // load, `set_interrupts` fences.
         // SAFETY: used_event sits right after the avail ring's entries.
-        unsafe {
-            std::ptr::write_volatile(
-                self.avail.add(4 + 2 * usize::from(self.size)).cast::<u16>(),
-                v.to_le(),
-            )
-        };
+        unsafe { ring_u16(self.avail.add(4 + 2 * usize::from(self.size))) }
+            .store(v.to_le(), Ordering::Relaxed);
     }
 
     /// Asks for an interrupt on the next used element (`on`), or for none
@@ -315,7 +333,7 @@ impl DriverQueue {
         self.interrupts = on;
         let flags = if on { 0 } else { AVAIL_F_NO_INTERRUPT };
         // SAFETY: the avail ring's first field is its flags.
-        unsafe { std::ptr::write_volatile(self.avail.cast::<u16>(), flags.to_le()) };
+        unsafe { ring_u16(self.avail) }.store(flags.to_le(), Ordering::Relaxed);
         if self.event_idx {
             let ev = if on {
                 self.last_used

@@ -77,6 +77,12 @@ counters!(
         needs_reset,
         /// Rings found structurally broken so far.
         broken_rings,
+        /// Memory tables refused because a region does not fit its file
+        /// (that frontend was disconnected).
+        bad_mem_tables,
+        /// Guest memory that vanished under the export (its file shrank):
+        /// the fault was contained and the device marked NEEDS_RESET.
+        mem_faults,
         /// Kicks (guest notifications) received.
         kicks,
         /// Times the export's worker went to sleep with this export idle.
@@ -155,7 +161,8 @@ pub fn format_line(s: &ExportStats, prev: Option<(&ExportStats, f64)>) -> String
         |now: u64, before: u64, secs: f64| (now.saturating_sub(before)) as f64 / secs.max(1e-9);
     let mut line = format!(
         "export {}: {} | rx {} pkts {} B ({} copied, {} exchanged, {} too big, {} bad desc) | \
-         tx {} pkts {} B ({} copied, {} exchanged, {} no queue, {} bad len, {} bad desc)",
+         tx {} pkts {} B ({} copied, {} exchanged, {} no queue, {} bad len, {} bad desc) | \
+         dev {} broken rings, {} bad mem tables, {} mem faults",
         s.name,
         if s.dev.needs_reset != 0 {
             "NEEDS_RESET"
@@ -177,6 +184,9 @@ pub fn format_line(s: &ExportStats, prev: Option<(&ExportStats, f64)>) -> String
         s.tx.drop_no_queue,
         s.tx.drop_bad_len,
         s.tx.invalid_desc,
+        s.dev.broken_rings,
+        s.dev.bad_mem_tables,
+        s.dev.mem_faults,
     );
     if let Some((p, secs)) = prev {
         line.push_str(&format!(

@@ -13,10 +13,12 @@
 pub mod backend;
 pub mod directory;
 pub mod guest_mem;
+pub mod mem_table;
 pub mod qemu_args;
 pub mod rx;
 pub mod shared;
 pub mod shim;
+pub mod sigbus;
 pub mod spec;
 pub mod tx;
 pub mod virtq;
@@ -111,6 +113,14 @@ pub struct ExportPort {
     tx_stats: TxStats,
     seen: u64,
     steps: u32,
+    /// The fault flag's count when last handled.
+    faults_seen: u64,
+    /// Maps of devices whose guest RAM faulted: the handler put zero pages
+    /// where the guest's vanished, so their RAM regions are never used
+    /// again. Kept, with their SIGBUS registrations, while the frontend's
+    /// table still names those regions: vhost-user-backend itself reads a
+    /// ring's used index at SET_VRING_ADDR, and that read must stay covered.
+    poisoned: Vec<GuestMap>,
 }
 
 // SAFETY: pool_base points into the pool mapping kept alive by `_pool`; the
@@ -155,6 +165,8 @@ impl ExportPort {
             tx_stats: TxStats::default(),
             seen: 0,
             steps: 0,
+            faults_seen: 0,
+            poisoned: Vec::new(),
             shared: p.shared,
         })
     }
@@ -174,6 +186,33 @@ impl ExportPort {
             "export {}: {e}: device marked NEEDS_RESET; it stays stopped until the frontend resets its rings or reconnects",
             self.shared.name
         );
+    }
+
+    /// Handles faults the SIGBUS handler contained in this export's guest
+    /// memory since the last look (one atomic load when there were none):
+    /// the device is dropped and marked NEEDS_RESET, and its RAM mappings
+    /// are never used again. True if there was one.
+    #[inline]
+    fn mem_fault(&mut self) -> bool {
+        let n = self.shared.mem_faults.count();
+        if n == self.faults_seen {
+            return false;
+        }
+        self.faults_seen = n;
+        if let Some(dev) = self.dev.take() {
+            self.poisoned.push(dev.map);
+        }
+        self.failed = [None, None];
+        self.broken = true;
+        let d = &self.shared.counters.dev;
+        d.needs_reset.store(1, Ordering::Relaxed);
+        d.mem_faults.fetch_add(1, Ordering::Relaxed);
+        log::error!(
+            "export {}: guest memory vanished under the device (its file shrank); \
+             device marked NEEDS_RESET; it stays stopped until the frontend sends a new memory table or reconnects",
+            self.shared.name
+        );
+        true
     }
 
     fn clear_broken(&mut self) {
@@ -224,13 +263,30 @@ impl ExportPort {
         }
         if g.mem_gen != self.mem_gen {
             self.mem_gen = g.mem_gen;
+            // A poisoned map whose RAM mappings only it still holds has left
+            // the frontend's table (and without a table, none is left).
+            self.poisoned
+                .retain(|m| g.mem.is_some() && m.ram_mappings().any(|p| Arc::strong_count(p) > 1));
             if let Some(mem) = &g.mem {
                 let m = mem.memory();
-                let map = GuestMap::new(&m, self.pool_id, self.layout.pool_size);
+                let map = GuestMap::new(
+                    &m,
+                    self.pool_id,
+                    self.layout.pool_size,
+                    &self.shared.mem_faults,
+                    &self.poisoned,
+                );
                 if map.bad_pool_regions > 0 {
                     log::warn!(
                         "export {}: a memory region maps the zc pool beyond its end; it is ignored",
                         self.shared.name
+                    );
+                }
+                if map.unguarded_regions > 0 {
+                    log::warn!(
+                        "export {}: {} guest memory regions could not be guarded against SIGBUS; they are ignored",
+                        self.shared.name,
+                        map.unguarded_regions
                     );
                 }
                 let old = self.dev.take();
@@ -417,20 +473,25 @@ impl Port for ExportPort {
             self.refresh();
         }
         self.steps = self.steps.wrapping_add(1);
-        if self.dev.is_some() && !self.broken {
+        let moved = if self.dev.is_some() && !self.broken {
             match self.rx_step().and_then(|a| Ok(a + self.tx_step()?)) {
                 Ok(n) => n,
-                Err(e) => {
+                // What a ring read after a contained fault is zeros, not the
+                // guest's: the fault is the news, not the ring.
+                Err(e) if !self.mem_fault() => {
                     self.mark_broken(e);
                     0
                 }
+                Err(_) => 0,
             }
         } else {
             // Packets taken from a guest before its device went away
             // still go to the cluster queue.
             self.flush_tx();
             0
-        }
+        };
+        self.mem_fault();
+        moved
     }
 
     /// Guest notifications are on only while the worker sleeps.

@@ -145,6 +145,13 @@ impl Hostd {
             .count()
     }
 
+    /// Panics if the daemon is no longer running, with its exit status.
+    pub fn assert_running(&mut self) {
+        if let Some(st) = self.child.try_wait().unwrap() {
+            panic!("zc-hostd is gone: {st}");
+        }
+    }
+
     pub fn log_contains(&self, s: &str) -> bool {
         self.log.lock().unwrap().iter().any(|l| l.contains(s))
     }
@@ -166,15 +173,34 @@ pub struct Ram {
 
 impl Ram {
     pub fn new(size: usize) -> Ram {
+        Ram::with_file_len(size, size)
+    }
+
+    /// `size` bytes of mapping over a memfd of `file_len` bytes (an
+    /// unsealed memfd: it can shrink later). Where the file is shorter,
+    /// the test must not touch the rest.
+    pub fn with_file_len(size: usize, file_len: usize) -> Ram {
         // SAFETY: memfd_create with a valid C string; result checked.
         let raw = unsafe { libc::memfd_create(c"guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
         assert!(raw >= 0);
         // SAFETY: a fresh descriptor we own.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
         // SAFETY: ftruncate on our memfd.
-        assert_eq!(unsafe { libc::ftruncate(fd.as_raw_fd(), size as i64) }, 0);
+        assert_eq!(
+            unsafe { libc::ftruncate(fd.as_raw_fd(), file_len as i64) },
+            0
+        );
         let map = Mapping::map(std::os::fd::AsFd::as_fd(&fd), size, false).unwrap();
         Ram { fd, map }
+    }
+
+    /// Shrinks the memfd to `len` bytes under everybody's mappings.
+    pub fn truncate(&self, len: usize) {
+        // SAFETY: ftruncate on our memfd.
+        assert_eq!(
+            unsafe { libc::ftruncate(self.fd.as_raw_fd(), len as i64) },
+            0
+        );
     }
 }
 
@@ -224,20 +250,22 @@ impl PoolMap {
     }
 }
 
-/// Guest memory as the test sees it: RAM at 0, the pool at POOL_GPA.
+/// Guest memory as the test sees it: RAM at 0 (at `ram_gpa` in the table
+/// a hostile frontend sends), the pool at POOL_GPA.
 pub struct Mem {
     pub ram: Ram,
     pub pool: Option<PoolMap>,
+    pub ram_gpa: u64,
 }
 
 impl Mem {
-    /// The vhost-user memory table: RAM at 0 and, when mapped, the pool at
-    /// POOL_GPA.
+    /// The vhost-user memory table: RAM at `ram_gpa` (normally 0) and, when
+    /// mapped, the pool at POOL_GPA.
     pub fn regions(&self) -> Vec<VhostUserMemoryRegionInfo> {
         let mut regions = vec![VhostUserMemoryRegionInfo {
-            guest_phys_addr: 0,
-            memory_size: RAM_SIZE as u64,
-            userspace_addr: self.ram.map.as_ptr() as u64,
+            guest_phys_addr: self.ram_gpa,
+            memory_size: self.ram.map.len() as u64,
+            userspace_addr: self.ram.map.as_ptr() as u64 + self.ram_gpa,
             mmap_offset: 0,
             mmap_handle: self.ram.fd.as_raw_fd(),
         }];
@@ -453,6 +481,17 @@ pub struct Setup {
     pub features: u64,
     pub size: u16,
     pub with_pool: bool,
+    /// RAM the memory table declares (and the test maps).
+    pub ram_size: usize,
+    /// Size of the RAM memfd, when it is not `ram_size`.
+    pub ram_file_len: Option<usize>,
+    /// Guest-physical address of RAM in the memory table, which also says
+    /// the region starts that far into the frontend's mapping, at file
+    /// offset 0: for a non-zero value a hostile table, whose guest and
+    /// frontend addresses agree but whose file offsets are off by as much.
+    pub ram_gpa: u64,
+    /// Whether `connect` sets up and enables both rings.
+    pub start_queues: bool,
 }
 
 impl Setup {
@@ -471,12 +510,22 @@ impl Default for Setup {
             features: VERSION_1 | EVENT_IDX | MRG_RXBUF,
             size: 256,
             with_pool: true,
+            ram_size: RAM_SIZE,
+            ram_file_len: None,
+            ram_gpa: 0,
+            start_queues: true,
         }
     }
 }
 
 impl TestFrontend {
     pub fn connect(h: &Hostd, sock: &str, s: Setup) -> TestFrontend {
+        Self::try_connect(h, sock, s).unwrap()
+    }
+
+    /// As `connect`, with the first request the daemon failed or closed
+    /// the connection on as the error.
+    pub fn try_connect(h: &Hostd, sock: &str, s: Setup) -> vhost::Result<TestFrontend> {
         let (info, _) = h.stats();
         let path = h.sock(sock);
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -490,11 +539,12 @@ impl TestFrontend {
             }
         };
         let mem = Mem {
-            ram: Ram::new(RAM_SIZE),
+            ram: Ram::with_file_len(s.ram_size, s.ram_file_len.unwrap_or(s.ram_size)),
             pool: s.with_pool.then(|| PoolMap::open(&info)),
+            ram_gpa: s.ram_gpa,
         };
-        fe.set_owner().unwrap();
-        let offered = fe.get_features().unwrap();
+        fe.set_owner()?;
+        let offered = fe.get_features()?;
         let pf = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         assert_ne!(
             offered & pf,
@@ -502,10 +552,10 @@ impl TestFrontend {
             "QEMU's vhost-user-net needs PROTOCOL_FEATURES"
         );
         let features = s.features & offered;
-        fe.set_features(features | pf).unwrap();
-        let prot = fe.get_protocol_features().unwrap();
-        fe.set_protocol_features(prot).unwrap();
-        fe.set_mem_table(&mem.regions()).unwrap();
+        fe.set_features(features | pf)?;
+        let prot = fe.get_protocol_features()?;
+        fe.set_protocol_features(prot)?;
+        fe.set_mem_table(&mem.regions())?;
         let rx = DriverQueue::new(0, s.size);
         let tx = DriverQueue::new((rx.end() + 4095) & !4095, s.size);
         let heap = (tx.end() + 0xffff) & !0xffff;
@@ -518,9 +568,13 @@ impl TestFrontend {
             heap,
         };
         for i in 0..2 {
-            t.start_queue(i);
+            if s.start_queues {
+                t.try_start_queue(i)?;
+            }
         }
-        t
+        // A request with a reply: the daemon has taken everything before it.
+        t.fe.get_features()?;
+        Ok(t)
     }
 
     pub fn ram_va(&self, gpa: u64) -> u64 {
@@ -528,6 +582,10 @@ impl TestFrontend {
     }
 
     pub fn start_queue(&mut self, i: usize) {
+        self.try_start_queue(i).unwrap()
+    }
+
+    pub fn try_start_queue(&mut self, i: usize) -> vhost::Result<()> {
         let q = if i == 0 { &self.rx } else { &self.tx };
         let cfg = VringConfigData {
             queue_max_size: q.size,
@@ -538,19 +596,19 @@ impl TestFrontend {
             avail_ring_addr: self.mem.ram.map.as_ptr() as u64 + q.avail,
             log_addr: None,
         };
-        self.fe.set_vring_num(i, q.size).unwrap();
-        self.fe.set_vring_addr(i, &cfg).unwrap();
-        self.fe.set_vring_base(i, 0).unwrap();
-        self.fe.set_vring_call(i, &q.call).unwrap();
-        self.fe.set_vring_kick(i, &q.kick).unwrap();
-        self.fe.set_vring_enable(i, true).unwrap();
+        self.fe.set_vring_num(i, q.size)?;
+        self.fe.set_vring_addr(i, &cfg)?;
+        self.fe.set_vring_base(i, 0)?;
+        self.fe.set_vring_call(i, &q.call)?;
+        self.fe.set_vring_kick(i, &q.kick)?;
+        self.fe.set_vring_enable(i, true)
     }
 
     /// Guest RAM for a buffer of `len` bytes.
     pub fn alloc(&mut self, len: u64) -> u64 {
         let a = self.heap;
         self.heap = (self.heap + len + 63) & !63;
-        assert!(self.heap <= RAM_SIZE as u64);
+        assert!(self.heap <= self.mem.ram.map.len() as u64);
         a
     }
 }

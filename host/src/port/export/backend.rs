@@ -293,6 +293,10 @@ pub fn serve(shared: Arc<ExportShared>, sockets: Sockets) {
             let _ = n.notify();
         }
         match (relay, r) {
+            (Err(e @ super::shim::RelayError::Table(_)), _) => {
+                dev.bad_mem_tables.fetch_add(1, Ordering::Relaxed);
+                log::error!("export {name}: {e}; the frontend is disconnected");
+            }
             (Err(e), _) => log::info!("export {name}: frontend disconnected ({e})"),
             (_, Err(e)) => log::info!("export {name}: frontend disconnected ({e})"),
             _ => log::info!("export {name}: frontend disconnected"),

@@ -2,6 +2,7 @@
 //! ranges mapped into the daemon, and among them the pool, recognised by
 //! the (device, inode) of the region's file.
 
+use super::sigbus::{self, page_size, FaultFlag, Registration};
 use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MmapRegion};
@@ -29,7 +30,10 @@ struct Region {
     host: *mut u8,
     /// Pool offset of the region's first byte, for the pool region.
     pool_base: Option<u64>,
-    _map: Arc<MmapRegion<()>>,
+    /// Guest RAM's SIGBUS registration. Declared before `map`, so it is
+    /// dropped (unregistered) while the mapping still exists.
+    _guard: Option<Registration>,
+    map: Arc<MmapRegion<()>>,
 }
 
 /// Where a guest-physical range lands.
@@ -43,12 +47,18 @@ pub enum Target {
 
 /// A snapshot of the memory table. Holds the mappings, so host pointers it
 /// returns stay valid while it lives even if the frontend changes the table.
+/// Its guest RAM regions are registered with `sigbus` while it lives: a
+/// page that vanishes under them (the file shrank) is replaced and counted
+/// in the export's fault flag instead of killing the daemon.
 #[derive(Default)]
 pub struct GuestMap {
     regions: Vec<Region>,
     /// Regions backed by the pool file but not wholly inside it: nothing in
     /// them is usable.
     pub bad_pool_regions: usize,
+    /// Guest RAM regions left out because they could not be registered
+    /// with the SIGBUS handler (a touch could not be contained).
+    pub unguarded_regions: usize,
 }
 
 // SAFETY: the raw pointers point into mappings owned by the Arcs held beside
@@ -57,11 +67,25 @@ unsafe impl Send for GuestMap {}
 
 impl GuestMap {
     /// Builds the map from the frontend's table; `pool` identifies the pool
-    /// file and its size.
-    pub fn new(mem: &GuestMemoryMmap<()>, pool: FileId, pool_size: u64) -> Self {
+    /// file and its size. Guest RAM faults count in `faults`; the RAM
+    /// regions of the maps in `poisoned` (maps that faulted before: they
+    /// hold zero pages now, not the guest's memory) are left out.
+    pub fn new(
+        mem: &GuestMemoryMmap<()>,
+        pool: FileId,
+        pool_size: u64,
+        faults: &Arc<FaultFlag>,
+        poisoned: &[GuestMap],
+    ) -> Self {
         let mut map = GuestMap::default();
         for r in mem.iter() {
             let m = r.get_mmap();
+            if poisoned
+                .iter()
+                .any(|pm| pm.ram_mappings().any(|p| Arc::ptr_eq(p, &m)))
+            {
+                continue;
+            }
             let gpa = r.start_addr().0;
             let len = r.len();
             let mut pool_base = None;
@@ -79,18 +103,45 @@ impl GuestMap {
             let Some(end) = gpa.checked_add(len) else {
                 continue;
             };
+            // The pool region is reached through the daemon's own pool
+            // mapping, never through this one: nothing to guard (see `sigbus`).
+            let guard = if pool_base.is_none() {
+                let page = m.file_offset().map_or(4096, |fo| page_size(fo.file()));
+                // SAFETY: the registration is dropped before `m` (field
+                // order of Region), so the range stays mapped while
+                // registered; it is the frontend's memory, which the
+                // handler may replace.
+                match unsafe { sigbus::register(m.as_ptr(), len as usize, page, faults) } {
+                    Some(g) => Some(g),
+                    None => {
+                        map.unguarded_regions += 1;
+                        continue;
+                    }
+                }
+            } else {
+                None
+            };
             map.regions.push(Region {
                 gpa,
                 end,
                 host: m.as_ptr(),
                 pool_base,
-                _map: m,
+                _guard: guard,
+                map: m,
             });
         }
         // Pool regions first: the zero-copy path translates pool descriptors
         // and pool offsets for every packet, and searches in this order.
         map.regions.sort_by_key(|r| r.pool_base.is_none());
         map
+    }
+
+    /// The mappings of guest RAM regions (not the pool's).
+    pub fn ram_mappings(&self) -> impl Iterator<Item = &Arc<MmapRegion<()>>> {
+        self.regions
+            .iter()
+            .filter(|r| r.pool_base.is_none())
+            .map(|r| &r.map)
     }
 
     pub fn has_pool(&self) -> bool {

@@ -4,11 +4,12 @@
 //! the port reads one atomic per step and takes the lock only when it
 //! changed.
 
+use super::sigbus::FaultFlag;
 use super::spec::ExportSpec;
 use crate::stats::{ExportCounters, ExportStats};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 use vhost_user_backend::VringRwLock;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
@@ -51,10 +52,15 @@ pub struct ExportShared {
     pub closing: AtomicBool,
     /// Rung on kicks and control requests: one of the port's wake-ups.
     bell: EventFd,
+    /// Faults the SIGBUS handler contained in this export's guest memory
+    /// (it rings the bell too).
+    pub mem_faults: Arc<FaultFlag>,
 }
 
 impl ExportShared {
     pub fn new(spec: ExportSpec, slot: usize, mac: [u8; 6]) -> std::io::Result<Self> {
+        let bell = EventFd::new(EFD_NONBLOCK)?;
+        let mem_faults = Arc::new(FaultFlag::new(Some(bell.try_clone()?)));
         Ok(ExportShared {
             name: spec.name(),
             spec,
@@ -68,7 +74,8 @@ impl ExportShared {
             have_vrings: AtomicBool::new(false),
             exit: Mutex::new(None),
             closing: AtomicBool::new(false),
-            bell: EventFd::new(EFD_NONBLOCK)?,
+            bell,
+            mem_faults,
         })
     }
 

@@ -9,13 +9,30 @@
 //! So the relay acknowledges such early enables itself, remembers them, and
 //! replays them to the backend right after SET_FEATURES; everything else
 //! goes through unchanged, with its file descriptors.
+//!
+//! The relay is also where a memory table is checked before the backend
+//! maps it (`mem_table`): a table whose regions do not fit their files is
+//! refused (a failure reply if the frontend asked for one) and the
+//! connection closed, so that only this frontend is turned away.
 
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use thiserror::Error;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+use super::mem_table::{self, TableError};
+
+/// Why a relay ended other than by a clean close.
+#[derive(Debug, Error)]
+pub enum RelayError {
+    #[error(transparent)]
+    Io(#[from] io::Error),
+    #[error("refused the frontend's memory table: {0}")]
+    Table(#[from] TableError),
+}
 
 const SET_FEATURES: u32 = 2;
 const SET_VRING_ENABLE: u32 = 18;
@@ -86,9 +103,24 @@ fn write_msg(s: &UnixStream, m: &Msg) -> io::Result<()> {
     (&*s).write_all(&frame[n..])
 }
 
+/// A reply to `req` saying whether it succeeded (REPLY_ACK's u64: 0 is
+/// success).
+fn ack(req: u32, ok: bool) -> Msg {
+    let mut hdr = [0u8; 12];
+    hdr[..4].copy_from_slice(&req.to_le_bytes());
+    hdr[4..8].copy_from_slice(&(FLAG_VERSION | FLAG_REPLY).to_le_bytes());
+    hdr[8..].copy_from_slice(&8u32.to_le_bytes());
+    Msg {
+        hdr,
+        body: u64::from(!ok).to_le_bytes().to_vec(),
+        fds: Vec::new(),
+    }
+}
+
 /// Relays between `front` (the frontend) and `back` (vhost-user-backend)
-/// until either side closes; returns when both directions ended.
-pub fn relay(front: UnixStream, back: UnixStream) -> io::Result<()> {
+/// until either side closes or a memory table is refused; returns when both
+/// directions ended.
+pub fn relay(front: UnixStream, back: UnixStream) -> Result<(), RelayError> {
     let front_w = Arc::new(Mutex::new(front.try_clone()?));
     let back_r = back.try_clone()?;
     let front_shut = front.try_clone()?;
@@ -109,8 +141,15 @@ pub fn relay(front: UnixStream, back: UnixStream) -> io::Result<()> {
             let _ = front_shut.shutdown(std::net::Shutdown::Both);
         })?;
     // Frontend to backend.
-    let r = (|| -> io::Result<()> {
+    let r = (|| -> Result<(), RelayError> {
         while let Some(m) = read_msg(&front)? {
+            if let Err(e) = mem_table::check(m.request(), &m.body, &m.fds) {
+                if m.flags() & FLAG_NEED_REPLY != 0 {
+                    let f = front_w.lock().unwrap_or_else(|e| e.into_inner());
+                    let _ = write_msg(&f, &ack(m.request(), false));
+                }
+                return Err(e.into());
+            }
             match m.request() {
                 SET_FEATURES if m.body.len() >= 8 => {
                     let mut v = [0u8; 8];
@@ -147,17 +186,8 @@ pub fn relay(front: UnixStream, back: UnixStream) -> io::Result<()> {
                         early.push((index, num));
                     }
                     if m.flags() & FLAG_NEED_REPLY != 0 {
-                        let mut hdr = [0u8; 12];
-                        hdr[..4].copy_from_slice(&SET_VRING_ENABLE.to_le_bytes());
-                        hdr[4..8].copy_from_slice(&(FLAG_VERSION | FLAG_REPLY).to_le_bytes());
-                        hdr[8..].copy_from_slice(&8u32.to_le_bytes());
-                        let reply = Msg {
-                            hdr,
-                            body: 0u64.to_le_bytes().to_vec(),
-                            fds: Vec::new(),
-                        };
                         let f = front_w.lock().unwrap_or_else(|e| e.into_inner());
-                        write_msg(&f, &reply)?;
+                        write_msg(&f, &ack(SET_VRING_ENABLE, true))?;
                     }
                     continue;
                 }
@@ -176,6 +206,8 @@ pub fn relay(front: UnixStream, back: UnixStream) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const SET_VRING_KICK: u32 = 12;
 
     fn msg(req: u32, flags: u32, body: &[u8]) -> Vec<u8> {
         let mut v = req.to_le_bytes().to_vec();
@@ -202,10 +234,13 @@ mod tests {
         assert_eq!(reply.body, vec![0; 8]);
         // A message with a descriptor goes through, descriptor included.
         let f = tempfile::tempfile().unwrap();
-        qemu.send_with_fds(&[&msg(5, FLAG_VERSION, &[1, 2, 3])[..]], &[f.as_raw_fd()])
-            .unwrap();
+        qemu.send_with_fds(
+            &[&msg(SET_VRING_KICK, FLAG_VERSION, &[1, 2, 3])[..]],
+            &[f.as_raw_fd()],
+        )
+        .unwrap();
         let got = read_msg(&backend).unwrap().unwrap();
-        assert_eq!(got.request(), 5);
+        assert_eq!(got.request(), SET_VRING_KICK);
         assert_eq!((got.body.clone(), got.fds.len()), (vec![1, 2, 3], 1));
         // SET_FEATURES with PROTOCOL_FEATURES, then the early enable, replayed.
         let features = PROTOCOL_FEATURES.to_le_bytes();
@@ -234,5 +269,49 @@ mod tests {
         drop(qemu);
         t.join().unwrap().unwrap();
         assert!(read_msg(&backend).unwrap().is_none());
+    }
+
+    /// A memory table of one region larger than its file.
+    fn short_table(file: &std::fs::File) -> Vec<u8> {
+        file.set_len(4096).unwrap();
+        let mut body = 1u32.to_le_bytes().to_vec();
+        body.extend_from_slice(&[0; 4]);
+        for v in [0u64, 16 << 20, 0x7f00_0000_0000, 0] {
+            body.extend_from_slice(&v.to_le_bytes());
+        }
+        body
+    }
+
+    #[test]
+    fn a_memory_table_that_does_not_fit_is_refused_and_never_reaches_the_backend() {
+        for need_reply in [true, false] {
+            let (qemu, front) = UnixStream::pair().unwrap();
+            let (back, backend) = UnixStream::pair().unwrap();
+            let t = std::thread::spawn(move || relay(front, back));
+            let f = tempfile::tempfile().unwrap();
+            let flags = FLAG_VERSION | if need_reply { FLAG_NEED_REPLY } else { 0 };
+            let table = msg(mem_table::SET_MEM_TABLE, flags, &short_table(&f));
+            qemu.send_with_fds(&[&table[..]], &[f.as_raw_fd()]).unwrap();
+            match t.join().unwrap() {
+                Err(RelayError::Table(TableError::TooSmall { file_size, .. })) => {
+                    assert_eq!(file_size, 4096)
+                }
+                r => panic!("relay ended with {r:?}"),
+            }
+            assert!(
+                read_msg(&backend).unwrap().is_none(),
+                "the backend never sees the table"
+            );
+            if need_reply {
+                let reply = read_msg(&qemu).unwrap().unwrap();
+                assert_eq!(reply.request(), mem_table::SET_MEM_TABLE);
+                assert_eq!(reply.flags(), FLAG_VERSION | FLAG_REPLY);
+                assert_eq!(reply.body, 1u64.to_le_bytes(), "a failure");
+            }
+            assert!(
+                read_msg(&qemu).unwrap().is_none(),
+                "the connection is closed"
+            );
+        }
     }
 }

@@ -2,12 +2,15 @@
 //! pointers, with every guest-controlled value checked before use.
 //!
 //! Rings live in memory the guest writes concurrently, so nothing here forms
-//! a reference into them: descriptors are copied out with one volatile read
-//! and only the copy is checked and used.
+//! a reference into them but atomics: the indices, flags and event fields
+//! that order the two sides are `AtomicU16`s (Acquire on the guest's avail
+//! index, Release on the used index, SeqCst fences where a store must be
+//! seen before a load); descriptors and ring entries, ordered by those, are
+//! copied out with one volatile read and only the copy is checked and used.
 
 use super::guest_mem::{GuestMap, Target};
 use crate::owner::OwnerTable;
-use std::sync::atomic::{fence, Ordering};
+use std::sync::atomic::{fence, AtomicU16, Ordering};
 use thiserror::Error;
 use zc_proto::buffer::VIRTIO_NET_HDR_LEN;
 use zc_proto::{BufferIndex, PoolLayout};
@@ -35,6 +38,15 @@ pub enum RingError {
     Size(u16),
     #[error("{0} ring at {1:#x} is misaligned")]
     Align(&'static str, u64),
+    #[error(
+        "{what} ring at {gpa:#x} lands on a misaligned host address {host:#x} \
+         (its memory region starts at a guest-physical address that is not page-aligned)"
+    )]
+    HostAlign {
+        what: &'static str,
+        gpa: u64,
+        host: usize,
+    },
     #[error("{0} ring at {1:#x} is outside guest memory")]
     Outside(&'static str, u64),
     #[error("{0} ring at {1:#x} lies in the zc pool outside this export's ring area")]
@@ -202,15 +214,43 @@ fn ring_ptr(
     if !addr.is_multiple_of(align) {
         return Err(RingError::Align(what, addr));
     }
-    match map.translate(addr, len) {
-        Some(Target::Ram(p)) => Ok(p),
+    let p = match map.translate(addr, len) {
+        Some(Target::Ram(p)) => p,
         Some(Target::Pool(off)) if off >= area.0 && off.saturating_add(len) <= area.1 => {
             // SAFETY: the ring area lies inside the pool mapping.
-            Ok(unsafe { pool_base.add(off as usize) })
+            unsafe { pool_base.add(off as usize) }
         }
-        Some(Target::Pool(_)) => Err(RingError::PoolArea(what, addr)),
-        None => Err(RingError::Outside(what, addr)),
+        Some(Target::Pool(_)) => return Err(RingError::PoolArea(what, addr)),
+        None => return Err(RingError::Outside(what, addr)),
+    };
+    // An aligned guest address is an aligned host address only if the
+    // region's guest and host starts agree modulo `align`; a frontend may
+    // put a region at any guest address. Every ring access relies on the
+    // host alignment (descriptors are read whole, indices are atomics).
+    if !(p as usize).is_multiple_of(align as usize) {
+        return Err(RingError::HostAlign {
+            what,
+            gpa: addr,
+            host: p as usize,
+        });
     }
+    Ok(p)
+}
+
+/// The ring index or flags field at `p`, as the atomic it is shared as.
+///
+/// # Safety
+/// `p` must be a 2-byte aligned field of a ring checked by `SplitQueue::new`
+/// (whose host pointers are aligned as virtio asks: avail 2, used 4), in
+/// guest memory that stays mapped while the reference is used: the owner
+/// keeps the GuestMap beside the queue, and the reference lives for one
+/// access.
+#[inline(always)]
+unsafe fn ring_u16<'a>(p: *mut u8) -> &'a AtomicU16 {
+    debug_assert!((p as usize).is_multiple_of(2));
+    // SAFETY: the caller's contract; the other side only ever accesses
+    // these fields as whole, aligned 16-bit words.
+    unsafe { AtomicU16::from_ptr(p.cast()) }
 }
 
 impl SplitQueue {
@@ -249,12 +289,12 @@ impl SplitQueue {
         self.size
     }
 
+    /// The guest's avail index; Acquire: the entries and descriptors it
+    /// published before are visible after this.
     #[inline(always)]
     fn avail_idx(&self) -> u16 {
-        // SAFETY: avail + 2 lies inside the avail ring checked in `new`.
-        let v = unsafe { std::ptr::read_volatile(self.avail.add(2).cast::<u16>()) };
-        fence(Ordering::Acquire);
-        u16::from_le(v)
+        // SAFETY: avail.idx, 2 bytes into the avail ring checked in `new`.
+        u16::from_le(unsafe { ring_u16(self.avail.add(2)) }.load(Ordering::Acquire))
     }
 
     /// Descriptor chains the guest made available and the device has not
@@ -419,9 +459,10 @@ impl SplitQueue {
             return;
         }
         self.next_used = self.next_used.wrapping_add(used);
-        fence(Ordering::Release);
-        // SAFETY: used + 2 lies inside the used ring.
-        unsafe { std::ptr::write_volatile(self.used.add(2).cast::<u16>(), self.next_used.to_le()) };
+        // Release: the used elements (and rewritten descriptors) are
+        // visible before the index that publishes them.
+        // SAFETY: used.idx, 2 bytes into the used ring checked in `new`.
+        unsafe { ring_u16(self.used.add(2)) }.store(self.next_used.to_le(), Ordering::Release);
     }
 
     /// Whether the guest wants an interrupt for what was published since the
@@ -433,17 +474,16 @@ impl SplitQueue {
         fence(Ordering::SeqCst);
         let old = self.signalled_used;
         let new = self.next_used;
+        // Relaxed: the SeqCst fence above orders these reads after the
+        // used index store.
         let want = if self.event_idx {
             // SAFETY: used_event sits right after the avail ring's entries.
-            let ev = u16::from_le(unsafe {
-                std::ptr::read_volatile(
-                    self.avail.add(4 + 2 * usize::from(self.size)).cast::<u16>(),
-                )
-            });
+            let ev = unsafe { ring_u16(self.avail.add(4 + 2 * usize::from(self.size))) };
+            let ev = u16::from_le(ev.load(Ordering::Relaxed));
             new.wrapping_sub(ev).wrapping_sub(1) < new.wrapping_sub(old)
         } else {
             // SAFETY: the avail flags are the ring's first field.
-            let flags = u16::from_le(unsafe { std::ptr::read_volatile(self.avail.cast::<u16>()) });
+            let flags = u16::from_le(unsafe { ring_u16(self.avail) }.load(Ordering::Relaxed));
             flags & AVAIL_F_NO_INTERRUPT == 0
         };
         self.signalled_used = new;
@@ -454,24 +494,18 @@ impl SplitQueue {
     /// buffers. With notifications on, returns whether work is already
     /// pending (the caller must then not sleep).
     pub fn set_notify(&self, on: bool) -> bool {
+        // Relaxed: with notifications on, the SeqCst fence below orders the
+        // store before the avail index re-read; off is only a hint.
         if self.event_idx {
             if on {
                 // SAFETY: avail_event sits right after the used ring's elements.
-                unsafe {
-                    std::ptr::write_volatile(
-                        self.used.add(4 + 8 * usize::from(self.size)).cast::<u16>(),
-                        self.next_avail.to_le(),
-                    )
-                };
+                let ev = unsafe { ring_u16(self.used.add(4 + 8 * usize::from(self.size))) };
+                ev.store(self.next_avail.to_le(), Ordering::Relaxed);
             }
         } else {
+            let flags = if on { 0u16 } else { USED_F_NO_NOTIFY };
             // SAFETY: the used flags are the ring's first field.
-            unsafe {
-                std::ptr::write_volatile(
-                    self.used.cast::<u16>(),
-                    (if on { 0u16 } else { USED_F_NO_NOTIFY }).to_le(),
-                )
-            };
+            unsafe { ring_u16(self.used) }.store(flags.to_le(), Ordering::Relaxed);
         }
         if !on {
             return false;
