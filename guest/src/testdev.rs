@@ -5,7 +5,7 @@
 #![cfg(test)]
 
 use crate::virtq::{Desc, RingLayout, USED_F_NO_NOTIFY};
-use std::sync::atomic::{fence, Ordering};
+use std::sync::atomic::{AtomicU16, Ordering};
 
 pub struct TestDevice {
     mem: *mut u8,
@@ -32,16 +32,19 @@ impl TestDevice {
         unsafe { self.mem.add(off as usize).cast() }
     }
 
+    /// A ring index or flags field, as the atomic the driver shares it as.
+    fn field(&self, off: u64) -> &AtomicU16 {
+        // SAFETY: `at` checked the offset; ring fields are 2-byte aligned in
+        // the queue memory (RingLayout), which outlives the device.
+        unsafe { AtomicU16::from_ptr(self.at::<u16>(off)) }
+    }
+
     pub fn avail_idx(&self) -> u16 {
-        // SAFETY: avail idx inside queue memory.
-        let v = unsafe { std::ptr::read_volatile(self.at::<u16>(self.l.avail + 2)) };
-        fence(Ordering::Acquire);
-        v
+        self.field(self.l.avail + 2).load(Ordering::Acquire)
     }
 
     pub fn avail_flags(&self) -> u16 {
-        // SAFETY: avail flags inside queue memory.
-        unsafe { std::ptr::read_volatile(self.at::<u16>(self.l.avail)) }
+        self.field(self.l.avail).load(Ordering::Relaxed)
     }
 
     /// The next available head and its descriptor.
@@ -82,19 +85,12 @@ impl TestDevice {
 
     /// Publishes a used index as is (hostile devices jump it).
     pub fn set_used_idx(&self, idx: u16) {
-        fence(Ordering::Release);
-        // SAFETY: used idx inside queue memory.
-        unsafe { std::ptr::write_volatile(self.at::<u16>(self.l.used + 2), idx) };
+        self.field(self.l.used + 2).store(idx, Ordering::Release);
     }
 
     /// The device polls: asks the driver not to kick.
     pub fn set_no_notify(&self, on: bool) {
-        // SAFETY: used flags inside queue memory.
-        unsafe {
-            std::ptr::write_volatile(
-                self.at::<u16>(self.l.used),
-                if on { USED_F_NO_NOTIFY } else { 0 },
-            )
-        }
+        let v = if on { USED_F_NO_NOTIFY } else { 0 };
+        self.field(self.l.used).store(v, Ordering::Relaxed);
     }
 }

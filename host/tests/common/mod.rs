@@ -99,9 +99,28 @@ impl Hostd {
         self.dir.path().join(name)
     }
 
+    /// What became of the daemon, without reaping it: for failure messages.
+    pub fn fate(&self) -> String {
+        // SAFETY: waitid on our own child with WNOWAIT (it stays waitable)
+        // writes into the siginfo we own.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        let flags = libc::WEXITED | libc::WNOHANG | libc::WNOWAIT;
+        // SAFETY: as above.
+        let r = unsafe { libc::waitid(libc::P_PID, self.child.id(), &mut info, flags) };
+        // SAFETY: waitid filled in a SIGCHLD siginfo (or left it zeroed).
+        let (pid, status) = unsafe { (info.si_pid(), info.si_status()) };
+        match (r, pid, info.si_code) {
+            (0, 0, _) => "zc-hostd still runs".into(),
+            (0, _, libc::CLD_EXITED) => format!("zc-hostd exited with status {status}"),
+            (0, _, _) => format!("zc-hostd was killed by signal {status}"),
+            _ => "zc-hostd is gone".into(),
+        }
+    }
+
     pub fn stats(&self) -> (ClusterInfo, Vec<ExportStats>) {
-        let s = client::connect(&self.run_dir(), self.cluster).unwrap();
-        match client::call(&s, &Request::Stats).unwrap() {
+        let fail = |e: &dyn std::fmt::Display| -> ! { panic!("stats: {e} ({})", self.fate()) };
+        let s = client::connect(&self.run_dir(), self.cluster).unwrap_or_else(|e| fail(&e));
+        match client::call(&s, &Request::Stats).unwrap_or_else(|e| fail(&e)) {
             (Reply::Stats { info, exports, .. }, _) => (info, exports),
             r => panic!("unexpected reply {r:?}"),
         }
