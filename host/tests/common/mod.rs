@@ -99,17 +99,25 @@ impl Hostd {
         self.dir.path().join(name)
     }
 
-    /// What became of the daemon, without reaping it: for failure messages.
+    /// What became of the daemon, without reaping it: for failure messages
+    /// (given a moment to finish dying, since a closed socket comes first).
     pub fn fate(&self) -> String {
-        // SAFETY: waitid on our own child with WNOWAIT (it stays waitable)
-        // writes into the siginfo we own.
-        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-        let flags = libc::WEXITED | libc::WNOHANG | libc::WNOWAIT;
-        // SAFETY: as above.
-        let r = unsafe { libc::waitid(libc::P_PID, self.child.id(), &mut info, flags) };
-        // SAFETY: waitid filled in a SIGCHLD siginfo (or left it zeroed).
-        let (pid, status) = unsafe { (info.si_pid(), info.si_status()) };
-        match (r, pid, info.si_code) {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let (r, pid, status, code) = loop {
+            // SAFETY: waitid on our own child with WNOWAIT (it stays
+            // waitable) writes into the siginfo we own.
+            let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+            let flags = libc::WEXITED | libc::WNOHANG | libc::WNOWAIT;
+            // SAFETY: as above.
+            let r = unsafe { libc::waitid(libc::P_PID, self.child.id(), &mut info, flags) };
+            // SAFETY: waitid filled in a SIGCHLD siginfo (or left it zeroed).
+            let (pid, status) = unsafe { (info.si_pid(), info.si_status()) };
+            if r != 0 || pid != 0 || Instant::now() >= deadline {
+                break (r, pid, status, info.si_code);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        match (r, pid, code) {
             (0, 0, _) => "zc-hostd still runs".into(),
             (0, _, libc::CLD_EXITED) => format!("zc-hostd exited with status {status}"),
             (0, _, _) => format!("zc-hostd was killed by signal {status}"),
