@@ -431,6 +431,46 @@ fn a_full_ingress_queue_drops_and_counts_the_rest() {
     w.take(PortId(1)).unwrap().stop();
 }
 
+#[test]
+fn a_stalled_port_lets_the_kernel_drop_for_want_of_fill_buffers() {
+    if !root() {
+        return;
+    }
+    let v = Veth::new();
+    Veth::enter(&v.ns_a);
+    let mut rig = Rig::new();
+    let w = Workers::start(1, &[]).unwrap();
+    let c = cfg(&v, Mode::Xdp, ZeroCopy::Auto);
+    // 200 buffers, all lent to the fill ring (the port has no egress).
+    let parts = rig.parts(200, true, false);
+    let port = NicPort::open(&c, parts).unwrap_or_else(|(e, _)| panic!("open: {e}"));
+    let counters = port.counters();
+    w.add(PortId(1), Box::new(port), None).unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    const N: u32 = 500;
+    {
+        // The worker holds still: the kernel fills the 200 buffers, then
+        // has none for the other 300.
+        let (_, paused) = w.pause().expect("workers pause");
+        udp_from_b(&v, N, 100).join().unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        drop(paused);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = counters.snapshot();
+        if s.rx_packets + s.drop_fill_ring_empty == u64::from(N) {
+            assert_eq!(s.rx_packets, 200, "{s:?}");
+            assert_eq!(s.drop_fill_ring_empty, 300, "{s:?}");
+            assert_eq!(s.drop_kernel_ring_full + s.drop_too_long, 0, "{s:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{s:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(w.take(PortId(1)).unwrap().stop().len(), 200);
+}
+
 fn write_pcap(path: &Path, frames: &[Vec<u8>]) {
     let mut out = Vec::new();
     out.extend(0xa1b2_c3d4_u32.to_le_bytes());

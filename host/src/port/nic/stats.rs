@@ -54,6 +54,9 @@ pub struct NicCounters {
     pub(super) drop_fill_ring_empty: AtomicU64,
     pub(super) drop_queue_full: AtomicU64,
     pub(super) drop_too_long: AtomicU64,
+    /// The kernel's count of frames longer than a chunk (AF_XDP), kept
+    /// apart because the kernel's totals are stored, not added.
+    pub(super) kernel_too_long: AtomicU64,
     pub(super) bad_descs: AtomicU64,
     pub(super) tx_errors: AtomicU64,
 }
@@ -102,7 +105,7 @@ impl NicCounters {
             drop_kernel_ring_full: r(&self.drop_kernel_ring_full),
             drop_fill_ring_empty: r(&self.drop_fill_ring_empty),
             drop_queue_full: r(&self.drop_queue_full),
-            drop_too_long: r(&self.drop_too_long),
+            drop_too_long: r(&self.drop_too_long) + r(&self.kernel_too_long),
             bad_descs: r(&self.bad_descs),
             tx_errors: r(&self.tx_errors),
         }

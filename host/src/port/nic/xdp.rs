@@ -526,10 +526,15 @@ impl XdpPort {
         if let Ok(s) = self.user.statistics_v2() {
             let c = &self.counters;
             use std::sync::atomic::Ordering::Relaxed;
-            c.drop_kernel_ring_full
-                .store(s.rx_ring_full + s.rx_dropped, Relaxed);
+            // rx_dropped counts frames without a fill buffer and frames
+            // longer than a chunk; the first are also in the fill count.
+            c.drop_kernel_ring_full.store(s.rx_ring_full, Relaxed);
             c.drop_fill_ring_empty
                 .store(s.rx_fill_ring_empty_descs, Relaxed);
+            c.kernel_too_long.store(
+                s.rx_dropped.saturating_sub(s.rx_fill_ring_empty_descs),
+                Relaxed,
+            );
         }
     }
 
