@@ -94,6 +94,8 @@ enum Route {
         socket: PathBuf,
         pool: PathBuf,
         queue: u16,
+        /// The MAC of the export `socket` is, as its daemon says.
+        served: Option<[u8; 6]>,
     },
 }
 
@@ -132,6 +134,10 @@ fn resolve(name: &str, opts: &Options) -> Result<Route, Error> {
                 socket: socket.clone(),
                 pool: pool_file(name, opts, cluster.0)?,
                 queue: queue.0,
+                served: client::export_at(&opts.run_dir, cluster.0, socket)
+                    .ok()
+                    .flatten()
+                    .and_then(|e| zc_host::port::export::spec::parse_mac(&e.mac)),
             }),
             // A cluster of this host wins; else, in a VM, its PCI pool.
             None if !zc_host::control::control_path(&opts.run_dir, cluster.0).exists()
@@ -245,7 +251,8 @@ fn open_rx_once(name: &str, opts: &Options) -> Result<Rx, Error> {
             socket,
             pool,
             queue,
-        } => GuestRx::open_vhost_user(&socket, &pool, queue)
+            served,
+        } => GuestRx::open_vhost_user(&socket, &pool, queue, served)
             .map(|q| Rx::Guest(Box::new(q)))
             .map_err(guest_err(name)),
     }
@@ -275,7 +282,8 @@ fn open_tx_once(name: &str, opts: &Options) -> Result<Tx, Error> {
             socket,
             pool,
             queue,
-        } => GuestTx::open_vhost_user(&socket, &pool, queue)
+            served,
+        } => GuestTx::open_vhost_user(&socket, &pool, queue, served)
             .map(|q| Tx::Guest(Box::new(q)))
             .map_err(guest_err(name)),
     }

@@ -2,7 +2,7 @@
 //! transport.
 
 use crate::core::{CoreStats, RxCore, TxCore};
-use crate::error::{Direction, GuestError, Result, Violation};
+use crate::error::{mac_string, Direction, GuestError, Result, Violation};
 use crate::pool::PoolMap;
 use crate::transport::{bring_up, Core};
 use crate::vhost_user::VhostUser;
@@ -75,50 +75,59 @@ fn map_pool_file(pool_path: &Path) -> Result<(std::fs::File, PoolMap)> {
 }
 
 /// Opens cluster queue `queue` through the vhost-user export at `socket`,
-/// sharing the pool file at `pool_path`.
+/// sharing the pool file at `pool_path`. `served` is the MAC of the export
+/// the socket belongs to, as the cluster's daemon says (`None`: the daemon
+/// is not reachable, or the socket is none of its exports, e.g. another
+/// backend such as DPDK's): the driver checks the socket against the
+/// export directory with it, since the export itself does not say which
+/// one it is over vhost-user.
 ///
 /// Sending when no export sends into `queue`: the socket may serve a sink,
 /// an export without a tx queue that consumes (exchanges and drops) what
-/// its guest sends. Each sink of the directory is tried in turn; the MAC in
-/// the device config (zc-hostd reports it) tells whether the socket serves
-/// it, and a backend that reports none is taken for no sink.
+/// its guest sends; `served` tells which sink it is.
 fn open_vhost_user(
     socket: &Path,
     pool_path: &Path,
     queue: u16,
     dir: Direction,
+    served: Option<[u8; 6]>,
 ) -> Result<(Core, Device, PoolMap)> {
     let (file, pool) = map_pool_file(pool_path)?;
-    let open = |slot: usize, entry: &ExportEntry, require_mac: bool| -> Result<(Core, Device)> {
+    let open = |slot: usize, entry: &ExportEntry| -> Result<(Core, Device)> {
         let f = file.try_clone().map_err(|e| GuestError::io(pool_path, e))?;
         let mut vu = VhostUser::connect(socket, f, pool.base(), pool.layout().pool_size)?;
-        vu.expect_mac = Some(entry.mac);
-        vu.require_mac = require_mac;
         let core = bring_up(&mut vu, &pool, slot, entry, dir)?;
         Ok((core, Device::VhostUser(vu)))
     };
     let missing = match pool.export_for_queue(queue, dir) {
         Ok((slot, entry)) => {
-            let (core, dev) = open(slot, &entry, false)?;
+            if let Some(m) = served.filter(|m| *m != entry.mac) {
+                return Err(GuestError::VhostUser {
+                    path: socket.to_path_buf(),
+                    msg: format!(
+                        "this socket serves the device with MAC {}, but the export of that queue has MAC {}: use that export's socket",
+                        mac_string(&m),
+                        mac_string(&entry.mac)
+                    ),
+                });
+            }
+            let (core, dev) = open(slot, &entry)?;
             return Ok((core, dev, pool));
         }
         Err(e) if dir == Direction::Tx => e,
         Err(e) => return Err(e),
     };
     // Otherwise the error is the missing export of `queue`.
-    for (slot, entry) in &pool.sinks() {
-        match open(*slot, entry, true) {
-            Ok((core, dev)) => {
-                log::info!(
-                    "zc-guest: no export sends into queue {queue}; {} is a sink: what is sent there is consumed and dropped",
-                    socket.display()
-                );
-                return Ok((core, dev, pool));
-            }
-            Err(e) => log::debug!("zc-guest: {}: not sink {slot}: {e}", socket.display()),
-        }
-    }
-    Err(missing)
+    let sink = served.and_then(|m| pool.sinks().into_iter().find(|(_, e)| e.mac == m));
+    let Some((slot, entry)) = sink else {
+        return Err(missing);
+    };
+    let (core, dev) = open(slot, &entry)?;
+    log::info!(
+        "zc-guest: no export sends into queue {queue}; {} is a sink: what is sent there is consumed and dropped",
+        socket.display()
+    );
+    Ok((core, dev, pool))
 }
 
 impl GuestRx {
@@ -136,9 +145,15 @@ impl GuestRx {
     }
 
     /// Receives cluster queue `queue` as the vhost-user frontend of the
-    /// export at `socket` (no VM), sharing the pool file `pool_path`.
-    pub fn open_vhost_user(socket: &Path, pool_path: &Path, queue: u16) -> Result<Self> {
-        let (core, dev, pool) = open_vhost_user(socket, pool_path, queue, Direction::Rx)?;
+    /// export at `socket` (no VM), sharing the pool file `pool_path`;
+    /// `served`: the MAC of the export the daemon says `socket` is.
+    pub fn open_vhost_user(
+        socket: &Path,
+        pool_path: &Path,
+        queue: u16,
+        served: Option<[u8; 6]>,
+    ) -> Result<Self> {
+        let (core, dev, pool) = open_vhost_user(socket, pool_path, queue, Direction::Rx, served)?;
         Self::from_parts(core, dev, pool)
     }
 
@@ -180,8 +195,13 @@ impl GuestTx {
 
     /// Sends into cluster queue `queue` as the vhost-user frontend of the
     /// export at `socket` (no VM), sharing the pool file `pool_path`.
-    pub fn open_vhost_user(socket: &Path, pool_path: &Path, queue: u16) -> Result<Self> {
-        let (core, dev, pool) = open_vhost_user(socket, pool_path, queue, Direction::Tx)?;
+    pub fn open_vhost_user(
+        socket: &Path,
+        pool_path: &Path,
+        queue: u16,
+        served: Option<[u8; 6]>,
+    ) -> Result<Self> {
+        let (core, dev, pool) = open_vhost_user(socket, pool_path, queue, Direction::Tx, served)?;
         Self::from_parts(core, dev, pool)
     }
 

@@ -5,13 +5,12 @@
 //! with a VM and recognises the pool by its file.
 
 use crate::core::Bell;
-use crate::error::{mac_string, GuestError, Result};
+use crate::error::{GuestError, Result};
 use crate::init::negotiate;
 use crate::transport::{QueueOffsets, Transport};
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use vhost::vhost_user::message::VhostUserConfigFlags;
 use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -78,12 +77,6 @@ pub struct VhostUser {
     pool_size: u64,
     protocol: bool,
     started: [bool; 2],
-    /// The MAC of the export this socket must serve, checked once the
-    /// backend's config space is reachable.
-    pub expect_mac: Option<[u8; 6]>,
-    /// Fail unless the backend reports expect_mac (a backend that reports
-    /// no MAC passes the check otherwise).
-    pub require_mac: bool,
 }
 
 // SAFETY: pool_ptr and the memfd mapping stay valid while this value lives
@@ -119,8 +112,6 @@ impl VhostUser {
             pool_size,
             protocol: false,
             started: [false; 2],
-            expect_mac: None,
-            require_mac: false,
         })
     }
 
@@ -128,40 +119,6 @@ impl VhostUser {
         GuestError::VhostUser {
             path: self.path.clone(),
             msg: format!("{what}: {e}"),
-        }
-    }
-
-    /// The MAC the backend's device config reports, when it has one.
-    pub fn mac(&mut self) -> Option<[u8; 6]> {
-        if !self.protocol {
-            return None;
-        }
-        let (_, buf) = self
-            .fe
-            .get_config(0, 6, VhostUserConfigFlags::empty(), &[0u8; 6])
-            .ok()?;
-        buf.get(..6)?.try_into().ok()
-    }
-
-    /// Checks the backend serves the export with MAC `want`.
-    pub fn check_mac(&mut self, want: [u8; 6]) -> Result<()> {
-        match self.mac() {
-            None if self.require_mac => Err(GuestError::VhostUser {
-                path: self.path.clone(),
-                msg: format!(
-                    "the backend does not report its MAC, so this socket cannot be told to serve the export with MAC {}",
-                    mac_string(&want)
-                ),
-            }),
-            Some(m) if m != want => Err(GuestError::VhostUser {
-                path: self.path.clone(),
-                msg: format!(
-                    "this socket serves the device with MAC {}, but the export of that queue has MAC {}: use that export's socket",
-                    mac_string(&m),
-                    mac_string(&want)
-                ),
-            }),
-            _ => Ok(()),
         }
     }
 }
@@ -184,8 +141,10 @@ impl Transport for VhostUser {
                 .fe
                 .get_protocol_features()
                 .map_err(|e| self.err("GET_PROTOCOL_FEATURES", e))?;
-            let want =
-                pf & (VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::CONFIG);
+            // Not CONFIG: which export a socket serves is the daemon's
+            // word (see `queue::open_vhost_user`), and zc-hostd does not
+            // offer CONFIG (QEMU's vhost-user-net warns about it).
+            let want = pf & VhostUserProtocolFeatures::REPLY_ACK;
             self.fe
                 .set_protocol_features(want)
                 .map_err(|e| self.err("SET_PROTOCOL_FEATURES", e))?;
@@ -193,9 +152,6 @@ impl Transport for VhostUser {
         self.fe
             .set_features(f)
             .map_err(|e| self.err("SET_FEATURES", e))?;
-        if let Some(want) = self.expect_mac {
-            self.check_mac(want)?;
-        }
         let regions = [
             VhostUserMemoryRegionInfo {
                 guest_phys_addr: 0,

@@ -67,6 +67,33 @@ pub fn call(sock: &UnixStream, req: &Request) -> Result<(Reply, Vec<OwnedFd>), C
     }
 }
 
+/// The export of `cluster` whose vhost-user socket is the file at
+/// `socket` (the same file, however either path names it), as its daemon
+/// reports it; `None` when the socket is none of its exports.
+pub fn export_at(
+    run_dir: &Path,
+    cluster: u32,
+    socket: &Path,
+) -> Result<Option<crate::stats::ExportStats>, ClientError> {
+    use std::os::unix::fs::MetadataExt;
+    let sock = connect(run_dir, cluster)?;
+    let exports = match call(&sock, &Request::Stats)? {
+        (Reply::Stats { exports, .. }, _) => exports,
+        _ => {
+            return Err(ClientError::Protocol(io::Error::other(
+                "unexpected reply to stats",
+            )))
+        }
+    };
+    let id = |p: &Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    let Some(want) = id(socket) else {
+        return Ok(None);
+    };
+    Ok(exports
+        .into_iter()
+        .find(|e| id(Path::new(&e.path)) == Some(want)))
+}
+
 /// Asks the daemon of `cluster` to describe it.
 pub fn cluster_info(run_dir: &Path, cluster: u32) -> Result<ClusterInfo, ClientError> {
     let sock = connect(run_dir, cluster)?;

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
-use vhost::vhost_user::message::VhostUserVirtioFeatures;
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vmm_sys_util::eventfd::EventFd;
@@ -581,6 +581,10 @@ impl TestFrontend {
         let features = s.features & offered;
         fe.set_features(features | pf)?;
         let prot = fe.get_protocol_features()?;
+        assert!(
+            !prot.contains(VhostUserProtocolFeatures::CONFIG),
+            "an export offering CONFIG makes QEMU warn at every VM start: {prot:?}"
+        );
         fe.set_protocol_features(prot)?;
         fe.set_mem_table(&mem.regions())?;
         let rx = DriverQueue::new(0, s.size);

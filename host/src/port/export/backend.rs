@@ -63,16 +63,14 @@ impl VhostUserBackend for Backend {
         self.0.request(|c| c.acked_features = features, false);
     }
 
-    /// CONFIG: a frontend without a VM (the zc guest driver over
-    /// vhost-user) reads the export's MAC from the device config, and so
-    /// knows which export a socket serves. QEMU's vhost-user-net does not
-    /// take it (it serves the config from the device's own mac= property).
+    /// None beyond what vhost-user-backend adds itself (REPLY_ACK, ...).
+    /// Not CONFIG: QEMU's vhost-user-net does not take it and warns at
+    /// every VM start when a backend offers it ("backend supports
+    /// VHOST_USER_PROTOCOL_F_CONFIG but QEMU does not"); it serves the MAC
+    /// from the device's mac= property. The zc guest driver learns which
+    /// export a socket is from the daemon instead (`client::export_at`).
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::CONFIG
-    }
-
-    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        net_config(self.0.mac, offset, size)
+        VhostUserProtocolFeatures::empty()
     }
 
     fn reset_device(&self) {
@@ -141,25 +139,6 @@ impl VhostUserBackend for Backend {
         self.0.ring();
         Ok(())
     }
-}
-
-/// Bytes `offset..offset + size` of the virtio-net config space of an export
-/// with `mac` (virtio 1.x 5.1.4: mac, then status with the link up; the
-/// rest of the struct reads as zero). Out of range: empty, which tells the
-/// frontend the request failed.
-fn net_config(mac: [u8; 6], offset: u32, size: u32) -> Vec<u8> {
-    /// Status field: VIRTIO_NET_S_LINK_UP.
-    const LINK_UP: u16 = 1;
-    /// virtio_net_config's size with every field the spec defines.
-    const CONFIG_LEN: u64 = 64;
-    let (offset, size) = (u64::from(offset), u64::from(size));
-    if offset + size > CONFIG_LEN {
-        return Vec::new();
-    }
-    let mut cfg = [0u8; CONFIG_LEN as usize];
-    cfg[..6].copy_from_slice(&mac);
-    cfg[6..8].copy_from_slice(&LINK_UP.to_le_bytes());
-    cfg[offset as usize..(offset + size) as usize].to_vec()
 }
 
 /// The export's sockets: the public one frontends connect to (mode 0660),
@@ -301,29 +280,5 @@ pub fn serve(shared: Arc<ExportShared>, sockets: Sockets) {
             (_, Err(e)) => log::info!("export {name}: frontend disconnected ({e})"),
             _ => log::info!("export {name}: frontend disconnected"),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::net_config;
-
-    const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
-
-    #[test]
-    fn config_space_holds_the_mac_and_link_up() {
-        assert_eq!(
-            net_config(MAC, 0, 8),
-            [0x52, 0x54, 0x00, 0x12, 0x34, 0x56, 1, 0]
-        );
-        assert_eq!(net_config(MAC, 4, 2), [0x34, 0x56]);
-        assert_eq!(net_config(MAC, 10, 4), [0; 4], "fields not offered read 0");
-    }
-
-    #[test]
-    fn requests_past_the_config_space_fail_without_panicking() {
-        assert!(net_config(MAC, 60, 8).is_empty());
-        assert!(net_config(MAC, u32::MAX, u32::MAX).is_empty());
-        assert_eq!(net_config(MAC, 56, 8).len(), 8);
     }
 }
