@@ -9,9 +9,10 @@
 //! processes that attach (`control`) and the client end a host application
 //! uses (`client`). QEMU over QMP (`qmp`, `hotplug`). The daemon (`daemon`)
 //! composes all of these; nothing else depends on it.
-//! `paths` keeps the daemon from replacing or removing files that are not
+//! `access` says who may open the sockets and the pool; `paths` keeps the daemon from replacing or removing files that are not
 //! its own; `cpu` checks and applies `-g`.
 
+pub mod access;
 pub mod client;
 pub mod cluster;
 pub mod control;

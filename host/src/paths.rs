@@ -4,6 +4,7 @@
 //! refuses everything else with one line naming the path, and at the end
 //! removes only files that are still the ones it created.
 
+use crate::access::Access;
 use std::fs::{self, Metadata};
 use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
@@ -15,6 +16,12 @@ use thiserror::Error;
 pub enum PathError {
     #[error("{what} {}: {kind} is in the way (zc-hostd replaces only a socket nobody listens on); remove it or choose another path", path.display())]
     InTheWay {
+        what: &'static str,
+        path: PathBuf,
+        kind: &'static str,
+    },
+    #[error("{what} {}: {kind} is in the way (zc-hostd replaces only a link a stopped zc-hostd left, to a missing file or to this cluster's pool); remove it", path.display())]
+    LinkInTheWay {
         what: &'static str,
         path: PathBuf,
         kind: &'static str,
@@ -167,12 +174,12 @@ pub fn clear_for_socket(what: &'static str, path: &Path) -> Result<(), PathError
     }
 }
 
-/// Listens on a new socket at `path` (see [`clear_for_socket`]) with file
-/// mode `mode`.
+/// Listens on a new socket at `path` (see [`clear_for_socket`]) with the
+/// file mode and group of `access`.
 pub fn bind_socket(
     what: &'static str,
     path: &Path,
-    mode: u32,
+    access: Access,
 ) -> Result<(UnixListener, Owned), PathError> {
     clear_for_socket(what, path)?;
     let io = |source| PathError::Io {
@@ -182,11 +189,60 @@ pub fn bind_socket(
     };
     let listener = UnixListener::bind(path).map_err(io)?;
     let owned = Owned::record(path).map_err(io)?;
-    if let Err(e) = fs::set_permissions(path, fs::Permissions::from_mode(mode)) {
+    let set = access
+        .apply_group(path)
+        .and_then(|()| fs::set_permissions(path, fs::Permissions::from_mode(access.mode)));
+    if let Err(e) = set {
         owned.remove();
         return Err(io(e));
     }
     Ok((listener, owned))
+}
+
+/// Makes `link` a symbolic link to `target`. What is there already is
+/// replaced only when `leftover` says the link there is one a stopped
+/// daemon left (its target is gone, or is this cluster's pool); anything
+/// else is in the way.
+pub fn make_symlink(
+    what: &'static str,
+    link: &Path,
+    target: &Path,
+    leftover: impl FnOnce(&Path) -> bool,
+) -> Result<Owned, PathError> {
+    let io = |source| PathError::Io {
+        what,
+        path: link.into(),
+        source,
+    };
+    match fs::symlink_metadata(link) {
+        Ok(m) if m.file_type().is_symlink() => {
+            let old = fs::read_link(link).map_err(io)?;
+            let old = if old.is_relative() {
+                link.parent().unwrap_or(Path::new("/")).join(old)
+            } else {
+                old
+            };
+            if !leftover(&old) {
+                return Err(PathError::LinkInTheWay {
+                    what,
+                    path: link.into(),
+                    kind: "a symbolic link to something else",
+                });
+            }
+            fs::remove_file(link).map_err(io)?;
+        }
+        Ok(m) => {
+            return Err(PathError::LinkInTheWay {
+                what,
+                path: link.into(),
+                kind: kind(&m),
+            })
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(e)),
+    }
+    std::os::unix::fs::symlink(target, link).map_err(io)?;
+    Owned::record(link).map_err(io)
 }
 
 /// Creates `base/part1/part2/...`, one level at a time, where `base`
@@ -259,9 +315,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("s");
         // Nothing there.
-        let (l, owned) = bind_socket("export socket", &p, 0o660).unwrap();
+        let (l, owned) = bind_socket("export socket", &p, Access::PRIVATE).unwrap();
         // Live: refused, and the socket still works.
-        let e = bind_socket("export socket", &p, 0o660).unwrap_err();
+        let e = bind_socket("export socket", &p, Access::PRIVATE).unwrap_err();
         assert_eq!(
             e.to_string(),
             format!(
@@ -272,7 +328,7 @@ mod tests {
         UnixStream::connect(&p).unwrap();
         // Someone else's socket at the path now: ours no longer.
         fs::remove_file(&p).unwrap();
-        let (other, other_owned) = bind_socket("export socket", &p, 0o660).unwrap();
+        let (other, other_owned) = bind_socket("export socket", &p, Access::PRIVATE).unwrap();
         assert!(!owned.is_ours());
         assert!(
             !owned.remove(),
@@ -282,7 +338,7 @@ mod tests {
         drop(l);
         // Stale (its listener is gone): replaced.
         drop(other);
-        let (_l3, owned3) = bind_socket("export socket", &p, 0o660).unwrap();
+        let (_l3, owned3) = bind_socket("export socket", &p, Access::PRIVATE).unwrap();
         assert!(owned3.remove());
         assert!(!p.exists());
         drop(other_owned);
@@ -302,7 +358,7 @@ mod tests {
             (&link, "a symbolic link"),
             (&sub, "a directory"),
         ] {
-            let e = bind_socket("control socket", p, 0o660).unwrap_err();
+            let e = bind_socket("control socket", p, Access::PRIVATE).unwrap_err();
             assert_eq!(
                 e.to_string(),
                 format!(
@@ -317,6 +373,49 @@ mod tests {
             .file_type()
             .is_symlink());
         assert!(sub.is_dir());
+    }
+
+    #[test]
+    fn a_link_replaces_only_a_leftover_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let link = dir.path().join("zcpool7");
+        let pool = dir.path().join("pool");
+        fs::write(&pool, b"pool").unwrap();
+        let pool_of_7 = |t: &Path| t == pool;
+        // Nothing there; then our own link again (a daemon killed with -9).
+        let owned = make_symlink("pool link", &link, &pool, pool_of_7).unwrap();
+        let again = make_symlink("pool link", &link, &pool, pool_of_7).unwrap();
+        assert!(!owned.is_ours(), "replaced: a new link");
+        // Dangling: its target is gone.
+        fs::remove_file(&link).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("gone"), &link).unwrap();
+        let gone = |t: &Path| !t.exists();
+        make_symlink("pool link", &link, &pool, gone).unwrap();
+        assert_eq!(fs::read_link(&link).unwrap(), pool);
+        // A link to something else, and a regular file, stay.
+        let other = dir.path().join("other");
+        fs::write(&other, b"x").unwrap();
+        fs::remove_file(&link).unwrap();
+        std::os::unix::fs::symlink(&other, &link).unwrap();
+        let e =
+            make_symlink("pool link", &link, &pool, |t| !t.exists() || pool_of_7(t)).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "pool link {}: a symbolic link to something else is in the way (zc-hostd replaces only a link a stopped zc-hostd left, to a missing file or to this cluster's pool); remove it",
+                link.display()
+            )
+        );
+        assert_eq!(fs::read_link(&link).unwrap(), other);
+        fs::remove_file(&link).unwrap();
+        fs::write(&link, b"mine").unwrap();
+        let e = make_symlink("pool link", &link, &pool, |_| true).unwrap_err();
+        assert!(
+            e.to_string().contains("a regular file is in the way"),
+            "{e}"
+        );
+        assert_eq!(fs::read(&link).unwrap(), b"mine");
+        drop(again);
     }
 
     #[test]

@@ -89,6 +89,25 @@ fn free_hugepages() -> Option<u64> {
 /// file whose header says it is that cluster's pool. Anything else there is
 /// refused and kept. The caller holds the cluster lock, so no running
 /// daemon owns such a file.
+/// True when `path` is a regular file whose header says it is the zc
+/// pool of `cluster`.
+pub fn is_pool_of(path: &Path, cluster: u32) -> bool {
+    let mut head = [0u8; 16];
+    let read = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .and_then(|mut f| {
+            if !f.metadata()?.is_file() {
+                return Err(io::Error::other("not a regular file"));
+            }
+            f.read_exact(&mut head)
+        });
+    read.is_ok()
+        && head[..8] == zc_proto::layout::POOL_MAGIC
+        && u32::from_le_bytes([head[12], head[13], head[14], head[15]]) == cluster
+}
+
 fn clear_stale_pool(path: &Path, cluster: u32) -> Result<(), PoolError> {
     let meta = match fs::symlink_metadata(path) {
         Ok(m) => m,

@@ -130,6 +130,13 @@ struct Args {
     )]
     run_dir: PathBuf,
 
+    /// Give the export sockets and the pool file this group (name or id;
+    /// mode stays 0660), so that a QEMU running as another user may open
+    /// them: libvirt starts QEMU as libvirt-qemu (group libvirt-qemu on
+    /// Debian), so `--vm-group libvirt-qemu`.
+    #[arg(long = "vm-group", value_name = "GROUP")]
+    vm_group: Option<String>,
+
     /// Log attachments and detachments, and print a statistics line per
     /// export every second.
     #[arg(short = 'v', long, global = true)]
@@ -414,6 +421,11 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         stock: args.stock,
         workers: usize::from(args.workers),
         cores: args.cores.clone(),
+        vm_group: args
+            .vm_group
+            .as_deref()
+            .map(zc_host::access::group_id)
+            .transpose()?,
     };
     let daemon = Daemon::start(opts)?;
     let guard = daemon.cluster();

@@ -3,6 +3,7 @@
 //! (queue roles, buffers, a directory slot), the port built from that
 //! claim, and giving it all back when the export goes.
 
+use crate::access::Access;
 use crate::cluster::{AttachError, BufferHolder, Cluster, Held};
 use crate::control::Role;
 use crate::port::export::shared::ExportShared;
@@ -77,6 +78,8 @@ pub struct Registry {
     exports: Mutex<Vec<Running>>,
     /// `--stock` for exports attached at run time.
     stock: u32,
+    /// Mode and group of the export sockets (`--vm-group`).
+    access: Access,
     next_id: AtomicU64,
 }
 
@@ -194,14 +197,21 @@ fn release(c: &mut Cluster, shared: &ExportShared, bufs: Vec<BufferIndex>) {
 }
 
 impl Registry {
-    /// The registry of a cluster whose ports run on `workers`.
-    pub fn new(cluster: Arc<Mutex<Cluster>>, workers: Arc<Workers>, stock: u32) -> Self {
+    /// The registry of a cluster whose ports run on `workers`; export
+    /// sockets get `access`.
+    pub fn new(
+        cluster: Arc<Mutex<Cluster>>,
+        workers: Arc<Workers>,
+        stock: u32,
+        access: Access,
+    ) -> Self {
         lock(&cluster).add_buffer_holder(Arc::new(WorkerHolder(workers.clone())));
         Registry {
             cluster,
             workers,
             exports: Mutex::new(Vec::new()),
             stock,
+            access,
             next_id: AtomicU64::new(1),
         }
     }
@@ -270,7 +280,7 @@ impl Registry {
             export: name.clone(),
             source,
         };
-        let (sockets, closer) = backend::listen(&spec.path)?;
+        let (sockets, closer) = backend::listen(&spec.path, self.access)?;
         let mut c = lock(&self.cluster);
         let claimed = match claim(&mut c, slot, &cfg, &name) {
             Ok(cl) => cl,

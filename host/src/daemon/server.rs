@@ -4,6 +4,7 @@
 use super::lock::{ClusterLock, LockError};
 use super::registry::{ExportConfig, ExportError, Registry};
 use super::vm::{VmError, Vms};
+use crate::access::Access;
 use crate::cluster::{Cluster, ConnId, CreateError};
 use crate::control::{self, Reply, Request, Role};
 pub use crate::control::{cluster_run_dir, control_path};
@@ -15,7 +16,7 @@ use crate::worker::{WorkerError, Workers};
 use std::collections::BTreeMap;
 use std::fs;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -58,6 +59,16 @@ pub struct DaemonOptions {
     /// Poll threads, and the cores they are pinned to.
     pub workers: usize,
     pub cores: Vec<usize>,
+    /// The group of the export sockets and the pool file, so that a QEMU
+    /// running as another user (libvirt's) may open them (`--vm-group`).
+    pub vm_group: Option<u32>,
+}
+
+/// Where libvirt finds the pool of `cluster`: its `<shmem name='zcpool<C>'>`
+/// always maps `/dev/shm/<name>`, and the daemon makes that name a link
+/// to the pool file (`dir` is /dev/shm but for tests).
+pub fn pool_link_path(dir: &Path, cluster: u32) -> PathBuf {
+    dir.join(crate::port::export::qemu_args::pool_object_id(cluster))
 }
 
 fn lock_cluster(c: &Mutex<Cluster>) -> MutexGuard<'_, Cluster> {
@@ -70,14 +81,19 @@ struct Files {
     lock: ClusterLock,
     dir: PathBuf,
     ctl: Option<Owned>,
+    /// `/dev/shm/zcpool<C>`, the pool's name for libvirt.
+    pool_link: Option<Owned>,
 }
 
 impl Files {
-    /// Removes the control socket (if still ours), the run directory (if
-    /// empty), then gives up the lock.
+    /// Removes the control socket and the pool link (if still ours), the
+    /// run directory (if empty), then gives up the lock.
     fn remove(self) {
         if let Some(ctl) = &self.ctl {
             ctl.remove();
+        }
+        if let Some(link) = &self.pool_link {
+            link.remove();
         }
         paths::remove_empty_dirs(&self.dir, 1);
         self.lock.release();
@@ -191,6 +207,7 @@ impl Daemon {
             lock,
             dir: dir.clone(),
             ctl: None,
+            pool_link: None,
         };
         let cluster = match Cluster::create(&opts.pool, opts.geometry) {
             Ok(c) => Arc::new(Mutex::new(c)),
@@ -203,6 +220,31 @@ impl Daemon {
             lock_cluster(&cluster).remove_files();
             files.remove();
         };
+        let vm_access = Access::group(opts.vm_group);
+        let shared = {
+            let c = lock_cluster(&cluster);
+            let pool_path = c.pool().path().to_path_buf();
+            vm_access
+                .apply_group_fd(c.pool().file().as_fd())
+                .map_err(|source| PathError::Io {
+                    what: "pool file",
+                    path: pool_path.clone(),
+                    source,
+                })
+                .and_then(|()| {
+                    let link = pool_link_path(&opts.pool.fallback_dir, id);
+                    paths::make_symlink("pool link", &link, &pool_path, |old| {
+                        !old.exists() || crate::pool::is_pool_of(old, id)
+                    })
+                })
+        };
+        match shared {
+            Ok(link) => files.pool_link = Some(link),
+            Err(e) => {
+                undo(files);
+                return Err(e.into());
+            }
+        }
         let workers = match Workers::start(opts.workers, &opts.cores) {
             Ok(w) => Arc::new(w),
             Err(e) => {
@@ -210,7 +252,12 @@ impl Daemon {
                 return Err(e.into());
             }
         };
-        let registry = Arc::new(Registry::new(cluster.clone(), workers, opts.stock));
+        let registry = Arc::new(Registry::new(
+            cluster.clone(),
+            workers,
+            opts.stock,
+            vm_access,
+        ));
         if let Err(e) = registry.start_all(&opts.exports) {
             // All or nothing: the ones started already go.
             registry.remove_all();
@@ -218,16 +265,17 @@ impl Daemon {
             return Err(e.into());
         }
         let path = control_path(&opts.run_dir, id);
-        let listener = paths::bind_socket("control socket", &path, 0o660).and_then(|(l, owned)| {
-            files.ctl = Some(owned);
-            l.set_nonblocking(true)
-                .map(|()| l)
-                .map_err(|source| PathError::Io {
-                    what: "control socket",
-                    path: path.clone(),
-                    source,
-                })
-        });
+        let listener =
+            paths::bind_socket("control socket", &path, Access::PRIVATE).and_then(|(l, owned)| {
+                files.ctl = Some(owned);
+                l.set_nonblocking(true)
+                    .map(|()| l)
+                    .map_err(|source| PathError::Io {
+                        what: "control socket",
+                        path: path.clone(),
+                        source,
+                    })
+            });
         let listener = match listener {
             Ok(l) => l,
             Err(e) => {

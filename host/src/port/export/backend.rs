@@ -3,6 +3,7 @@
 //! one frontend after another on the same socket.
 
 use super::shared::ExportShared;
+use crate::access::Access;
 use crate::paths::{self, Owned, PathError};
 use std::io;
 use std::os::fd::AsRawFd;
@@ -141,7 +142,8 @@ impl VhostUserBackend for Backend {
     }
 }
 
-/// The export's sockets: the public one frontends connect to (mode 0660),
+/// The export's sockets: the public one frontends connect to (mode 0660,
+/// the daemon's `--vm-group`),
 /// and a private abstract one that vhost-user-backend listens on behind the
 /// relay (`shim`).
 pub struct Sockets {
@@ -178,9 +180,9 @@ impl Closer {
 
 /// Creates the sockets of the export at `path`: only over nothing or a
 /// stale socket (see `paths::bind_socket`).
-pub fn listen(path: &std::path::Path) -> Result<(Sockets, Closer), PathError> {
+pub fn listen(path: &std::path::Path, access: Access) -> Result<(Sockets, Closer), PathError> {
     const WHAT: &str = "export socket";
-    let (public, socket) = paths::bind_socket(WHAT, path, 0o660)?;
+    let (public, socket) = paths::bind_socket(WHAT, path, access)?;
     let io = |source| PathError::Io {
         what: WHAT,
         path: path.into(),
