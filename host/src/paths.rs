@@ -82,16 +82,25 @@ pub struct Owned {
     path: PathBuf,
     dev: u64,
     ino: u64,
+    /// For a symbolic link (which cannot be kept open), where it points:
+    /// a new link may get the old one's inode number at once.
+    target: Option<PathBuf>,
 }
 
 impl Owned {
     /// Records the file at `path` as ours; call right after creating it.
     pub fn record(path: &Path) -> io::Result<Owned> {
         let m = fs::symlink_metadata(path)?;
+        let target = if m.file_type().is_symlink() {
+            Some(fs::read_link(path)?)
+        } else {
+            None
+        };
         Ok(Owned {
             path: path.to_path_buf(),
             dev: m.dev(),
             ino: m.ino(),
+            target,
         })
     }
 
@@ -102,6 +111,10 @@ impl Owned {
     /// True while `path` still names the file we created.
     pub fn is_ours(&self) -> bool {
         fs::symlink_metadata(&self.path).is_ok_and(|m| m.dev() == self.dev && m.ino() == self.ino)
+            && self
+                .target
+                .as_ref()
+                .is_none_or(|t| fs::read_link(&self.path).is_ok_and(|now| now == *t))
     }
 
     /// Removes the file if it is still ours; true if it did.
@@ -384,8 +397,9 @@ mod tests {
         let pool_of_7 = |t: &Path| t == pool;
         // Nothing there; then our own link again (a daemon killed with -9).
         let owned = make_symlink("pool link", &link, &pool, pool_of_7).unwrap();
+        assert!(owned.is_ours());
         let again = make_symlink("pool link", &link, &pool, pool_of_7).unwrap();
-        assert!(!owned.is_ours(), "replaced: a new link");
+        assert!(again.is_ours());
         // Dangling: its target is gone.
         fs::remove_file(&link).unwrap();
         std::os::unix::fs::symlink(dir.path().join("gone"), &link).unwrap();
@@ -407,6 +421,11 @@ mod tests {
             )
         );
         assert_eq!(fs::read_link(&link).unwrap(), other);
+        assert!(
+            !again.remove(),
+            "a link to elsewhere is not ours, whatever its inode"
+        );
+        assert!(link.exists());
         fs::remove_file(&link).unwrap();
         fs::write(&link, b"mine").unwrap();
         let e = make_symlink("pool link", &link, &pool, |_| true).unwrap_err();
