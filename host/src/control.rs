@@ -54,16 +54,16 @@ pub enum Request {
     Info,
     /// Cluster and per-export statistics.
     Stats,
-    /// Hot-plug an export of `rx`/`tx` into the running VM whose QMP socket is `qmp`.
+    /// Hot-plug an export of `rx`/`tx` into the running VM `vm`.
     AttachVm {
-        qmp: String,
+        vm: VmRef,
         rx: Option<u16>,
         tx: Option<u16>,
         mac: Option<[u8; 6]>,
     },
     /// Remove that export from the VM again.
     DetachVm {
-        qmp: String,
+        vm: VmRef,
         rx: Option<u16>,
         tx: Option<u16>,
     },
@@ -71,12 +71,31 @@ pub enum Request {
     MovePort { port: String, worker: usize },
 }
 
+/// A running VM that `attach` reaches, and how.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmRef {
+    /// QEMU's QMP socket (an absolute path).
+    Qmp(String),
+    /// A libvirt domain, by name, on the connection `uri`.
+    Libvirt { uri: String, domain: String },
+}
+
+impl std::fmt::Display for VmRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VmRef::Qmp(path) => f.write_str(path),
+            VmRef::Libvirt { uri, domain } => write!(f, "{domain} on {uri}"),
+        }
+    }
+}
+
 /// One export attached to one VM, as `zc-hostd stats` shows it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AttachmentInfo {
-    /// The VM's QMP socket.
+    /// The VM: its QMP socket, or `<domain> on <libvirt URI>`.
     pub vm: String,
-    /// The QEMU id of the virtio-net device.
+    /// The QEMU id of the virtio-net device (libvirt: its alias `ua-<id>`).
     pub device: String,
     /// The export's vhost-user socket.
     pub socket: String,

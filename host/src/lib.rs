@@ -7,7 +7,8 @@
 //! export first), and the workers that step them (`worker`). What both
 //! report (`stats`). The control protocol between zc-hostd and the
 //! processes that attach (`control`) and the client end a host application
-//! uses (`client`). QEMU over QMP (`qmp`, `hotplug`). The daemon (`daemon`)
+//! uses (`client`). Running VMs, over QEMU's QMP (`qmp`, `hotplug`) or
+//! libvirt (`libvirt`), behind one interface (`vmlink`). The daemon (`daemon`)
 //! composes all of these; nothing else depends on it.
 //! `access` says who may open the sockets and the pool; `paths` keeps the daemon from replacing or removing files that are not
 //! its own; `cpu` checks and applies `-g`.
@@ -20,6 +21,7 @@ pub mod cpu;
 pub mod daemon;
 pub mod futex;
 pub mod hotplug;
+pub mod libvirt;
 pub mod owner;
 pub mod paths;
 pub mod pool;
@@ -29,4 +31,5 @@ pub mod queues;
 pub mod ring;
 pub mod shm;
 pub mod stats;
+pub mod vmlink;
 pub mod worker;

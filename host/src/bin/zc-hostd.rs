@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 use zc_host::client;
-use zc_host::control::{AttachmentInfo, ClusterInfo, Reply, Request};
+use zc_host::control::{AttachmentInfo, ClusterInfo, Reply, Request, VmRef};
 use zc_host::daemon::registry::ExportConfig;
 use zc_host::daemon::server::{Daemon, DaemonOptions};
 use zc_host::daemon::vm::queues_text;
@@ -91,6 +91,16 @@ struct Args {
     #[arg(long = "qemu-args", value_name = "SOCKET")]
     qemu_args: Option<PathBuf>,
 
+    /// Do not serve: print the libvirt domain XML (shared memory, the
+    /// vhost-user interface, the pool as shmem) for the running daemon's
+    /// export on SOCKET, and exit.
+    #[arg(
+        long = "libvirt-xml",
+        value_name = "SOCKET",
+        conflicts_with = "qemu_args"
+    )]
+    libvirt_xml: Option<PathBuf>,
+
     /// Guest RAM size used in the --qemu-args output.
     #[arg(long = "vm-mem", value_name = "SIZE", default_value = "1G")]
     vm_mem: String,
@@ -151,9 +161,12 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Hot-plug an export into a running VM through its QMP socket.
+    /// Hot-plug an export into a running VM (its QMP socket, or a libvirt domain).
     #[command(
-        long_about = "Hot-plug an export into a running VM through its QMP socket. \
+        long_about = "Hot-plug an export into a running VM through its QMP socket (--qmp) or, for a \
+VM libvirt manages, through libvirt (--libvirt DOMAIN [--connect URI], with virsh attach-device; \
+the domain needs shared memory, and its QEMU must be able to open the export socket and the pool: \
+zc-hostd --vm-group libvirt-qemu). \
 The running zc-hostd starts a vhost-user export of the queues and adds to the VM, over QMP: \
 the pool (memory-backend-file + ivshmem-plain, once per VM and cluster), a vhost-user chardev \
 and netdev, and a virtio-net-pci device. The guest's kernel sees the devices through ACPI PCI \
@@ -188,8 +201,15 @@ pool. If the VM is gone, only the host side is removed."
 #[derive(clap::Args, Debug)]
 struct VmArgs {
     /// The VM's QMP socket (QEMU started with -qmp unix:PATH,server=on,wait=off).
-    #[arg(long, value_name = "PATH")]
-    qmp: PathBuf,
+    #[arg(long, value_name = "PATH", conflicts_with = "libvirt")]
+    qmp: Option<PathBuf>,
+    /// The running libvirt domain (name), reached with virsh: libvirt owns
+    /// its QMP monitor. Its memory must be shared (--libvirt-xml shows how).
+    #[arg(long, value_name = "DOMAIN")]
+    libvirt: Option<String>,
+    /// The libvirt connection URI for --libvirt (default qemu:///system).
+    #[arg(long = "connect", value_name = "URI", conflicts_with = "qmp")]
+    connect: Option<String>,
     /// The queues: rx=Q is delivered to the guest, tx=Q receives what it
     /// sends; mac=MAC overrides 02:7a:<cluster>:<queue> (attach only).
     #[arg(long = "export", value_name = "rx=Q,tx=Q[,mac=MAC]")]
@@ -253,11 +273,21 @@ fn vm_command(
     attach: bool,
     v: &VmArgs,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    let qmp = std::path::absolute(&v.qmp)?.display().to_string();
+    let vm = match (&v.qmp, &v.libvirt) {
+        (Some(qmp), _) => VmRef::Qmp(std::path::absolute(qmp)?.display().to_string()),
+        (None, Some(domain)) => VmRef::Libvirt {
+            uri: v
+                .connect
+                .clone()
+                .unwrap_or_else(|| zc_host::libvirt::DEFAULT_URI.into()),
+            domain: domain.clone(),
+        },
+        (None, None) => return Err("give the VM: --qmp PATH or --libvirt DOMAIN".into()),
+    };
     let q = v.export;
     let req = if attach {
         Request::AttachVm {
-            qmp,
+            vm,
             rx: q.rx,
             tx: q.tx,
             mac: q.mac,
@@ -267,7 +297,7 @@ fn vm_command(
             return Err("detach finds the export by its queues: leave out mac=".into());
         }
         Request::DetachVm {
-            qmp,
+            vm,
             rx: q.rx,
             tx: q.tx,
         }
@@ -302,31 +332,41 @@ fn vm_command(
     Ok(())
 }
 
+/// The daemon's export on `socket`: the cluster, the export's directory
+/// index and its stats.
+fn export_on(
+    args: &Args,
+    cluster: u32,
+    socket: &Path,
+) -> Result<(ClusterInfo, usize, ExportStats), Box<dyn std::error::Error>> {
+    let (info, exports, _, _) = stats(&args.run_dir, cluster)?;
+    let want = std::fs::canonicalize(socket).unwrap_or_else(|_| socket.to_path_buf());
+    let found = exports.iter().position(|e| {
+        let p = PathBuf::from(&e.path);
+        std::fs::canonicalize(&p).unwrap_or(p) == want
+    });
+    let Some(index) = found else {
+        return Err(format!(
+            "cluster {cluster} has no export on {}; its exports: {}",
+            socket.display(),
+            exports
+                .iter()
+                .map(|e| e.path.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+        .into());
+    };
+    let e = exports[index].clone();
+    Ok((info, index, e))
+}
+
 fn print_qemu_args(
     args: &Args,
     cluster: u32,
     socket: &Path,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    let (info, exports, _, _) = stats(&args.run_dir, cluster)?;
-    let want = std::fs::canonicalize(socket).unwrap_or_else(|_| socket.to_path_buf());
-    let (index, e) = exports
-        .iter()
-        .enumerate()
-        .find(|(_, e)| {
-            let p = PathBuf::from(&e.path);
-            std::fs::canonicalize(&p).unwrap_or(p) == want
-        })
-        .ok_or_else(|| {
-            format!(
-                "cluster {cluster} has no export on {}; its exports: {}",
-                socket.display(),
-                exports
-                    .iter()
-                    .map(|e| e.path.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )
-        })?;
+    let (info, index, e) = export_on(args, cluster, socket)?;
     let mac = parse_mac(&e.mac).ok_or("bad MAC from zc-hostd")?;
     let q = QemuArgs {
         cluster,
@@ -338,6 +378,30 @@ fn print_qemu_args(
         index,
     };
     println!("{}", q.lines().join(" "));
+    Ok(())
+}
+
+/// The domain XML for the export on `socket`, in the pieces `virsh edit`
+/// takes: one for `<domain>`, the devices for `<devices>`.
+fn print_libvirt_xml(
+    args: &Args,
+    cluster: u32,
+    socket: &Path,
+) -> Result<(), Box<dyn std::error::Error>> {
+    use zc_host::libvirt;
+    let (info, _, e) = export_on(args, cluster, socket)?;
+    let mac = parse_mac(&e.mac).ok_or("bad MAC from zc-hostd")?;
+    println!(
+        "<!-- zc-hostd -c {cluster}: export {} ({}) for a libvirt domain, which also needs\n     \
+         <features><acpi/></features>, and a QEMU that may open the socket and the pool\n     \
+         (zc-hostd --vm-group libvirt-qemu). In <domain>: -->",
+        e.path,
+        queues_text(e.rx_queue, e.tx_queue),
+    );
+    println!("{}", libvirt::memory_backing());
+    println!("<!-- In <devices>: -->");
+    println!("{}", libvirt::interface(&e.path, mac, None));
+    println!("{}", libvirt::shmem(cluster, info.pool_size, None));
     Ok(())
 }
 
@@ -395,6 +459,9 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     }
     if let Some(socket) = &args.qemu_args {
         return print_qemu_args(&args, cluster, socket);
+    }
+    if let Some(socket) = &args.libvirt_xml {
+        return print_libvirt_xml(&args, cluster, socket);
     }
     let exports: Vec<ExportConfig> = args
         .exports

@@ -449,18 +449,15 @@ impl Daemon {
                     vec![],
                 ),
             },
-            Request::AttachVm { qmp, rx, tx, mac } => {
+            Request::AttachVm { vm, rx, tx, mac } => {
                 drop(cluster);
                 return self.serve_vm(id, move |v| {
-                    v.attach(Path::new(&qmp), rx, tx, mac)
-                        .map(Reply::VmAttached)
+                    v.attach(&vm, rx, tx, mac).map(Reply::VmAttached)
                 });
             }
-            Request::DetachVm { qmp, rx, tx } => {
+            Request::DetachVm { vm, rx, tx } => {
                 drop(cluster);
-                return self.serve_vm(id, move |v| {
-                    v.detach(Path::new(&qmp), rx, tx).map(Reply::VmDetached)
-                });
+                return self.serve_vm(id, move |v| v.detach(&vm, rx, tx).map(Reply::VmDetached));
             }
             Request::Alloc { count } => match cluster.alloc(id, count) {
                 Ok(indices) => (Reply::Buffers { indices }, vec![]),

@@ -1,16 +1,17 @@
-//! Exports attached to running VMs over QMP (`zc-hostd attach` and
-//! `detach`): the export on the host side, the pool and a virtio-net device
-//! in the VM, and the list of attachments `zc-hostd stats` shows.
+//! Exports attached to running VMs (`zc-hostd attach` and `detach`): the
+//! export on the host side, the pool and a virtio-net device in the VM
+//! (over QEMU's QMP socket or through libvirt: `vmlink`), and the list of
+//! attachments `zc-hostd stats` shows. The bookkeeping, rollback and
+//! errors are the same whichever way the VM is reached.
 
 use super::registry::{ExportError, Registry};
-pub use crate::control::{AttachmentInfo, Detached};
+pub use crate::control::{AttachmentInfo, Detached, VmRef};
 use crate::hotplug::{NetPlug, PoolPlug, UNPLUG_TIMEOUT};
 use crate::port::export::shared::ExportShared;
 use crate::port::export::spec::MacDisplay;
 use crate::port::export::ExportSpec;
-use crate::qmp::{Qmp, QmpError};
-use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use crate::vmlink::{self, LinkError};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use thiserror::Error;
@@ -30,7 +31,7 @@ pub fn queues_text(rx: Option<u16>, tx: Option<u16>) -> String {
 #[derive(Debug, Error)]
 pub enum VmError {
     #[error("VM {vm}: {source}")]
-    Qmp { vm: String, source: QmpError },
+    Link { vm: String, source: LinkError },
     #[error(transparent)]
     Export(#[from] ExportError),
     #[error("VM {vm} already has the export {queues} (QEMU device {device}); detach it first")]
@@ -55,8 +56,9 @@ pub enum VmError {
 
 struct Attachment {
     info: AttachmentInfo,
-    /// The canonical QMP path: one VM however its socket is named.
-    key: PathBuf,
+    vm: VmRef,
+    /// One VM however it is named (the canonical QMP path).
+    key: VmRef,
     export: Arc<ExportShared>,
 }
 
@@ -66,19 +68,24 @@ pub struct Vms {
     dir: PathBuf,
     list: Mutex<Vec<Attachment>>,
     /// VMs whose pool device an attach added (and the last detach removes).
-    pools: Mutex<BTreeSet<PathBuf>>,
+    pools: Mutex<Vec<VmRef>>,
     /// One attach or detach at a time: each is a sequence of QMP steps.
     op: Mutex<()>,
 }
 
 impl Attachment {
-    fn is(&self, key: &Path, rx: Option<u16>, tx: Option<u16>) -> bool {
-        self.key == key && self.info.rx_queue == rx && self.info.tx_queue == tx
+    fn is(&self, key: &VmRef, rx: Option<u16>, tx: Option<u16>) -> bool {
+        self.key == *key && self.info.rx_queue == rx && self.info.tx_queue == tx
     }
 }
 
-fn key_of(qmp: &Path) -> PathBuf {
-    std::fs::canonicalize(qmp).unwrap_or_else(|_| qmp.to_path_buf())
+fn key_of(vm: &VmRef) -> VmRef {
+    match vm {
+        VmRef::Qmp(p) => VmRef::Qmp(
+            std::fs::canonicalize(p).map_or_else(|_| p.clone(), |c| c.display().to_string()),
+        ),
+        v => v.clone(),
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -91,7 +98,7 @@ impl Vms {
             registry,
             dir,
             list: Mutex::new(Vec::new()),
-            pools: Mutex::new(BTreeSet::new()),
+            pools: Mutex::new(Vec::new()),
             op: Mutex::new(()),
         }
     }
@@ -107,17 +114,17 @@ impl Vms {
     }
 
     /// Starts an export for `rx`/`tx` and hot-plugs it (and the pool, if
-    /// the VM lacks it) into the VM whose QMP socket is `qmp`.
+    /// the VM lacks it) into the running VM `vm_ref`.
     pub fn attach(
         &self,
-        qmp_path: &Path,
+        vm_ref: &VmRef,
         rx: Option<u16>,
         tx: Option<u16>,
         mac: Option<[u8; 6]>,
     ) -> Result<AttachmentInfo, VmError> {
         let _op = lock(&self.op);
-        let vm = qmp_path.display().to_string();
-        let key = key_of(qmp_path);
+        let vm = vm_ref.to_string();
+        let key = key_of(vm_ref);
         let queues = queues_text(rx, tx);
         if let Some(a) = lock(&self.list).iter().find(|a| a.is(&key, rx, tx)) {
             return Err(VmError::AlreadyAttached {
@@ -126,11 +133,12 @@ impl Vms {
                 device: a.info.device.clone(),
             });
         }
-        let qmp_err = |source| VmError::Qmp {
+        let link_err = |source| VmError::Link {
             vm: vm.clone(),
             source,
         };
-        let mut qmp = Qmp::connect(qmp_path).map_err(qmp_err)?;
+        let mut link = vmlink::open(vm_ref).map_err(link_err)?;
+        link.check().map_err(link_err)?;
         let (cluster, pool_path, pool_size) = self.cluster_id();
         let tag = queues.replace('=', "").replace(',', "-");
         let spec = ExportSpec {
@@ -147,15 +155,15 @@ impl Vms {
                 path: &pool_path,
                 size: pool_size,
             };
-            let added = pool.add(&mut qmp)?;
+            let added = link.add_pool(&pool)?;
             let net = NetPlug {
                 id: &device,
                 socket: &export.spec.path,
                 mac: export.mac,
             };
-            if let Err(e) = net.add(&mut qmp) {
+            if let Err(e) = link.add_net(&net) {
                 if added {
-                    let _ = PoolPlug::remove(&mut qmp, cluster, UNPLUG_TIMEOUT);
+                    let _ = link.remove_pool(&pool, UNPLUG_TIMEOUT);
                 }
                 return Err(e);
             }
@@ -167,11 +175,11 @@ impl Vms {
                 if let Err(stop) = self.registry.remove(&export) {
                     log::error!("{stop}");
                 }
-                return Err(qmp_err(e));
+                return Err(link_err(e));
             }
         };
         if pool_added {
-            lock(&self.pools).insert(key.clone());
+            lock(&self.pools).push(key.clone());
         }
         let info = AttachmentInfo {
             vm,
@@ -189,31 +197,36 @@ impl Vms {
         );
         lock(&self.list).push(Attachment {
             info: info.clone(),
+            vm: vm_ref.clone(),
             key,
             export,
         });
         Ok(info)
     }
 
-    /// Unplugs the export `rx`/`tx` from the VM at `qmp` (and the pool when
-    /// it was the VM's last one and an attach added it), stops the export
-    /// and returns its buffers to the pool. A VM that is gone (its QMP
-    /// socket no longer answers) only has the host side removed.
+    /// Unplugs the export `rx`/`tx` from `vm` (and the pool when it was
+    /// the VM's last one and an attach added it), stops the export and
+    /// returns its buffers to the pool. A VM that is gone (its QMP socket
+    /// no longer answers, libvirt has no running domain of that name) only
+    /// has the host side removed.
     pub fn detach(
         &self,
-        qmp_path: &Path,
+        vm: &VmRef,
         rx: Option<u16>,
         tx: Option<u16>,
     ) -> Result<Detached, VmError> {
-        self.detach_within(qmp_path, rx, tx, UNPLUG_TIMEOUT)
+        self.detach_within(vm, rx, tx, UNPLUG_TIMEOUT)
     }
 
     /// At shutdown: takes every export out of its VM, so that no VM keeps
     /// a device (or a pool mapping) of a cluster that no longer exists.
     pub fn detach_all(&self, timeout: Duration) {
-        for a in self.list() {
-            let vm = Path::new(&a.vm);
-            match self.detach_within(vm, a.rx_queue, a.tx_queue, timeout) {
+        let all: Vec<(VmRef, AttachmentInfo)> = lock(&self.list)
+            .iter()
+            .map(|a| (a.vm.clone(), a.info.clone()))
+            .collect();
+        for (vm, a) in all {
+            match self.detach_within(&vm, a.rx_queue, a.tx_queue, timeout) {
                 Ok(_) => log::info!("detached {} from VM {}", a.device, a.vm),
                 Err(e) => log::warn!("{e}"),
             }
@@ -222,14 +235,14 @@ impl Vms {
 
     fn detach_within(
         &self,
-        qmp_path: &Path,
+        vm_ref: &VmRef,
         rx: Option<u16>,
         tx: Option<u16>,
         timeout: Duration,
     ) -> Result<Detached, VmError> {
         let _op = lock(&self.op);
-        let vm = qmp_path.display().to_string();
-        let key = key_of(qmp_path);
+        let vm = vm_ref.to_string();
+        let key = key_of(vm_ref);
         let queues = queues_text(rx, tx);
         let (info, export, others) = {
             let list = lock(&self.list);
@@ -257,36 +270,36 @@ impl Vms {
             let others = list.iter().filter(|o| o.key == key).count() - 1;
             (a.info.clone(), a.export.clone(), others)
         };
-        let qmp_err = |source| VmError::Qmp {
+        let link_err = |source| VmError::Link {
             vm: vm.clone(),
             source,
         };
-        let (cluster, _, _) = self.cluster_id();
-        let vm_gone = match Qmp::connect(qmp_path) {
-            Ok(mut qmp) => {
+        let (cluster, pool_path, pool_size) = self.cluster_id();
+        let vm_gone = match vmlink::open(vm_ref) {
+            Ok(mut link) => {
                 let net = NetPlug {
                     id: &info.device,
                     socket: &export.spec.path,
                     mac: export.mac,
                 };
-                net.remove(&mut qmp, timeout).map_err(qmp_err)?;
+                link.remove_net(&net, timeout).map_err(link_err)?;
                 if others == 0 && lock(&self.pools).contains(&key) {
-                    PoolPlug::remove(&mut qmp, cluster, timeout).map_err(qmp_err)?;
+                    let pool = PoolPlug {
+                        cluster,
+                        path: &pool_path,
+                        size: pool_size,
+                    };
+                    link.remove_pool(&pool, timeout).map_err(link_err)?;
                 }
                 None
             }
-            Err(QmpError::Connect { source, .. })
-                if matches!(
-                    source.kind(),
-                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
-                ) =>
-            {
-                Some(format!("its QMP socket does not answer ({source})"))
-            }
-            Err(e) => return Err(qmp_err(e)),
+            Err(e) => match e.gone() {
+                Some(why) => Some(why),
+                None => return Err(link_err(e)),
+            },
         };
         if others == 0 {
-            lock(&self.pools).remove(&key);
+            lock(&self.pools).retain(|k| *k != key);
         }
         lock(&self.list).retain(|a| !Arc::ptr_eq(&a.export, &export));
         let returned = self
