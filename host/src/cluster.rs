@@ -5,6 +5,7 @@ use crate::control::{ClusterInfo, Role};
 use crate::owner::OwnerTable;
 use crate::pool::{Backing, Pool, PoolError, PoolOptions};
 use crate::queues::{QueueArea, QueueError, QueueGeometry};
+use crate::stats::BufferUse;
 use std::sync::Arc;
 use thiserror::Error;
 use zc_proto::{BufferIndex, PoolLayout};
@@ -369,6 +370,26 @@ impl Cluster {
 
     pub fn spare_count(&self) -> usize {
         self.spare.len()
+    }
+
+    /// Where the buffers are. The ports' share is what the others do not
+    /// hold: the ports keep their counts constant (every exchange is one
+    /// for one) without telling the cluster about each.
+    pub fn buffer_use(&self) -> BufferUse {
+        let total = u64::from(self.pool.layout().buf_count);
+        let g = self.queues.geometry();
+        let queues = u64::from(g.queue_count) * u64::from(g.ring_size);
+        let spare = self.spare.len() as u64;
+        let processes: u64 = self.active.values().map(|&n| u64::from(n)).sum();
+        let stranded = self.stranded;
+        BufferUse {
+            total,
+            spare,
+            queues,
+            processes,
+            ports: total.saturating_sub(spare + queues + processes + stranded),
+            stranded,
+        }
     }
 
     /// Deletes the pool file (at shutdown).

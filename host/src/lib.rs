@@ -5,7 +5,7 @@
 //! (`cluster`): roles, spare buffers, reclaim. Ports (`port`), everything
 //! that moves packets between a cluster and the outside (the vhost-user
 //! export first), and the workers that step them (`worker`). What both
-//! report (`stats`). The control protocol between zc-hostd and the
+//! report (`stats`), and the Prometheus exposition of it (`metrics`). The control protocol between zc-hostd and the
 //! processes that attach (`control`) and the client end a host application
 //! uses (`client`). Running VMs, over QEMU's QMP (`qmp`, `hotplug`) or
 //! libvirt (`libvirt`), behind one interface (`vmlink`). The daemon (`daemon`)
@@ -22,6 +22,7 @@ pub mod daemon;
 pub mod futex;
 pub mod hotplug;
 pub mod libvirt;
+pub mod metrics;
 pub mod owner;
 pub mod paths;
 pub mod pool;

@@ -106,6 +106,24 @@ pub struct ExportStats {
     pub worker: Option<usize>,
 }
 
+/// Where a cluster's buffers are: every buffer is spare or held by one
+/// kind of holder.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BufferUse {
+    pub total: u64,
+    pub spare: u64,
+    /// In the queue rings (each ring always holds its slots' buffers).
+    pub queues: u64,
+    /// Taken by attached host processes.
+    pub processes: u64,
+    /// By the ports and their guests (hands, guest stock, buffers lent to
+    /// the kernel): all the rest.
+    pub ports: u64,
+    /// Left with processes that exited while others stayed attached;
+    /// back in the spare list when all have detached.
+    pub stranded: u64,
+}
+
 /// One worker as `zc-hostd stats` shows it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct WorkerStats {

@@ -147,6 +147,12 @@ struct Args {
     #[arg(long = "vm-group", value_name = "GROUP")]
     vm_group: Option<String>,
 
+    /// Serve Prometheus metrics (text exposition) on http://ADDR:PORT/metrics:
+    /// buffers, queues, exports and workers (port 0: any free port; the
+    /// address is logged at start).
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics: Option<String>,
+
     /// Log attachments and detachments, and print a statistics line per
     /// export every second.
     #[arg(short = 'v', long, global = true)]
@@ -391,11 +397,11 @@ fn print_libvirt_xml(
     use zc_host::libvirt;
     let (info, _, e) = export_on(args, cluster, socket)?;
     let mac = parse_mac(&e.mac).ok_or("bad MAC from zc-hostd")?;
+    // No path in the comment: XML comments may not contain "--".
     println!(
-        "<!-- zc-hostd -c {cluster}: export {} ({}) for a libvirt domain, which also needs\n     \
+        "<!-- zc-hostd -c {cluster}, export {}: for a libvirt domain, which also needs\n     \
          <features><acpi/></features>, and a QEMU that may open the socket and the pool\n     \
-         (zc-hostd --vm-group libvirt-qemu). In <domain>: -->",
-        e.path,
+         (start zc-hostd with the vm-group option: libvirt-qemu). In <domain>: -->",
         queues_text(e.rx_queue, e.tx_queue),
     );
     println!("{}", libvirt::memory_backing());
@@ -494,7 +500,30 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             .map(zc_host::access::group_id)
             .transpose()?,
     };
+    // Bound first: a port in use fails before anything is created.
+    let metrics = args
+        .metrics
+        .as_deref()
+        .map(zc_host::metrics::Bound::listen)
+        .transpose()?;
     let daemon = Daemon::start(opts)?;
+    let _metrics = match metrics {
+        Some(bound) => {
+            let addr = bound.addr();
+            let source = zc_host::daemon::metrics::DaemonSource::start(daemon.registry().clone());
+            match bound.serve(source) {
+                Ok(server) => {
+                    eprintln!("zc-hostd: metrics on http://{addr}/metrics");
+                    Some(server)
+                }
+                Err(e) => {
+                    eprintln!("zc-hostd: warning: --metrics {addr}: cannot start its thread: {e}; serving without metrics");
+                    None
+                }
+            }
+        }
+        None => None,
+    };
     let guard = daemon.cluster();
     let pool = guard.pool();
     if let Some(w) = pool.fallback_warning() {

@@ -2,6 +2,7 @@
 //! and serves the control socket. Nothing outside depends on it.
 
 pub mod lock;
+pub mod metrics;
 pub mod registry;
 pub mod server;
 pub mod vm;
