@@ -4,7 +4,10 @@
 # performance peer and independent client), busybox-static, cpio and kmod
 # (the guest image), tshark, tcpdump and tcpreplay (independent readers and
 # senders of captures and interface traffic), xdp-tools and libxdp (the
-# XDP redirect program of interface ports), and reserves 2 MiB hugepages. Safe to run repeatedly:
+# XDP redirect program of interface ports), libvirt (libvirt-daemon-system,
+# libvirt-clients: domains that use zc), prometheus (scrapes --metrics in
+# the tests), systemd's systemd-analyze (checks the service unit), and
+# reserves 2 MiB hugepages. Safe to run repeatedly:
 # it only installs what is missing.
 #
 # Sourced by scripts/demo.sh and scripts/test.sh; run alone with
@@ -22,9 +25,11 @@ command -v cargo >/dev/null || die "cargo is missing: install a Rust toolchain (
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "ok installed"; }
 missing=()
 command -v qemu-system-x86_64 >/dev/null || missing+=(qemu)
-for p in dpdk-dev busybox-static cpio kmod iproute2 tshark tcpdump tcpreplay xdp-tools libxdp1; do
+for p in dpdk-dev busybox-static cpio kmod iproute2 tshark tcpdump tcpreplay xdp-tools libxdp1 \
+    libvirt-daemon-system libvirt-clients prometheus; do
     installed "$p" || missing+=("$p")
 done
+command -v systemd-analyze >/dev/null || missing+=(systemd)
 
 if [ ${#missing[@]} -gt 0 ]; then
     say "installing: ${missing[*]}"

@@ -21,6 +21,7 @@ pub mod cpu;
 pub mod daemon;
 pub mod futex;
 pub mod hotplug;
+pub mod journal;
 pub mod libvirt;
 pub mod metrics;
 pub mod owner;

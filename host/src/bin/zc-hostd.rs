@@ -20,6 +20,14 @@ use zc_host::queues::QueueGeometry;
 use zc_host::stats::{format_line, worker_line, ExportStats, WorkerStats};
 use zc_proto::PoolLayout;
 
+/// A line on stderr at a log level: `<N>`-prefixed when stderr is the
+/// journal (see `zc_host::journal`).
+macro_rules! say {
+    ($level:ident, $($arg:tt)*) => {
+        eprintln!("{}", zc_host::journal::line(log::Level::$level, &format!($($arg)*)))
+    };
+}
+
 #[derive(Parser, Debug)]
 #[command(
     name = "zc-hostd",
@@ -225,14 +233,11 @@ struct VmArgs {
 fn main() -> ExitCode {
     let args = Args::parse();
     let level = if args.verbose { "info" } else { "warn" };
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
-        .format_target(false)
-        .format_timestamp(None)
-        .init();
+    zc_host::journal::init("zc-hostd", level);
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("zc-hostd: error: {e}");
+            say!(Error, "zc-hostd: error: {e}");
             ExitCode::FAILURE
         }
     }
@@ -513,11 +518,11 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             let source = zc_host::daemon::metrics::DaemonSource::start(daemon.registry().clone());
             match bound.serve(source) {
                 Ok(server) => {
-                    eprintln!("zc-hostd: metrics on http://{addr}/metrics");
+                    say!(Info, "zc-hostd: metrics on http://{addr}/metrics");
                     Some(server)
                 }
                 Err(e) => {
-                    eprintln!("zc-hostd: warning: --metrics {addr}: cannot start its thread: {e}; serving without metrics");
+                    say!(Warn, "zc-hostd: warning: --metrics {addr}: cannot start its thread: {e}; serving without metrics");
                     None
                 }
             }
@@ -527,9 +532,10 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let guard = daemon.cluster();
     let pool = guard.pool();
     if let Some(w) = pool.fallback_warning() {
-        eprintln!("zc-hostd: warning: {w}");
+        say!(Warn, "zc-hostd: warning: {w}");
     }
-    eprintln!(
+    say!(
+        Info,
         "zc-hostd: cluster {} ready: queues zc:{}@0..{}, {} buffers of {} B ({} spare), pool {} ({} MiB{}), control {}",
         cluster,
         cluster,
@@ -544,7 +550,8 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     );
     drop(guard);
     for e in daemon.registry().shared() {
-        eprintln!(
+        say!(
+            Info,
             "zc-hostd: export {} ready: rx {} tx {} mac {}; QEMU options: zc-hostd -c {cluster} --qemu-args {}",
             e.spec.path.display(),
             e.spec.rx.map_or("-".into(), |q| format!("zc:{cluster}@{q}")),
@@ -566,14 +573,15 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 let mut next = HashMap::new();
                 let (exports, workers) = registry.stats();
                 for now in exports {
-                    eprintln!(
+                    say!(
+                        Info,
                         "zc-hostd: {}",
                         format_line(&now, prev.get(&now.path).map(|p| (p, secs)))
                     );
                     next.insert(now.path.clone(), now);
                 }
                 for w in &workers {
-                    eprintln!("zc-hostd: {}", worker_line(w));
+                    say!(Info, "zc-hostd: {}", worker_line(w));
                 }
                 prev = next;
             }
@@ -585,6 +593,9 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     } else {
         "SIGINT"
     };
-    eprintln!("zc-hostd: cluster {cluster} stopped ({name}); its files are removed");
+    say!(
+        Info,
+        "zc-hostd: cluster {cluster} stopped ({name}); its files are removed"
+    );
     Ok(())
 }
