@@ -116,6 +116,10 @@ impl Domain {
         let name = unique::name(&format!("zc-test-{tag}"));
         let serial = dir.join(format!("{name}.serial"));
         let kind = if vm::accel() == "kvm" { "kvm" } else { "qemu" };
+        let run = run
+            .replace('&', "&amp;")
+            .replace('<', "&lt;")
+            .replace('>', "&gt;");
         let xml = format!(
             "<domain type='{kind}'>\n<name>{name}</name>\n<memory unit='MiB'>256</memory>\n<vcpu>1</vcpu>\n\
              <os><type arch='x86_64' machine='pc'>hvm</type><kernel>{}</kernel><initrd>{}</initrd>\n\
@@ -144,9 +148,11 @@ impl Domain {
     fn line(&self, prefix: &str, secs: u64) -> String {
         let deadline = Instant::now() + Duration::from_secs(secs);
         loop {
+            // Whole lines only: the console may be read mid-line.
             if let Some(l) = self
                 .console()
-                .lines()
+                .split_inclusive('\n')
+                .filter(|l| l.ends_with('\n'))
                 .find_map(|l| l.trim().strip_prefix(prefix).map(str::to_string))
             {
                 return l.trim().to_string();
