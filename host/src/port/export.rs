@@ -96,6 +96,10 @@ pub struct ExportPort {
     rx_hand: Vec<BufferHandle>,
     rx_pos: usize,
     rx_have: usize,
+    /// The packet at rx_pos needs more buffers than the guest has posted:
+    /// the avail index it saw then. Until the guest posts beyond it the
+    /// packet cannot move, so the worker may sleep.
+    rx_wait: Option<u16>,
     /// Guest-to-host hand: empties to fill, and full buffers not yet sent.
     tx_empties: Vec<BufferHandle>,
     tx_pending: Vec<BufferHandle>,
@@ -151,6 +155,7 @@ impl ExportPort {
             rx_hand: handles(p.rx_hand),
             rx_pos: 0,
             rx_have: 0,
+            rx_wait: None,
             tx_empties: handles(p.tx_hand),
             tx_pending,
             tx_turn: 0,
@@ -413,6 +418,9 @@ impl ExportPort {
                         Ok(q) => {
                             q.set_notify(false);
                             dev.queues[i] = Some(q);
+                            if i == RXQ {
+                                self.rx_wait = None;
+                            }
                         }
                         Err(e) => {
                             dev.queues[i] = None;
@@ -505,7 +513,11 @@ impl Port for ExportPort {
         busy |= room;
         if let Some(dev) = self.dev.as_ref().filter(|_| !self.broken) {
             if let Some(q) = &dev.queues[RXQ] {
-                busy |= q.set_notify(true) && rx_waiting;
+                busy |= match self.rx_wait {
+                    // A packet waits for more buffers: only new ones help.
+                    Some(seen) if self.rx_pos < self.rx_have => q.notify_beyond(seen),
+                    _ => q.set_notify(true) && rx_waiting,
+                };
             }
             if let Some(q) = &dev.queues[TXQ] {
                 busy |= q.set_notify(true) && !blocked;

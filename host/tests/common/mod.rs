@@ -163,6 +163,30 @@ impl Hostd {
         }
     }
 
+    /// Waits until export `name`'s poll thread goes to sleep once more
+    /// (its `sleeps` counter moves): it sleeps now, for up to its longest
+    /// sleep unless something wakes it.
+    pub fn wait_asleep(&self, name: &str) {
+        let before = self.export(name).dev.sleeps;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.export(name).dev.sleeps == before {
+            assert!(Instant::now() < deadline, "{name}: poll thread never slept");
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
+    /// CPU seconds (user + system) the daemon has used so far.
+    pub fn cpu_seconds(&self) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap();
+        // Fields after the ")" that ends the command name: utime is the
+        // 12th, stime the 13th.
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+        // SAFETY: sysconf has no preconditions.
+        ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+    }
+
     pub fn log_count(&self, s: &str) -> usize {
         self.log
             .lock()
@@ -448,6 +472,26 @@ impl DriverQueue {
         m.w16(self.avail + 2, self.avail_idx);
         fence(Ordering::SeqCst);
         let _ = self.kick.write(1);
+    }
+
+    /// Publishes the avail index and kicks only if the device asked for it
+    /// (no VRING_USED_F_NO_NOTIFY; with EVENT_IDX, avail_event passed), as
+    /// a real driver does; returns whether it kicked.
+    pub fn publish_notify(&mut self, m: &Mem, event_idx: bool) -> bool {
+        let old = m.r16(self.avail + 2);
+        fence(Ordering::SeqCst);
+        m.w16(self.avail + 2, self.avail_idx);
+        fence(Ordering::SeqCst);
+        let kick = if event_idx {
+            let ev = m.r16(self.used + 4 + 8 * u64::from(self.size));
+            self.avail_idx.wrapping_sub(ev).wrapping_sub(1) < self.avail_idx.wrapping_sub(old)
+        } else {
+            m.r16(self.used) & 1 == 0
+        };
+        if kick {
+            let _ = self.kick.write(1);
+        }
+        kick
     }
 
     /// Used elements published since the last call.
