@@ -810,11 +810,16 @@ fn poll_thread_ticks(pid: u32) -> u64 {
     panic!("no zc-worker-0 thread in pid {pid}");
 }
 
+/// How long a sleeping poll thread may take to move a packet once woken:
+/// far below its longest sleep (500 ms), after which it looks anyway.
+const WAKE_LATENCY: Duration = Duration::from_millis(250);
+
 #[test]
 fn an_idle_export_sleeps_and_wakes_for_traffic() {
     let h = Hostd::start(&["i.sock,rx=0,tx=1"], &[]);
     let mut f = TestFrontend::connect(&h, "i.sock", Setup::default());
-    let receiver = host_recv(&h, 1, 2);
+    let mut rx = HostRx::open(&h.run_dir(), h.cluster, 1).unwrap();
+    let mut rx_bufs = rx.take_buffers(4).unwrap();
     guest_send(&mut f, &[payload(1, 60)]);
     std::thread::sleep(Duration::from_millis(500));
     let t0 = poll_thread_ticks(h.child.id());
@@ -823,18 +828,56 @@ fn an_idle_export_sleeps_and_wakes_for_traffic() {
     // 2 s are 200 ticks at the usual 100 Hz: an idle thread uses next to none.
     assert!(used <= 10, "idle poll thread used {used} ticks in 2 s");
     assert!(h.export("i.sock").dev.sleeps > 0);
-    // A guest kick wakes it ...
-    guest_send(&mut f, &[payload(2, 60)]);
-    assert_eq!(
-        receiver.join().unwrap(),
-        vec![payload(1, 60), payload(2, 60)]
-    );
-    // ... and so does a host packet for the guest.
-    std::thread::sleep(Duration::from_millis(500));
-    post_rx_ram(&mut f, 1, 2048);
-    std::thread::sleep(Duration::from_millis(500));
-    let used = deliver(&h, &mut f, vec![payload(3, 100)]);
-    assert_eq!(used[0].1 as usize, HDR + 100);
+    let mut recv = |n: usize| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut got = Vec::new();
+        while got.len() < n {
+            assert!(Instant::now() < deadline, "received {} of {n}", got.len());
+            let k = rx.recv_burst(&mut rx_bufs);
+            got.extend(rx_bufs[..k].iter().map(|b| rx.pool().packet(b).to_vec()));
+            if k == 0 {
+                std::thread::yield_now();
+            }
+        }
+        got
+    };
+    assert_eq!(recv(1), vec![payload(1, 60)]);
+    // Each wake-up is timed from the moment the thread went to sleep: a
+    // thread that is not woken finds the packet only at the end of its
+    // sleep, about 500 ms later.
+    let mut tx = HostTx::open(&h.run_dir(), h.cluster, 0).unwrap();
+    let mut tx_bufs = tx.take_buffers(1).unwrap();
+    for round in 0..3u32 {
+        // A guest kick wakes it ...
+        h.wait_asleep("i.sock");
+        let t = Instant::now();
+        guest_send(&mut f, &[payload(10 + round, 60)]);
+        assert_eq!(recv(1), vec![payload(10 + round, 60)]);
+        let latency = t.elapsed();
+        assert!(
+            latency < WAKE_LATENCY,
+            "round {round}: a kick took {latency:?} to move a packet"
+        );
+        // ... and so does a host packet for the guest.
+        post_rx_ram(&mut f, 1, 2048);
+        h.wait_asleep("i.sock");
+        let t = Instant::now();
+        let p = payload(20 + round, 100);
+        tx.pool().packet_mut(&mut tx_bufs[0]).fill(&p).unwrap();
+        assert_eq!(tx.send_burst(&mut tx_bufs), 1);
+        let used = f.rx.wait_used(&f.mem, 1);
+        let latency = t.elapsed();
+        assert_eq!(used[0].1 as usize, HDR + 100);
+        assert_eq!(
+            f.mem
+                .read(f.rx.desc_addr(&f.mem, used[0].0) + HDR as u64, 100),
+            p
+        );
+        assert!(
+            latency < WAKE_LATENCY,
+            "round {round}: a host packet took {latency:?} to reach the guest"
+        );
+    }
 }
 
 #[test]
@@ -1140,6 +1183,7 @@ fn check_merged(f: &TestFrontend, used: &[(u16, u32)], pkts: &[(Vec<u8>, usize)]
         for (id, len) in heads {
             data.extend(f.mem.read(f.rx.desc_addr(&f.mem, *id), *len as usize));
         }
+        assert!(data.len() >= HDR, "packet {k}: only {} bytes", data.len());
         assert_eq!(
             u16::from_le_bytes([data[10], data[11]]) as usize,
             *per,
