@@ -401,6 +401,22 @@ fn zcount_killed_mid_stream_is_replaced_and_counting_continues() {
     assert!(d.log_text().lines().all(|l| !l.contains("panic")));
 }
 
+/// A view of the pool taken from a queue end may outlive it: the clone
+/// keeps the pool mapped. (A copied view, as zcount and zsend made before
+/// views became owning, wrote into unmapped memory here.)
+#[test]
+fn a_pool_view_outlives_its_queue_end() {
+    use zc::QueueEnd;
+    let d = Daemon::start(&["-q", "1", "--buffers", "4096", "--no-hugepages"]);
+    let mut tx = zc_host::client::HostTx::open(d.run_dir.path(), d.id, 0).unwrap();
+    let mut bufs = tx.take_buffers(1).unwrap();
+    let view = tx.pool().clone();
+    drop(tx);
+    let msg = b"written after the queue end was dropped";
+    view.packet_mut(&mut bufs[0]).fill(msg).unwrap();
+    assert_eq!(view.packet(&bufs[0]).to_vec(), msg);
+}
+
 #[test]
 fn sigint_and_sigterm_remove_the_clusters_files() {
     for sig in [libc::SIGINT, libc::SIGTERM] {

@@ -272,7 +272,9 @@ impl Producer {
                 Some((empty, _)) => {
                     let b = &mut bufs[sent];
                     slot.store(encode(b.index(), b.len()), Ordering::Relaxed);
-                    b.replace(empty, 0);
+                    // SAFETY: the slot held `empty`, which now passes to the
+                    // sender; the sender's buffer went into the slot.
+                    unsafe { b.replace(empty, 0) };
                     sent += 1;
                 }
                 None => self.bad_slots += 1,
@@ -402,7 +404,9 @@ impl Consumer {
                 Some((full, len)) => {
                     let b = &mut bufs[got];
                     slot.store(encode(b.index(), 0), Ordering::Relaxed);
-                    b.replace(full, len);
+                    // SAFETY: the slot held `full`, which now passes to the
+                    // receiver; the receiver's empty went into the slot.
+                    unsafe { b.replace(full, len) };
                     got += 1;
                 }
                 None => self.bad_slots += 1,
@@ -502,9 +506,12 @@ mod tests {
         }
     }
 
+    /// Handles for buffers `first..first + n`; each test keeps the ranges
+    /// it makes apart, as transports keep buffers apart.
     fn hand(first: u32, n: u32, len: u32) -> Vec<BufferHandle> {
         (first..first + n)
-            .map(|i| BufferHandle::from_raw(BufferIndex::new(i), len))
+            // SAFETY: test handles into no real pool, one per index.
+            .map(|i| unsafe { BufferHandle::from_raw(BufferIndex::new(i), len) })
             .collect()
     }
 
@@ -654,7 +661,8 @@ mod tests {
                 while pending < tx.len() && seq < N {
                     // Carry the sequence number in the length field (mod 1024).
                     let idx = tx[pending].index();
-                    tx[pending] = BufferHandle::from_raw(idx, (seq % 1024) as u32 + 1);
+                    // SAFETY: the handle keeps its own buffer.
+                    unsafe { tx[pending].replace(idx, (seq % 1024) as u32 + 1) };
                     seq += 1;
                     pending += 1;
                 }

@@ -16,7 +16,7 @@ fn host_send(h: &Hostd, q: u16, pkts: Vec<Vec<u8>>) -> std::thread::JoinHandle<(
     let mut tx = HostTx::open(&h.run_dir(), h.cluster, q).unwrap();
     std::thread::spawn(move || {
         let mut bufs = tx.take_buffers(32).unwrap();
-        let view = *tx.pool();
+        let view = tx.pool().clone();
         let deadline = Instant::now() + Duration::from_secs(20);
         for chunk in pkts.chunks(32) {
             for (b, p) in bufs.iter_mut().zip(chunk) {
@@ -41,7 +41,7 @@ fn host_recv(h: &Hostd, q: u16, n: usize) -> std::thread::JoinHandle<Vec<Vec<u8>
     let mut rx = HostRx::open(&h.run_dir(), h.cluster, q).unwrap();
     std::thread::spawn(move || {
         let mut bufs = rx.take_buffers(32).unwrap();
-        let view = *rx.pool();
+        let view = rx.pool().clone();
         let mut out = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(20);
         while out.len() < n && Instant::now() < deadline {

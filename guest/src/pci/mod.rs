@@ -25,6 +25,7 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use sysfs::{PciDev, CMD_INTX_DISABLE, CMD_MASTER, CMD_MEMORY};
 
 /// A shared mapping of a sysfs `resourceN` file.
@@ -576,9 +577,10 @@ pub fn open_queue(
     cluster: u32,
     queue: u16,
     dir: Direction,
-) -> Result<(crate::transport::Core, PciDevice, PoolMap)> {
+) -> Result<(crate::transport::Core, PciDevice, Arc<PoolMap>)> {
     let root = sysfs::sys_root();
     let (_, pool, gpa) = find_pool(&root, cluster)?;
+    let pool = Arc::new(pool);
     let (slot, entry) = pool.export_for_queue(queue, dir)?;
     let dev = find_net(&root, entry.mac).ok_or_else(|| GuestError::NoDevice {
         cluster,
@@ -594,7 +596,7 @@ pub fn open_queue(
 pub fn open_interface(
     ifname: &str,
     dir: Direction,
-) -> Result<(crate::transport::Core, PciDevice, PoolMap)> {
+) -> Result<(crate::transport::Core, PciDevice, Arc<PoolMap>)> {
     let root = sysfs::sys_root();
     let dev_dir = match sysfs::interface_device(&root, ifname) {
         Some(d) => d,
@@ -620,6 +622,7 @@ pub fn open_interface(
     })?;
     for (pool, gpa) in all_pools(&root)? {
         if let Some((slot, entry)) = pool.export_for_mac(mac) {
+            let pool = Arc::new(pool);
             let mut pci = PciDevice::take(&root, dev, gpa)?;
             let core = crate::transport::bring_up(&mut pci, &pool, slot, &entry, dir)?;
             return Ok((core, pci, pool));

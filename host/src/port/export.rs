@@ -136,7 +136,9 @@ impl ExportPort {
         let area_start = PoolLayout::ring_area_offset(p.shared.slot).unwrap_or(0);
         let handles = |v: Vec<BufferIndex>| {
             v.into_iter()
-                .map(|b| BufferHandle::from_raw(b, 0))
+                // SAFETY: the cluster gave these buffers to this export's
+                // hands alone.
+                .map(|b| unsafe { BufferHandle::from_raw(b, 0) })
                 .collect::<Vec<_>>()
         };
         let mut tx_pending = Vec::new();
@@ -255,9 +257,8 @@ impl ExportPort {
         shared.ack(&mut g, s);
     }
 
-    fn view(&self) -> zc_proto::PoolView {
-        // SAFETY: pool_base maps pool_size bytes kept alive by `_pool`.
-        unsafe { zc_proto::PoolView::new(self.pool_base, self.layout) }
+    fn view(&self) -> &zc_proto::PoolView {
+        self._pool.view()
     }
 
     /// Takes the new memory table, features and vrings.
@@ -357,7 +358,7 @@ impl ExportPort {
     /// the owner table, as the stock the next driver starts with.
     fn publish_stock(&self) {
         let stock = self.owners.guest_buffers(self.shared.slot);
-        directory::write_stock(&self.view(), self.shared.slot, &stock);
+        directory::write_stock(self.view(), self.shared.slot, &stock);
     }
 
     /// Starts using rings the frontend made ready, drops those it stopped.

@@ -258,7 +258,7 @@ impl Ram {
 /// The pool file, mapped by the test frontend.
 pub struct PoolMap {
     pub file: std::fs::File,
-    pub map: Mapping,
+    pub map: std::sync::Arc<Mapping>,
     pub layout: PoolLayout,
 }
 
@@ -269,19 +269,20 @@ impl PoolMap {
             .write(true)
             .open(&info.pool_path)
             .unwrap();
-        let map = Mapping::map(
-            std::os::fd::AsFd::as_fd(&file),
-            info.pool_size as usize,
-            false,
-        )
-        .unwrap();
+        let map = std::sync::Arc::new(
+            Mapping::map(
+                std::os::fd::AsFd::as_fd(&file),
+                info.pool_size as usize,
+                false,
+            )
+            .unwrap(),
+        );
         let layout = PoolLayout::new(info.cluster, info.buf_size, info.buf_count).unwrap();
         PoolMap { file, map, layout }
     }
 
     pub fn view(&self) -> zc_proto::PoolView {
-        // SAFETY: the mapping holds pool_size bytes and outlives the view's uses.
-        unsafe { zc_proto::PoolView::new(self.map.as_ptr(), self.layout) }
+        zc_proto::PoolView::owning(self.map.clone(), self.layout).expect("mapped pool_size bytes")
     }
 
     /// Guest-physical address of a pool descriptor for buffer `b`.

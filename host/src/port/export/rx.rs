@@ -84,7 +84,8 @@ impl ExportPort {
                 Placed::NoRoom => self.rx_stats.drop_no_room += 1,
             }
             let i = self.rx_hand[self.rx_pos].index();
-            self.rx_hand[self.rx_pos].replace(i, 0);
+            // SAFETY: the handle keeps its buffer (now empty).
+            unsafe { self.rx_hand[self.rx_pos].replace(i, 0) };
             self.rx_pos += 1;
             moved += 1;
         }
@@ -141,7 +142,9 @@ impl ExportPort {
                     ptr::copy_nonoverlapping(hdr.as_ptr(), pool.host(pkt_off - HDR as u64), HDR)
                 };
                 q.put_used(first, head, need as u32);
-                self.rx_hand[self.rx_pos].replace(empty, 0);
+                // SAFETY: the exchange passed `empty` from the guest to this
+                // export (owner table) and the packet's buffer to the guest.
+                unsafe { self.rx_hand[self.rx_pos].replace(empty, 0) };
                 self.rx_stats.exchanged += 1;
                 return Ok(Placed::Done { heads: 1 });
             }
