@@ -184,7 +184,8 @@ fn wait_lets_a_tool_start_before_its_cluster_and_says_how_long_it_waited() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(700));
+    // It tried, found no cluster, and sleeps before trying again.
+    wait_blocked_in(zcount.id(), "nanosleep", "to wait for its cluster");
     let d = Daemon::start_in(
         id,
         run_dir,
@@ -368,10 +369,13 @@ fn zcount_killed_mid_stream_is_replaced_and_counting_continues() {
     let mut victim = d
         .tool("zcount")
         .args(["-i", &name, "--verify"])
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
+    // Killed while packets flow into it: it has counted some already.
+    let mut stderr = std::io::BufReader::new(victim.stderr.take().unwrap());
+    let counted = wait_absolute_stats(&mut stderr, 1);
+    assert!(counted > 0);
     victim.kill().unwrap(); // SIGKILL
     victim.wait().unwrap();
     let out = wait_output(
@@ -462,7 +466,9 @@ fn idle_tools_sleep_instead_of_spinning() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_secs(1));
+    // Both asleep on their queues: zsend once its queue is full.
+    wait_blocked_in(count.id(), "futex", "idle");
+    wait_blocked_in(send.id(), "futex", "blocked on its full queue");
     let (c0, s0, d0) = (
         cpu_seconds(count.id()),
         cpu_seconds(send.id()),
