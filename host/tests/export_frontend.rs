@@ -821,7 +821,7 @@ fn an_idle_export_sleeps_and_wakes_for_traffic() {
     let mut rx = HostRx::open(&h.run_dir(), h.cluster, 1).unwrap();
     let mut rx_bufs = rx.take_buffers(4).unwrap();
     guest_send(&mut f, &[payload(1, 60)]);
-    std::thread::sleep(Duration::from_millis(500));
+    h.wait_asleep("i.sock");
     let t0 = poll_thread_ticks(h.child.id());
     std::thread::sleep(Duration::from_secs(2));
     let used = poll_thread_ticks(h.child.id()) - t0;
