@@ -1239,10 +1239,13 @@ fn a_tiny_rx_ring_drops_what_cannot_fit_and_does_not_spin() {
     let s = h.wait_stats("t.sock", "the drop", |s| s.rx.drop_no_room == 1);
     assert_eq!((s.rx.packets, s.rx.copied), (1, 1), "{s:#?}");
     // The 400-byte packet waits for a fourth buffer: the daemon sleeps.
-    h.wait_asleep("t.sock");
     let (c0, t0) = (h.cpu_seconds(), Instant::now());
     std::thread::sleep(Duration::from_secs(2));
     let cpu = (h.cpu_seconds() - c0) / t0.elapsed().as_secs_f64();
+    eprintln!(
+        "zc-hostd while a packet waited: {:.1}% of a core",
+        cpu * 100.0
+    );
     assert!(
         cpu < 0.3,
         "zc-hostd used {:.0}% of a core while a packet waited for buffers",

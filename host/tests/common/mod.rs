@@ -163,15 +163,37 @@ impl Hostd {
         }
     }
 
-    /// Waits until export `name`'s poll thread goes to sleep once more
-    /// (its `sleeps` counter moves): it sleeps now, for up to its longest
-    /// sleep unless something wakes it.
+    /// Waits until the workers have just gone to sleep, with a whole sleep
+    /// ahead of them (up to 500 ms): export `name`'s `sleeps` counter moves
+    /// (a worker woke from a sleep), then every worker thread blocks in
+    /// epoll again. Whatever the test does next must wake them.
     pub fn wait_asleep(&self, name: &str) {
         let before = self.export(name).dev.sleeps;
         let deadline = Instant::now() + Duration::from_secs(10);
         while self.export(name).dev.sleeps == before {
-            assert!(Instant::now() < deadline, "{name}: poll thread never slept");
+            assert!(Instant::now() < deadline, "{name}: the worker never slept");
             std::thread::sleep(Duration::from_micros(200));
+        }
+        let pid = self.child.id();
+        loop {
+            let awake: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+                .unwrap()
+                .filter_map(|t| {
+                    let dir = t.ok()?.path();
+                    let comm = std::fs::read_to_string(dir.join("comm")).ok()?;
+                    let wchan = std::fs::read_to_string(dir.join("wchan")).unwrap_or_default();
+                    (comm.starts_with("zc-worker-") && !wchan.contains("epoll"))
+                        .then(|| format!("{} in {wchan:?}", comm.trim()))
+                })
+                .collect();
+            if awake.is_empty() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "workers never slept again: {awake:?}"
+            );
+            std::thread::sleep(Duration::from_micros(100));
         }
     }
 
