@@ -1316,3 +1316,38 @@ fn a_packet_needing_more_than_64_buffers_is_dropped_and_counted() {
         "the dropped packet consumed none of the guest's buffers"
     );
 }
+
+/// An invalid buffer among those a packet spreads over (here a
+/// device-readable one) is returned empty with the good ones before it,
+/// counted, and the packet goes into the buffers after it: nothing is lost
+/// to the guest's mistake.
+#[test]
+fn an_invalid_buffer_in_the_middle_of_a_packet_costs_buffers_not_the_packet() {
+    let h = Hostd::start(&["v.sock,rx=0"], &[]);
+    let mut f = TestFrontend::connect(&h, "v.sock", Setup::default());
+    let a: Vec<u64> = (0..4).map(|_| f.alloc(128)).collect();
+    for (i, &gpa) in a.iter().enumerate() {
+        f.rx.add(
+            &f.mem,
+            &[Seg {
+                gpa,
+                len: 128,
+                write: i != 1,
+            }],
+        );
+    }
+    f.rx.publish(&f.mem);
+    // 200 + 12 bytes: two buffers of 128.
+    let p = payload(7, 200);
+    host_send(&h, 0, vec![p.clone()]).join().unwrap();
+    let used = f.rx.wait_used(&f.mem, 4);
+    let lens: Vec<u32> = used.iter().map(|u| u.1).collect();
+    assert_eq!(lens, [0, 0, 128, 84], "{used:?}");
+    check_merged(&f, &used[2..], &[(p, 2)]);
+    let s = h.wait_stats("v.sock", "the packet", |s| s.rx.packets == 1);
+    assert_eq!(
+        (s.rx.invalid_desc, s.rx.drop_no_room, s.rx.copied),
+        (1, 0, 1),
+        "{s:#?}"
+    );
+}
