@@ -203,7 +203,7 @@ mod tests {
     #[test]
     fn stamped_packets_verify_and_corruption_is_caught() {
         let (_mem, pool) = pool();
-        for len in [60, 64, 1500, 1984] {
+        for len in [60, 64, 1500, 2048 - zc_proto::buffer::HEADROOM as usize] {
             let t = Template::new(len);
             // SAFETY: the only handle to buffer 1 of this test's pool.
             let mut h = unsafe { BufferHandle::from_raw(BufferIndex::new(1), 0) };

@@ -341,19 +341,19 @@ fn packet_length_out_of_range_leaves_nothing_behind() {
     assert_one_line_error(&out, "-l 59 is too short: packets are at least 60 bytes");
     let out = d
         .tool("zsend")
-        .args(["-i", &d.name(0), "-l", "1985"])
+        .args(["-i", &d.name(0), "-l", "1793"])
         .output()
         .unwrap();
     assert_one_line_error(
         &out,
         &format!(
-            "-l 1985 is too long: zc:{}@0 has 2048-byte buffers, so packets are 60..=1984 bytes",
+            "-l 1793 is too long: zc:{}@0 has 2048-byte buffers, so packets are 60..=1792 bytes",
             d.id
         ),
     );
     assert_eq!(d.info().spare_buffers, spare, "no buffers were taken");
     // The producer role was released: the largest legal length goes through.
-    assert_exact(&transfer(&d, 0, 1000, 1984), 1000, 1984);
+    assert_exact(&transfer(&d, 0, 1000, 1792), 1000, 1792);
 }
 
 #[test]

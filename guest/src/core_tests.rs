@@ -19,9 +19,9 @@ struct Rig {
 }
 
 impl Rig {
-    /// A pool of 256 buffers of 256 bytes; the driver's stock is 0..stock.
+    /// A pool of 256 buffers holding 192-byte packets; the driver's stock is 0..stock.
     fn new(stock: u32, event_idx: bool) -> (Rig, DriverQueue, Vec<BufferIndex>, Bell) {
-        let layout = PoolLayout::new(1, 256, 256).unwrap();
+        let layout = PoolLayout::new(1, zc_proto::buffer::HEADROOM + 192, 256).unwrap();
         let mut mem = vec![0u128; layout.pool_size as usize / 16];
         let base = mem.as_mut_ptr().cast::<u8>();
         // SAFETY: mem holds pool_size bytes and lives in the Rig with the view.

@@ -47,10 +47,9 @@
 //! would be the previous buffer's tail, and such chunks cross pages, which
 //! the kernel refuses on pools that are not on hugepages.
 //!
-//! While `HEADROOM` is still 64, the interface port stays correct: it
-//! registers UMEM headroom 0, and moves each received frame from +256 down
-//! to +`HEADROOM` inside its own buffer (counted as `realigned`, not as
-//! zero-copy); transmitting needs no move.
+//! The interface port registers UMEM headroom `HEADROOM - 256` (0): AF_XDP
+//! data lands at the packet offset, and a frame is only moved inside its
+//! buffer (counted as `realigned`) if it ever lands elsewhere.
 
 use std::fmt;
 
@@ -59,12 +58,13 @@ use std::fmt;
 /// virtio descriptor can cover header and packet without a second segment.
 pub const VIRTIO_NET_HDR_LEN: u32 = 12;
 
-/// Offset of the packet data inside a buffer. 64 keeps packet data on a
-/// cache line boundary and leaves the 12 header bytes just in front of it.
-pub const HEADROOM: u32 = 64;
+/// Offset of the packet data inside a buffer: where AF_XDP writes received
+/// data (XDP_PACKET_HEADROOM), on a cache line boundary, with the 12 header
+/// bytes just in front of it (see the module docs).
+pub const HEADROOM: u32 = 256;
 
 /// Smallest buffer size a pool may use (headroom plus a minimal frame).
-pub const MIN_BUF_SIZE: u32 = 256;
+pub const MIN_BUF_SIZE: u32 = HEADROOM + 64;
 
 /// Largest buffer size a pool may use (one 64 KiB jumbo frame plus headroom).
 pub const MAX_BUF_SIZE: u32 = 65536 + HEADROOM;

@@ -363,7 +363,7 @@ mod tests {
     }
 
     fn with_pool(f: impl FnOnce(PoolView)) {
-        let layout = PoolLayout::new(1, 256, 4).unwrap();
+        let layout = PoolLayout::new(1, HEADROOM + 192, 4).unwrap();
         let (mem, _) = heap(&layout);
         f(PoolView::owning(mem, layout).unwrap());
     }
@@ -420,7 +420,7 @@ mod tests {
     /// mapped its memory) is a clone that keeps the memory now.
     #[test]
     fn a_clone_keeps_the_memory_until_the_last_view_is_gone() {
-        let layout = PoolLayout::new(1, 256, 4).unwrap();
+        let layout = PoolLayout::new(1, HEADROOM + 192, 4).unwrap();
         let (mem, freed) = heap(&layout);
         let first = PoolView::owning(mem, layout).unwrap();
         let second = first.clone();
@@ -435,7 +435,7 @@ mod tests {
 
     #[test]
     fn a_pool_larger_than_its_memory_has_no_view() {
-        let small = PoolLayout::new(1, 256, 4).unwrap();
+        let small = PoolLayout::new(1, HEADROOM + 192, 4).unwrap();
         let big = PoolLayout::new(1, 2048, 65536).unwrap();
         assert!(big.pool_size > small.pool_size);
         let (mem, _) = heap(&small);

@@ -35,7 +35,7 @@ struct Args {
     #[arg(short = 'i', value_name = "NAME")]
     name: String,
 
-    /// Packet length in bytes, 60 up to the cluster's buffer size minus 64.
+    /// Packet length in bytes, 60 up to the cluster's buffer size minus 256.
     #[arg(
         short = 'l',
         value_name = "LEN",
