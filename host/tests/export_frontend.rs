@@ -1274,7 +1274,7 @@ fn a_tiny_rx_ring_drops_what_cannot_fit_and_does_not_spin() {
     }
     f.rx.publish_notify(&f.mem, event_idx);
     let last = payload(4, 60);
-    host_send(&h, 0, vec![payload(5, 1984), last.clone()])
+    host_send(&h, 0, vec![payload(5, 1500), last.clone()])
         .join()
         .unwrap();
     let used = f.rx.wait_used(&f.mem, 1);
