@@ -9,6 +9,7 @@ use crate::vhost_user::VhostUser;
 use std::fs::OpenOptions;
 use std::io;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 use zc_proto::layout::ExportEntry;
 use zc_proto::{BufferHandle, PoolView, QueueEnd, Receiver, Sender};
@@ -36,8 +37,9 @@ struct Opened<C> {
     core: C,
     view: PoolView,
     dev: Device,
-    /// Keeps the pool mapped until the device has stopped.
-    _pool: PoolMap,
+    /// Keeps the pool mapped until the device has stopped (the views, the
+    /// core's and any clone a user made, keep it mapped too).
+    _pool: Arc<PoolMap>,
 }
 
 impl<C> Drop for Opened<C> {
@@ -55,7 +57,7 @@ pub struct GuestRx(Opened<RxCore>);
 pub struct GuestTx(Opened<TxCore>);
 
 /// Maps the pool file for the vhost-user transport.
-fn map_pool_file(pool_path: &Path) -> Result<(std::fs::File, PoolMap)> {
+fn map_pool_file(pool_path: &Path) -> Result<(std::fs::File, Arc<PoolMap>)> {
     let file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -71,7 +73,7 @@ fn map_pool_file(pool_path: &Path) -> Result<(std::fs::File, PoolMap)> {
         .map_err(|e| GuestError::io(pool_path, e))?
         .len();
     let pool = PoolMap::map(&file, size, pool_path)?;
-    Ok((file, pool))
+    Ok((file, Arc::new(pool)))
 }
 
 /// Opens cluster queue `queue` through the vhost-user export at `socket`,
@@ -91,7 +93,7 @@ fn open_vhost_user(
     queue: u16,
     dir: Direction,
     served: Option<[u8; 6]>,
-) -> Result<(Core, Device, PoolMap)> {
+) -> Result<(Core, Device, Arc<PoolMap>)> {
     let (file, pool) = map_pool_file(pool_path)?;
     let open = |slot: usize, entry: &ExportEntry| -> Result<(Core, Device)> {
         let f = file.try_clone().map_err(|e| GuestError::io(pool_path, e))?;
@@ -157,7 +159,7 @@ impl GuestRx {
         Self::from_parts(core, dev, pool)
     }
 
-    pub(crate) fn from_parts(core: Core, dev: Device, pool: PoolMap) -> Result<Self> {
+    pub(crate) fn from_parts(core: Core, dev: Device, pool: Arc<PoolMap>) -> Result<Self> {
         let Core::Rx(core) = core else {
             unreachable!("bring_up returns the core of the direction asked for")
         };
@@ -205,7 +207,7 @@ impl GuestTx {
         Self::from_parts(core, dev, pool)
     }
 
-    pub(crate) fn from_parts(core: Core, dev: Device, pool: PoolMap) -> Result<Self> {
+    pub(crate) fn from_parts(core: Core, dev: Device, pool: Arc<PoolMap>) -> Result<Self> {
         let Core::Tx(core) = core else {
             unreachable!("bring_up returns the core of the direction asked for")
         };
