@@ -17,7 +17,8 @@ use zc_proto::{BufferHandle, PoolView, QueueEnd, Receiver, Sender};
 /// The device a queue runs on; dropping it stops the device.
 pub enum Device {
     VhostUser(VhostUser),
-    Pci(crate::pci::PciDevice),
+    /// Boxed: the PCI device carries its BAR mappings, the vhost-user one little.
+    Pci(Box<crate::pci::PciDevice>),
 }
 
 impl Device {
@@ -137,13 +138,13 @@ impl GuestRx {
     /// that exports it (PCI transport).
     pub fn open_pci(cluster: u32, queue: u16) -> Result<Self> {
         let (core, dev, pool) = crate::pci::open_queue(cluster, queue, Direction::Rx)?;
-        Self::from_parts(core, Device::Pci(dev), pool)
+        Self::from_parts(core, Device::Pci(Box::new(dev)), pool)
     }
 
     /// Receives on the virtio-net device behind interface `ifname` (zc:eth1).
     pub fn open_interface(ifname: &str) -> Result<Self> {
         let (core, dev, pool) = crate::pci::open_interface(ifname, Direction::Rx)?;
-        Self::from_parts(core, Device::Pci(dev), pool)
+        Self::from_parts(core, Device::Pci(Box::new(dev)), pool)
     }
 
     /// Receives cluster queue `queue` as the vhost-user frontend of the
@@ -186,13 +187,13 @@ impl GuestTx {
     /// device that exports it (PCI transport).
     pub fn open_pci(cluster: u32, queue: u16) -> Result<Self> {
         let (core, dev, pool) = crate::pci::open_queue(cluster, queue, Direction::Tx)?;
-        Self::from_parts(core, Device::Pci(dev), pool)
+        Self::from_parts(core, Device::Pci(Box::new(dev)), pool)
     }
 
     /// Sends on the virtio-net device behind interface `ifname` (zc:eth1).
     pub fn open_interface(ifname: &str) -> Result<Self> {
         let (core, dev, pool) = crate::pci::open_interface(ifname, Direction::Tx)?;
-        Self::from_parts(core, Device::Pci(dev), pool)
+        Self::from_parts(core, Device::Pci(Box::new(dev)), pool)
     }
 
     /// Sends into cluster queue `queue` as the vhost-user frontend of the
