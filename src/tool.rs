@@ -234,7 +234,7 @@ impl CommonArgs {
 }
 
 /// Seconds as a user writes them: `60`, `0.5`; at most a day.
-fn parse_seconds(s: &str) -> Result<std::time::Duration, String> {
+pub fn parse_seconds(s: &str) -> Result<std::time::Duration, String> {
     match s.parse::<f64>() {
         Ok(v) if (0.0..=86400.0).contains(&v) => Ok(std::time::Duration::from_secs_f64(v)),
         _ => Err(format!(
