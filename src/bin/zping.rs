@@ -99,6 +99,9 @@ fn run(args: &Args) -> Result<(), String> {
     if let Some(core) = args.common.core {
         tool::pin_to_core(core).map_err(|e| format!("-g: {e}"))?;
     }
+    if args.sleep {
+        tool::wake_promptly();
+    }
     let (rx, tx) = open(args)?;
     if args.reflect {
         reflect(args, rx, tx)

@@ -1,0 +1,161 @@
+#!/bin/bash
+# Latency benchmark (issue 18): round-trip times of 64-byte probes at 10 kpps
+# and 1 Mpps, zc next to DPDK in the same invocation. Both sides run the
+# same prober, the zc guest driver's `zping --vhost-user` (busy-polling,
+# core 0); what differs is what sends the probes back:
+#   (zc)   zping --vhost-user -> zc-hostd export rx=0,tx=1 (its worker, core
+#          1) -> queue 1 -> host `zping --reflect` (swaps MACs, sends the
+#          buffer it received) -> queue 0 -> the export -> zping. Zero-copy
+#          all the way: every reply comes back in the buffer its probe left
+#          in (the `same` column). Three threads on two cores, so one of
+#          them must sleep: by default the reflector sleeps on its queue's
+#          futex and shares core 0 with zping (REFLECT_CORE, REFLECT_MODE
+#          choose otherwise: REFLECT_MODE=busy for a busy-polling one).
+#   (dpdk) zping --vhost-user -> testpmd's vhost PMD in --forward-mode=macswap
+#          (its forwarding lcore, core 1; the reflection happens inside the
+#          backend, copy path) -> zping. Two threads on two cores. zc-hostd
+#          runs only for the pool and the export directory the guest driver
+#          reads.
+# Each figure is the median over RUNS runs of SECS seconds (the runs of each
+# kind alternate, so a noisy moment hits both alike); each run waits (up to
+# IDLE_WAIT seconds, default 120) for other processes to leave the CPUs idle.
+# Needs root, dpdk-testpmd (apt-get install dpdk-dev) and ~1.2 GiB of 2 MiB
+# hugepages (reserved here if fewer).
+#   benches/latency.sh                          # RUNS=3 SECS=5
+#   RUNS=1 RATES=10000 benches/latency.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNS=${RUNS:-3}
+SECS=${SECS:-5}
+RATES=${RATES:-"10000 1000000"}
+LEN=${LEN:-64}
+CLUSTER=${CLUSTER:-4344}
+PING_CORE=0
+WORKER_CORE=1
+REFLECT_CORE=${REFLECT_CORE:-0}
+REFLECT_MODE=${REFLECT_MODE:-sleep}
+TMP=$(mktemp -d /tmp/zc-latency.XXXXXX)
+PIDS=()
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+
+[ "$(id -u)" = 0 ] || { echo "latency: needs root (hugepages)" >&2; exit 1; }
+command -v dpdk-testpmd >/dev/null || { echo "latency: dpdk-testpmd missing (apt-get install dpdk-dev)" >&2; exit 1; }
+case "$REFLECT_MODE" in
+    sleep) reflect_opt=(--sleep); reflect_desc="sleeps on its queue's futex when idle" ;;
+    busy) reflect_opt=(); reflect_desc="busy-polls" ;;
+    *) echo "latency: REFLECT_MODE is sleep or busy, not $REFLECT_MODE" >&2; exit 1 ;;
+esac
+[ "$(cat /proc/sys/vm/nr_hugepages)" -ge 1100 ] || echo 1100 > /proc/sys/vm/nr_hugepages
+mkdir -p /dev/hugepages
+mountpoint -q /dev/hugepages || mount -t hugetlbfs nodev /dev/hugepages
+[ -n "${NO_BUILD:-}" ] || cargo build --release -q --workspace
+B=target/release
+export ZC_RUN_DIR=$TMP/run
+
+# Percent of all CPU time used over half a second (between runs: by others).
+cpu_busy() {
+    local a b
+    a=$(awk '$1 == "cpu" { print $2+$3+$4+$7+$8+$9, $5+$6 }' /proc/stat); sleep 0.5
+    b=$(awk '$1 == "cpu" { print $2+$3+$4+$7+$8+$9, $5+$6 }' /proc/stat)
+    echo "$a $b" | awk '{ t = $3 - $1 + $4 - $2; print (t > 0 ? int(100 * ($3 - $1) / t) : 0) }'
+}
+# Waits up to IDLE_WAIT seconds (default 120) for the machine to go idle.
+wait_idle() {
+    local i
+    for ((i = 0; i < ${IDLE_WAIT:-120} * 2; i++)); do
+        [ "$(cpu_busy)" -lt 10 ] && return 0
+    done
+    echo "latency: other processes keep the CPUs busy; measuring anyway" >&2
+}
+median() { sort -g | awk '{a[NR]=$1} END {if (NR==0) print 0; else if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
+# A number from zping's JSON summary: field NAME ("p99" is not "p99.9").
+field() { sed -n "s/.*\"$1\":\([0-9.e+]*\)[,}].*/\1/p" "$2" | head -1; }
+
+start_hostd() {
+    rm -f "$TMP/vm.sock"
+    "$B/zc-hostd" -c "$CLUSTER" -q 2 --buffers 16384 --export "$TMP/vm.sock,rx=0,tx=1" \
+        -g "$WORKER_CORE" >"$TMP/hostd.log" 2>&1 &
+    HOSTD=$!
+    PIDS+=("$HOSTD")
+    for _ in $(seq 200); do [ -S "$TMP/vm.sock" ] && break; sleep 0.05; done
+}
+stop_hostd() { kill "$HOSTD" 2>/dev/null; wait "$HOSTD" 2>/dev/null || true; }
+
+# zping on SOCKET at RATE into $TMP/ping.json; prints "p50 p99 p99.9 received same".
+probe() {
+    local sock=$1 rate=$2
+    "$B/zping" -i "zc:$CLUSTER@1" --vhost-user "$sock" -r "$rate" -c $((rate * SECS)) \
+        -l "$LEN" -g "$PING_CORE" --json >"$TMP/ping.json" 2>"$TMP/ping.err" || {
+        echo "latency: zping failed: $(tail -1 "$TMP/ping.err")" >&2
+        echo "0 0 0 0 0"
+        return
+    }
+    echo "$(field p50 "$TMP/ping.json") $(field p99 "$TMP/ping.json") $(field p99.9 "$TMP/ping.json")" \
+        "$(field received "$TMP/ping.json") $(field same_buffer "$TMP/ping.json")"
+}
+
+zc_run() {
+    start_hostd
+    "$B/zping" --reflect -i "zc:$CLUSTER@1" -o "zc:$CLUSTER@0" "${reflect_opt[@]}" \
+        -g "$REFLECT_CORE" >/dev/null 2>&1 &
+    local r=$!
+    sleep 0.5
+    probe "$TMP/vm.sock" "$1"
+    kill -INT "$r" 2>/dev/null; wait "$r" 2>/dev/null || true
+    "$B/zc-hostd" -c "$CLUSTER" stats >>"$TMP/stats.log" 2>&1 || true
+    stop_hostd
+}
+
+dpdk_run() {
+    local sock=$TMP/dpdk.sock
+    rm -f "$sock"
+    start_hostd
+    timeout -s INT $((SECS + 30)) dpdk-testpmd --lcores "0@$PING_CORE,1@$WORKER_CORE" -n 1 --no-pci \
+        --socket-mem 512 --file-prefix zclat --vdev "net_vhost0,iface=$sock,queues=1" -- \
+        --forward-mode=macswap --port-topology=loop --nb-cores 1 -a >"$TMP/testpmd.log" 2>&1 &
+    local t=$!
+    PIDS+=("$t")
+    for _ in $(seq 200); do [ -S "$sock" ] && break; sleep 0.05; done
+    probe "$sock" "$1"
+    kill -INT "$t" 2>/dev/null; wait "$t" 2>/dev/null || true
+    stop_hostd
+}
+
+us() { awk '{ printf "%.2f", $1 / 1000 }'; }
+
+echo "thread-to-core layout (2 cores):"
+echo "  zc:   core $PING_CORE: zping --vhost-user (guest driver, busy-polls)$([ "$REFLECT_CORE" = "$PING_CORE" ] && echo ", zping --reflect ($reflect_desc)")"
+echo "        core $WORKER_CORE: zc-hostd worker (the export, busy-polls while probes flow)$([ "$REFLECT_CORE" = "$WORKER_CORE" ] && echo ", zping --reflect ($reflect_desc)")"
+echo "  dpdk: core $PING_CORE: zping --vhost-user (guest driver, busy-polls), testpmd main lcore (idle)"
+echo "        core $WORKER_CORE: testpmd forwarding lcore (vhost PMD, macswap, busy-polls)"
+echo "$LEN-byte probes, $SECS s per run, medians of $RUNS runs, round-trip times in microseconds"
+printf '%-9s %9s %9s %9s   %9s %9s %9s   %8s %8s\n' rate "zc p50" "zc p99" "zc p99.9" \
+    "dpdk p50" "dpdk p99" "dp p99.9" "p99 zc/dp" "same"
+for rate in $RATES; do
+    z50=(); z99=(); z999=(); d50=(); d99=(); d999=(); proof=""
+    for _ in $(seq "$RUNS"); do
+        wait_idle
+        read -r a b c got same < <(zc_run "$rate")
+        z50+=("$a"); z99+=("$b"); z999+=("$c")
+        proof="$same/$got"
+        [ "$same" = "$got" ] && [ "$got" = $((rate * SECS)) ] || proof="$proof MISMATCH"
+        echo "  run: zc   p50 $(echo "$a" | us) p99 $(echo "$b" | us) p99.9 $(echo "$c" | us) us ($got replies)" >&2
+        wait_idle
+        read -r a b c got _ < <(dpdk_run "$rate")
+        d50+=("$a"); d99+=("$b"); d999+=("$c")
+        echo "  run: dpdk p50 $(echo "$a" | us) p99 $(echo "$b" | us) p99.9 $(echo "$c" | us) us ($got replies)" >&2
+    done
+    m() { printf '%s\n' "$@" | median; }
+    awk -v r="$rate" -v a="$(m "${z50[@]}")" -v b="$(m "${z99[@]}")" -v c="$(m "${z999[@]}")" \
+        -v d="$(m "${d50[@]}")" -v e="$(m "${d99[@]}")" -v f="$(m "${d999[@]}")" -v p="$proof" 'BEGIN {
+        printf "%-9s %9.2f %9.2f %9.2f   %9.2f %9.2f %9.2f   %8.2f  %s\n",
+            r " pps", a/1000, b/1000, c/1000, d/1000, e/1000, f/1000, (e > 0 ? b/e : 0), p }'
+done
+echo "same: zc replies that came back in the buffer their probe left in / replies (last zc run)."
+echo "export counters after each zc run (copied = 0: exchanged both ways):"
+grep '^export' "$TMP/stats.log" | sed 's/^/  /'
