@@ -9,8 +9,10 @@
 #          all the way: every reply comes back in the buffer its probe left
 #          in (the `same` column). Three threads on two cores, so one of
 #          them must sleep: by default the reflector sleeps on its queue's
-#          futex and shares core 0 with zping (REFLECT_CORE, REFLECT_MODE
-#          choose otherwise: REFLECT_MODE=busy for a busy-polling one).
+#          futex and shares core 1 with the export's worker, which wakes it
+#          (on zping's core 0 its wake-ups came later, on an idle core a
+#          halted vCPU takes tens of microseconds to wake). REFLECT_CORE and
+#          REFLECT_MODE=busy (a busy-polling reflector) choose otherwise.
 #   (dpdk) zping --vhost-user -> testpmd's vhost PMD in --forward-mode=macswap
 #          (its forwarding lcore, core 1; the reflection happens inside the
 #          backend, copy path) -> zping. Two threads on two cores. zc-hostd
@@ -36,47 +38,15 @@ LEN=${LEN:-64}
 CLUSTER=${CLUSTER:-4344}
 PING_CORE=0
 WORKER_CORE=1
-REFLECT_CORE=${REFLECT_CORE:-0}
+REFLECT_CORE=${REFLECT_CORE:-$WORKER_CORE}
 REFLECT_MODE=${REFLECT_MODE:-sleep}
-TMP=$(mktemp -d /tmp/zc-latency.XXXXXX)
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$TMP"
-}
-trap cleanup EXIT
-
-[ "$(id -u)" = 0 ] || { echo "latency: needs root (hugepages)" >&2; exit 1; }
-command -v dpdk-testpmd >/dev/null || { echo "latency: dpdk-testpmd missing (apt-get install dpdk-dev)" >&2; exit 1; }
+. benches/lib.sh
+bench_setup latency 1100
 case "$REFLECT_MODE" in
     sleep) reflect_opt=(--sleep); reflect_desc="sleeps on its queue's futex when idle" ;;
     busy) reflect_opt=(); reflect_desc="busy-polls" ;;
     *) echo "latency: REFLECT_MODE is sleep or busy, not $REFLECT_MODE" >&2; exit 1 ;;
 esac
-[ "$(cat /proc/sys/vm/nr_hugepages)" -ge 1100 ] || echo 1100 > /proc/sys/vm/nr_hugepages
-mkdir -p /dev/hugepages
-mountpoint -q /dev/hugepages || mount -t hugetlbfs nodev /dev/hugepages
-[ -n "${NO_BUILD:-}" ] || cargo build --release -q --workspace
-B=target/release
-export ZC_RUN_DIR=$TMP/run
-
-# Percent of all CPU time used over half a second (between runs: by others).
-cpu_busy() {
-    local a b
-    a=$(awk '$1 == "cpu" { print $2+$3+$4+$7+$8+$9, $5+$6 }' /proc/stat); sleep 0.5
-    b=$(awk '$1 == "cpu" { print $2+$3+$4+$7+$8+$9, $5+$6 }' /proc/stat)
-    echo "$a $b" | awk '{ t = $3 - $1 + $4 - $2; print (t > 0 ? int(100 * ($3 - $1) / t) : 0) }'
-}
-# Waits up to IDLE_WAIT seconds (default 120) for the machine to go idle.
-wait_idle() {
-    local i
-    for ((i = 0; i < ${IDLE_WAIT:-120} * 2; i++)); do
-        [ "$(cpu_busy)" -lt 10 ] && return 0
-    done
-    echo "latency: other processes keep the CPUs busy; measuring anyway" >&2
-}
-median() { sort -g | awk '{a[NR]=$1} END {if (NR==0) print 0; else if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
 # A number from zping's JSON summary: field NAME ("p99" is not "p99.9").
 field() { sed -n "s/.*\"$1\":\([0-9.e+]*\)[,}].*/\1/p" "$2" | head -1; }
 
@@ -172,7 +142,7 @@ dpdk_run() {
     [ -p "$TMP/stdin" ] || mkfifo "$TMP/stdin"
     exec 3<>"$TMP/stdin"
     timeout -s INT $((SECS * 4 + 30)) dpdk-testpmd --lcores "0@$PING_CORE,1@$WORKER_CORE" -n 1 --no-pci \
-        --socket-mem 512 --file-prefix zclat --vdev "net_vhost0,iface=$sock,queues=1" -- \
+        --socket-mem 512 --file-prefix zclatency --vdev "net_vhost0,iface=$sock,queues=1" -- \
         --forward-mode=macswap --port-topology=loop --nb-cores 1 -a <"$TMP/stdin" >"$TMP/testpmd.log" 2>&1 &
     local t=$!
     for _ in $(seq 200); do [ -S "$sock" ] && break; sleep 0.05; done
