@@ -7,7 +7,8 @@
 //!    which sends each packet back in the buffer it arrived in.
 //!
 //! Exact counts, and every reply in the buffer its probe left in (zero-copy
-//! through guest, export and host); times under TCG are not asserted.
+//! through guest, export and host); times under TCG are not asserted. First,
+//! naming one device twice (-i and -o) is one line saying so.
 //! Needs root and qemu-system-x86_64; skips without them unless CI is set.
 
 mod common;
@@ -56,13 +57,23 @@ fn zping_in_a_guest_to_a_host_reflector_and_back_exactly() {
     let mut g = Guest::boot(&GuestSpec {
         name: "zping".into(),
         run: format!(
-            "zping -i zc:{c}@1 -c {N} -r 200 --timeout 30 --json >/tmp/a 2>/tmp/e; echo ZC-P1 $(cat /tmp/a) $(tail -1 /tmp/e); \
+            "zping -i zc:{c}@1 -o zc:{c}@0 -c 1 2>/tmp/e; echo ZC-SAME $(cat /tmp/e); \
+             zping -i zc:{c}@1 -c {N} -r 200 --timeout 30 --json >/tmp/a 2>/tmp/e; echo ZC-P1 $(cat /tmp/a) $(tail -1 /tmp/e); \
              zping --reflect -i zc:{c}@0 -c {N} --json >/tmp/b 2>/tmp/e & h=$!; sleep 5; echo ZC-S2; \
              wait $h; echo ZC-P2 $(cat /tmp/b) $(tail -1 /tmp/e)"
         ),
         qemu_args: d.qemu_args(&sock, "1G"),
         ..Default::default()
     });
+    // Two names for one device: one line saying so (the device is given
+    // back, so the runs below can open it).
+    let same = g.line("ZC-SAME", BOOT_AND_RUN);
+    assert!(
+        same.starts_with(&format!(
+            "zping: -i zc:{c}@1 and -o zc:{c}@0 lead to the same device ("
+        )) && same.ends_with("which carries both directions: leave out -o"),
+        "{same}"
+    );
     let p1 = g.line("ZC-P1", BOOT_AND_RUN);
     let v: serde_json::Value = serde_json::from_str(json_part(&p1))
         .unwrap_or_else(|e| panic!("guest zping: {p1:?}: {e}\n{}", g.serial()));

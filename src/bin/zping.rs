@@ -141,12 +141,14 @@ fn open(args: &Args) -> Result<(Rx, Tx), String> {
         (other, &args.name)
     };
     let rx = zc::open_rx_with(recv, &opts).map_err(|e| e.to_string())?;
+    // Both names on one device: the second open finds it held by this
+    // very process.
     let tx = zc::open_tx_with(send, &opts).map_err(|e| match e {
         zc::Error::Guest {
-            source: busy @ zc_guest::GuestError::Busy { pid, .. },
+            source: zc_guest::GuestError::Busy { what, pid },
             ..
         } if pid == std::process::id() => format!(
-            "-i {} and -o {} lead to the same device ({busy}); leave out -o",
+            "-i {} and -o {} lead to the same device ({what}), which carries both directions: leave out -o",
             args.name, other
         ),
         e => e.to_string(),
