@@ -18,6 +18,11 @@
 #          backend, copy path) -> zping. Two threads on two cores. zc-hostd
 #          runs only for the pool and the export directory the guest driver
 #          reads.
+#   (host) for scale: host zping (core 0) -> queue 0 -> busy-polling host
+#          reflector (core 1) -> queue 1 -> zping. zc's own queues with two
+#          threads on two cores, as DPDK has, but no export in the path.
+# REFLECT_PRIO=N runs the zc reflector real-time (chrt -f N), so that its
+# wake-ups always preempt the worker it shares core 1 with.
 # Each figure is the median over RUNS runs of SECS seconds (the runs of each
 # kind alternate, so a noisy moment hits both alike); each run waits (up to
 # IDLE_WAIT seconds, default 120) for other processes to leave the CPUs idle,
@@ -30,6 +35,7 @@
 #   benches/latency.sh                          # RUNS=3 SECS=5
 #   RUNS=1 RATES=10000 benches/latency.sh
 set -euo pipefail
+declare -A last P99
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-3}
 SECS=${SECS:-5}
@@ -47,6 +53,11 @@ case "$REFLECT_MODE" in
     busy) reflect_opt=(); reflect_desc="busy-polls" ;;
     *) echo "latency: REFLECT_MODE is sleep or busy, not $REFLECT_MODE" >&2; exit 1 ;;
 esac
+reflect_run=()
+if [ -n "${REFLECT_PRIO:-}" ]; then
+    reflect_run=(chrt -f "$REFLECT_PRIO")
+    reflect_desc="$reflect_desc, SCHED_FIFO $REFLECT_PRIO"
+fi
 # A number from zping's JSON summary: field NAME ("p99" is not "p99.9").
 field() { sed -n "s/.*\"$1\":\([0-9.e+]*\)[,}].*/\1/p" "$2" | head -1; }
 
@@ -97,22 +108,27 @@ measured() {
     RES="$a* $b"
 }
 
+# start_hostd [noexport]: cluster with two queues, by default exported on
+# $TMP/vm.sock (rx=0, tx=1) with its worker on WORKER_CORE.
 start_hostd() {
+    local export=(--export "$TMP/vm.sock,rx=0,tx=1") ready=$TMP/vm.sock
+    if [ "${1:-}" = noexport ]; then export=(); ready=$ZC_RUN_DIR/$CLUSTER/ctl; fi
     rm -f "$TMP/vm.sock"
-    "$B/zc-hostd" -c "$CLUSTER" -q 2 --buffers 16384 --export "$TMP/vm.sock,rx=0,tx=1" \
+    "$B/zc-hostd" -c "$CLUSTER" -q 2 --buffers 16384 "${export[@]}" \
         -g "$WORKER_CORE" >"$TMP/hostd.log" 2>&1 &
     HOSTD=$!
     PIDS+=("$HOSTD")
-    for _ in $(seq 200); do [ -S "$TMP/vm.sock" ] && break; sleep 0.05; done
+    for _ in $(seq 200); do [ -S "$ready" ] && break; sleep 0.05; done
 }
 stop_hostd() { kill "$HOSTD" 2>/dev/null; wait "$HOSTD" 2>/dev/null || true; }
 
-# zping on SOCKET at RATE into $TMP/ping.json; sets RES to "p50 p99 p99.9
-# replies same" (nanoseconds).
+# zping on NAME (more options after it) at RATE into $TMP/ping.json; sets
+# RES to "p50 p99 p99.9 replies same" (nanoseconds).
 probe() {
-    local sock=$1 rate=$2 j=$TMP/ping.json
-    if ! "$B/zping" -i "zc:$CLUSTER@1" --vhost-user "$sock" -r "$rate" -c $((rate * SECS)) \
-        -l "$LEN" -g "$PING_CORE" --json >"$j" 2>"$TMP/ping.err"; then
+    local rate=$1 j=$TMP/ping.json
+    shift
+    if ! "$B/zping" "$@" -r "$rate" -c $((rate * SECS)) -l "$LEN" -g "$PING_CORE" --json \
+        >"$j" 2>"$TMP/ping.err"; then
         echo "latency: zping failed: $(tail -1 "$TMP/ping.err")" >&2
         RES="0 0 0 0 0"
         return
@@ -122,13 +138,23 @@ probe() {
 
 zc_run() {
     start_hostd
-    "$B/zping" --reflect -i "zc:$CLUSTER@1" -o "zc:$CLUSTER@0" "${reflect_opt[@]}" \
-        -g "$REFLECT_CORE" >/dev/null 2>&1 &
+    "${reflect_run[@]}" "$B/zping" --reflect -i "zc:$CLUSTER@1" -o "zc:$CLUSTER@0" \
+        "${reflect_opt[@]}" -g "$REFLECT_CORE" >/dev/null 2>&1 &
     local r=$!
     sleep 0.5
-    probe "$TMP/vm.sock" "$1"
+    probe "$1" -i "zc:$CLUSTER@1" --vhost-user "$TMP/vm.sock"
     kill -INT "$r" 2>/dev/null; wait "$r" 2>/dev/null || true
-    "$B/zc-hostd" -c "$CLUSTER" stats >>"$TMP/stats.log" 2>&1 || true
+    "$B/zc-hostd" -c "$CLUSTER" stats 2>&1 | grep '^export' >"$TMP/stats.$1" || true
+    stop_hostd
+}
+
+host_run() {
+    start_hostd noexport
+    "$B/zping" --reflect -i "zc:$CLUSTER@0" -o "zc:$CLUSTER@1" -g "$WORKER_CORE" >/dev/null 2>&1 &
+    local r=$!
+    sleep 0.5
+    probe "$1" -i "zc:$CLUSTER@0" -o "zc:$CLUSTER@1"
+    kill -INT "$r" 2>/dev/null; wait "$r" 2>/dev/null || true
     stop_hostd
 }
 
@@ -146,7 +172,7 @@ dpdk_run() {
         --forward-mode=macswap --port-topology=loop --nb-cores 1 -a <"$TMP/stdin" >"$TMP/testpmd.log" 2>&1 &
     local t=$!
     for _ in $(seq 200); do [ -S "$sock" ] && break; sleep 0.05; done
-    probe "$sock" "$1"
+    probe "$1" -i "zc:$CLUSTER@1" --vhost-user "$sock"
     kill -INT "$t" 2>/dev/null; wait "$t" 2>/dev/null || true
     exec 3>&-
     stop_hostd
@@ -157,34 +183,35 @@ echo "  zc:   core $PING_CORE: zping --vhost-user (guest driver, busy-polls)$([ 
 echo "        core $WORKER_CORE: zc-hostd worker (the export, busy-polls while probes flow)$([ "$REFLECT_CORE" = "$WORKER_CORE" ] && echo ", zping --reflect ($reflect_desc)")"
 echo "  dpdk: core $PING_CORE: zping --vhost-user (guest driver, busy-polls), testpmd main lcore (idle)"
 echo "        core $WORKER_CORE: testpmd forwarding lcore (vhost PMD, macswap, busy-polls)"
+echo "  host: core $PING_CORE: host zping (busy-polls) | core $WORKER_CORE: zping --reflect (busy-polls)"
 echo "$LEN-byte probes, $SECS s per run, medians of $RUNS runs, round-trip times in microseconds"
-printf '%-9s %9s %9s %9s   %9s %9s %9s   %8s %8s\n' rate "zc p50" "zc p99" "zc p99.9" \
-    "dpdk p50" "dpdk p99" "dp p99.9" "p99 zc/dp" "same"
-strip() { tr -d '*'; }
+printf '%-12s %-5s %9s %9s %9s   %s\n' rate path p50 p99 p99.9 "replies (zc: in the probe's own buffer)"
 for rate in $RATES; do
-    z50=(); z99=(); z999=(); d50=(); d99=(); d999=(); proof=""; flag=""
+    declare -A p50 p99 p999 note
+    for kind in zc dpdk host; do p50[$kind]=""; p99[$kind]=""; p999[$kind]=""; note[$kind]=""; done
     for _ in $(seq "$RUNS"); do
-        measured zc "$rate"
-        read -r a b c got same <<<"$RES"
-        [[ $a == *'*' ]] && flag="*"
-        z50+=("$(echo "$a" | strip)"); z99+=("$b"); z999+=("$c")
-        proof="$same/$got"
-        [ "$same" = "$got" ] && [ "$got" = $((rate * SECS)) ] || proof="$proof MISMATCH"
-        measured dpdk "$rate"
-        read -r a b c got _ <<<"$RES"
-        [[ $a == *'*' ]] && flag="*"
-        d50+=("$(echo "$a" | strip)"); d99+=("$b"); d999+=("$c")
-        [ "$got" = $((rate * SECS)) ] || proof="$proof (dpdk: $got replies)"
+        for kind in zc dpdk host; do
+            measured "$kind" "$rate"
+            read -r a b c got same <<<"$RES"
+            [[ $a == *'*' ]] && note[$kind]="* "
+            p50[$kind]+="${a%'*'} "; p99[$kind]+="$b "; p999[$kind]+="$c "
+            case $kind in
+                zc) n="$same/$got same"; [ "$same" = "$got" ] || n="$n MISMATCH" ;;
+                *) n="$got" ;;
+            esac
+            [ "$got" = $((rate * SECS)) ] || n="$n (of $((rate * SECS)))"
+            last[$kind]=$n
+        done
     done
-    m() { printf '%s\n' "$@" | median; }
-    awk -v r="$rate" -v a="$(m "${z50[@]}")" -v b="$(m "${z99[@]}")" -v c="$(m "${z999[@]}")" \
-        -v d="$(m "${d50[@]}")" -v e="$(m "${d99[@]}")" -v f="$(m "${d999[@]}")" -v p="$proof$flag" 'BEGIN {
-        printf "%-9s %9.2f %9.2f %9.2f   %9.2f %9.2f %9.2f   %8.2f  %s\n",
-            r " pps", a/1000, b/1000, c/1000, d/1000, e/1000, f/1000, (e > 0 ? b/e : 0), p }'
-    us() { printf '%s\n' "$@" | awk '{ printf "%.1f ", $1 / 1000 }'; }
-    echo "          runs p99 (us): zc $(us "${z99[@]}")| dpdk $(us "${d99[@]}")"
+    m() { tr ' ' '\n' | grep . | median; }
+    for kind in zc dpdk host; do
+        awk -v r="$rate pps" -v k="$kind" -v a="$(m <<<"${p50[$kind]}")" -v b="$(m <<<"${p99[$kind]}")" \
+            -v c="$(m <<<"${p999[$kind]}")" -v n="${note[$kind]}${last[$kind]}" \
+            'BEGIN { printf "%-12s %-5s %9.2f %9.2f %9.2f   %s\n", r, k, a/1000, b/1000, c/1000, n }'
+        P99[$kind]=$(m <<<"${p99[$kind]}")
+    done
+    us() { awk '{ for (i = 1; i <= NF; i++) printf "%.1f ", $i / 1000 }'; }
+    echo "             p99 zc/dpdk $(awk -v z="${P99[zc]}" -v d="${P99[dpdk]}" 'BEGIN { printf "%.2f", (d > 0 ? z / d : 0) }'); runs' p99: zc $(us <<<"${p99[zc]}")| dpdk $(us <<<"${p99[dpdk]}")| host $(us <<<"${p99[host]}")"
+    echo "             export counters after the last zc run: $(cat "$TMP/stats.$rate" 2>/dev/null)"
 done
 echo "'*': some run was disturbed by other processes in every attempt (the least disturbed counted)."
-echo "same: zc replies that came back in the buffer their probe left in / replies (last zc run)."
-echo "export counters after each zc run (copied = 0: exchanged both ways):"
-grep '^export' "$TMP/stats.log" | sed 's/^/  /'

@@ -20,10 +20,15 @@ pub fn pin_to_core(core: usize) -> Result<(), String> {
 /// the default 50 us later; and the shortest time slice the scheduler
 /// grants (100 us, EEVDF's custom slice, Linux 6.12 and later), so that on
 /// waking it preempts a busy poller it shares a core with at once, not
-/// after the rest of that poller's slice. Older kernels ignore the slice.
+/// after the rest of that poller's slice. Older kernels ignore the slice;
+/// a thread that runs real-time already (`chrt`) keeps its policy.
 pub fn wake_promptly() {
     // SAFETY: PR_SET_TIMERSLACK takes a number and touches no memory.
     unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong) };
+    // SAFETY: sched_getscheduler only reads this thread's policy.
+    if unsafe { libc::sched_getscheduler(0) } != libc::SCHED_OTHER {
+        return;
+    }
     // SAFETY: sched_attr is plain data.
     let mut attr: libc::sched_attr = unsafe { std::mem::zeroed() };
     attr.size = std::mem::size_of::<libc::sched_attr>() as u32;
