@@ -315,7 +315,8 @@ mod tests {
     fn a_reflected_probe_parses_and_anything_else_is_bad() {
         let (_mem, pool) = pool();
         let probe = Probe::new(64, 0xfeed);
-        let mut h = BufferHandle::from_raw(BufferIndex::new(1), 0);
+        // SAFETY: the only handle to buffer 1 of this test's pool.
+        let mut h = unsafe { BufferHandle::from_raw(BufferIndex::new(1), 0) };
         probe.stamp(&mut pool.packet_mut(&mut h), 7, 123_456_789);
         assert_eq!(pool.packet(&h).to_vec(), probe.packet(7, 123_456_789));
         // Unreflected, it is not a reply.
@@ -347,7 +348,8 @@ mod tests {
     #[test]
     fn swapping_leaves_runts_alone() {
         let (_mem, pool) = pool();
-        let mut h = BufferHandle::from_raw(BufferIndex::new(2), 0);
+        // SAFETY: the only handle to buffer 2 of this test's pool.
+        let mut h = unsafe { BufferHandle::from_raw(BufferIndex::new(2), 0) };
         pool.packet_mut(&mut h)
             .fill(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11])
             .unwrap();

@@ -203,9 +203,10 @@ mod tests {
     #[test]
     fn stamped_packets_verify_and_corruption_is_caught() {
         let (_mem, pool) = pool();
-        for len in [60, 64, 1500, 1984] {
+        for len in [60, 64, 1500, 2048 - zc_proto::buffer::HEADROOM as usize] {
             let t = Template::new(len);
-            let mut h = BufferHandle::from_raw(BufferIndex::new(1), 0);
+            // SAFETY: the only handle to buffer 1 of this test's pool.
+            let mut h = unsafe { BufferHandle::from_raw(BufferIndex::new(1), 0) };
             for seq in [0u64, 1, u64::from(u32::MAX) + 5] {
                 t.stamp(&mut pool.packet_mut(&mut h), seq);
                 assert_eq!(h.len() as usize, len);
@@ -224,7 +225,8 @@ mod tests {
             t2.stamp(&mut pool.packet_mut(&mut h), 9);
             assert_eq!(verify(&pool.packet(&h)), Ok(9));
         }
-        let mut h = BufferHandle::from_raw(BufferIndex::new(2), 0);
+        // SAFETY: the only handle to buffer 2 of this test's pool.
+        let mut h = unsafe { BufferHandle::from_raw(BufferIndex::new(2), 0) };
         pool.packet_mut(&mut h).fill(&[0u8; 59]).unwrap();
         assert_eq!(verify(&pool.packet(&h)), Err(Defect::TooShort));
     }

@@ -14,7 +14,7 @@ fn guest_reads_the_stock_list_the_host_writes() {
     let path = dir.path().join("pool");
     let layout = PoolLayout::new(5, 2048, 256).unwrap();
     let f = create_pool_file(&path, &layout).unwrap();
-    let map = PoolMap::map(&f, layout.pool_size, &path).unwrap();
+    let map = std::sync::Arc::new(PoolMap::map(&f, layout.pool_size, &path).unwrap());
     let stock: Vec<BufferIndex> = (100..200).map(BufferIndex::new).collect();
     directory::write_stock(&map.view(), 4, &stock);
     assert_eq!(map.stock(4).unwrap(), stock);

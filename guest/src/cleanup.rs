@@ -28,6 +28,31 @@ static IN_HANDLER: AtomicBool = AtomicBool::new(false);
 /// A registered release; dropping it unregisters without releasing.
 pub struct Registration(usize);
 
+impl Registration {
+    /// Unregisters without releasing; false if the release ran already (a
+    /// panic hook claimed it first): then the device is given back, and
+    /// its owner must leave it alone.
+    pub fn unregister(self) -> bool {
+        let registered = self.claim();
+        // Claimed once: the slot may be reused by the next registration,
+        // which a second claim in drop would take away.
+        std::mem::forget(self);
+        registered
+    }
+
+    /// Takes the entry out; whether it was still there.
+    fn claim(&self) -> bool {
+        let p = ENTRIES[self.0].swap(std::ptr::null_mut(), Ordering::AcqRel);
+        if p.is_null() {
+            return false;
+        }
+        // SAFETY: the pointer came from Box::into_raw in register and was
+        // claimed exactly once by this swap.
+        drop(unsafe { Box::from_raw(p) });
+        true
+    }
+}
+
 /// Registers `r`; installs the panic hook and the default-signal handlers
 /// the first time.
 pub fn register(r: Release) -> Option<Registration> {
@@ -47,12 +72,7 @@ pub fn register(r: Release) -> Option<Registration> {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        let p = ENTRIES[self.0].swap(std::ptr::null_mut(), Ordering::AcqRel);
-        if !p.is_null() {
-            // SAFETY: the pointer came from Box::into_raw in register and was
-            // claimed exactly once by this swap.
-            drop(unsafe { Box::from_raw(p) });
-        }
+        self.claim();
     }
 }
 
@@ -67,7 +87,8 @@ pub fn release_all() {
         // SAFETY: a registered entry lives until claimed; we claimed it.
         let r = unsafe { &*p };
         // SAFETY: status points into a BAR mapping that is never unmapped
-        // while its entry is registered (the owner unregisters first).
+        // while its entry is registered (the owner unregisters first, see
+        // PciDevice's drop).
         unsafe { std::ptr::write_volatile(r.status, 0) };
         for (path, data) in &r.writes {
             // SAFETY: open/write/close with valid C strings and buffers; all
@@ -121,12 +142,18 @@ fn install_hooks() {
     }
 }
 
+/// Tests that call [`release_all`] take this: it releases every test's
+/// registrations, not just their own.
+#[cfg(test)]
+pub static RELEASING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn release_resets_and_writes_once() {
+        let _one = RELEASING.lock().unwrap_or_else(|e| e.into_inner());
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("bind");
         std::fs::write(&f, "").unwrap();

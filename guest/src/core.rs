@@ -283,7 +283,9 @@ impl Common {
             .free
             .split_off(at)
             .into_iter()
-            .map(|b| BufferHandle::from_raw(b, 0))
+            // SAFETY: the free list holds buffers this driver holds and has
+            // neither posted nor handed out; split_off hands each out once.
+            .map(|b| unsafe { BufferHandle::from_raw(b, 0) })
             .collect())
     }
 
@@ -429,7 +431,10 @@ impl RxCore {
                     break;
                 }
                 Ok((id, b, len)) => {
-                    let (mine, _) = bufs[usize::from(n)].replace(b, len - hdr);
+                    // SAFETY: complete() checked that b is a buffer this
+                    // driver posted and now holds again, named by no handle;
+                    // the caller's empty goes into the ring in its place.
+                    let (mine, _) = unsafe { bufs[usize::from(n)].replace(b, len - hdr) };
                     self.c.post(id, mine, max, DESC_F_WRITE);
                     self.unused_run = 0;
                     n += 1;
@@ -628,7 +633,9 @@ impl TxCore {
         for h in &mut bufs[..n] {
             let id = self.free_desc.take(self.c.q.next_slot()).expect("counted");
             let fresh = self.c.free.pop().expect("counted");
-            let (b, len) = h.replace(fresh, 0);
+            // SAFETY: fresh came off the free list (held, unposted, named by
+            // no handle); the caller's full buffer is posted below.
+            let (b, len) = unsafe { h.replace(fresh, 0) };
             let len = len.min(layout.max_packet());
             // The virtio-net header (all zero: no offloads) in front of the
             // packet. Usually it is zero already (only a host's RX writes

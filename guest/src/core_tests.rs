@@ -19,9 +19,9 @@ struct Rig {
 }
 
 impl Rig {
-    /// A pool of 256 buffers of 256 bytes; the driver's stock is 0..stock.
+    /// A pool of 256 buffers holding 192-byte packets; the driver's stock is 0..stock.
     fn new(stock: u32, event_idx: bool) -> (Rig, DriverQueue, Vec<BufferIndex>, Bell) {
-        let layout = PoolLayout::new(1, 256, 256).unwrap();
+        let layout = PoolLayout::new(1, zc_proto::buffer::HEADROOM + 192, 256).unwrap();
         let mut mem = vec![0u128; layout.pool_size as usize / 16];
         let base = mem.as_mut_ptr().cast::<u8>();
         // SAFETY: mem holds pool_size bytes and lives in the Rig with the view.
@@ -88,7 +88,7 @@ impl Rig {
 #[test]
 fn rx_exchange_hands_over_the_hosts_buffer_and_reposts_the_callers() {
     let (mut r, q, stock, bell) = Rig::new(100, false);
-    let mut rx = RxCore::new(q, r.view, r.addr, &stock, bell);
+    let mut rx = RxCore::new(q, r.view.clone(), r.addr, &stock, bell);
     assert_eq!(rx.posted(), usize::from(QSIZE));
     assert_eq!(r.kicks(), 1, "the device had not asked for quiet");
     let mut hand = rx.take_buffers(8).unwrap();
@@ -140,7 +140,7 @@ fn rx_exchange_hands_over_the_hosts_buffer_and_reposts_the_callers() {
 #[test]
 fn rx_copy_path_keeps_the_same_buffer() {
     let (mut r, q, stock, bell) = Rig::new(100, false);
-    let mut rx = RxCore::new(q, r.view, r.addr, &stock, bell);
+    let mut rx = RxCore::new(q, r.view.clone(), r.addr, &stock, bell);
     let mut hand = rx.take_buffers(4).unwrap();
     let (head, d) = r.dev.pop().unwrap();
     let b = r.addr.buffer(d.addr).unwrap();
@@ -155,7 +155,7 @@ fn rx_copy_path_keeps_the_same_buffer() {
 #[test]
 fn tx_exchange_returns_the_buffer_the_descriptor_names_after_completion() {
     let (mut r, q, stock, bell) = Rig::new(40, false);
-    let mut tx = TxCore::new(q, r.view, r.addr, &stock, bell);
+    let mut tx = TxCore::new(q, r.view.clone(), r.addr, &stock, bell);
     let mut hand = tx.take_buffers(8).unwrap();
     for (i, h) in hand.iter_mut().enumerate() {
         r.view.packet_mut(h).fill(&[i as u8; 64]).unwrap();
@@ -202,7 +202,7 @@ fn tx_exchange_returns_the_buffer_the_descriptor_names_after_completion() {
 fn no_kicks_while_the_device_polls() {
     let (r, q, stock, bell) = Rig::new(60, false);
     r.dev.set_no_notify(true);
-    let mut tx = TxCore::new(q, r.view, r.addr, &stock, bell);
+    let mut tx = TxCore::new(q, r.view.clone(), r.addr, &stock, bell);
     let mut hand = tx.take_buffers(4).unwrap();
     for h in &mut hand {
         r.view.packet_mut(h).fill(&[1; 60]).unwrap();
@@ -222,7 +222,7 @@ fn no_kicks_while_the_device_polls() {
 #[test]
 fn tx_with_event_idx_kicks_when_the_device_asks() {
     let (r, q, stock, bell) = Rig::new(60, true);
-    let mut tx = TxCore::new(q, r.view, r.addr, &stock, bell);
+    let mut tx = TxCore::new(q, r.view.clone(), r.addr, &stock, bell);
     let mut hand = tx.take_buffers(2).unwrap();
     // avail_event = 0: the first publish crosses it.
     assert_eq!(tx.send_burst(&mut hand), 2);
@@ -233,7 +233,7 @@ fn tx_with_event_idx_kicks_when_the_device_asks() {
 /// the queue with `want` and leaves the caller's handles alone.
 fn rx_hostile(corrupt: impl FnOnce(&mut Rig, u16), want: impl Fn(Violation) -> bool) {
     let (mut r, q, stock, bell) = Rig::new(100, false);
-    let mut rx = RxCore::new(q, r.view, r.addr, &stock, bell);
+    let mut rx = RxCore::new(q, r.view.clone(), r.addr, &stock, bell);
     let mut hand = rx.take_buffers(4).unwrap();
     let before: Vec<u32> = hand.iter().map(|h| h.index().get()).collect();
     let (head, _) = r.dev.pop().unwrap();
@@ -266,7 +266,7 @@ fn hostile_device_id_not_in_flight() {
     // Only 16 - 0 are posted, so use a TX core where nothing is in flight
     // but one descriptor, then complete a different one.
     let (mut r, q, stock, bell) = Rig::new(40, false);
-    let mut tx = TxCore::new(q, r.view, r.addr, &stock, bell);
+    let mut tx = TxCore::new(q, r.view.clone(), r.addr, &stock, bell);
     let mut hand = tx.take_buffers(1).unwrap();
     assert_eq!(tx.send_burst(&mut hand), 1);
     let (head, _) = r.dev.pop().unwrap();
@@ -339,7 +339,7 @@ fn hostile_device_used_index_jump() {
 #[test]
 fn a_partial_burst_before_a_violation_is_delivered() {
     let (mut r, q, stock, bell) = Rig::new(100, false);
-    let mut rx = RxCore::new(q, r.view, r.addr, &stock, bell);
+    let mut rx = RxCore::new(q, r.view.clone(), r.addr, &stock, bell);
     let mut hand = rx.take_buffers(4).unwrap();
     let (h0, _) = r.dev.pop().unwrap();
     r.dev.used(u32::from(h0), 70);
@@ -353,7 +353,7 @@ fn a_partial_burst_before_a_violation_is_delivered() {
 #[test]
 fn rx_buffers_returned_unused_go_back_into_the_ring() {
     let (mut r, q, stock, bell) = Rig::new(100, false);
-    let mut rx = RxCore::new(q, r.view, r.addr, &stock, bell);
+    let mut rx = RxCore::new(q, r.view.clone(), r.addr, &stock, bell);
     let mut hand = rx.take_buffers(4).unwrap();
     let before: Vec<u32> = hand.iter().map(|h| h.index().get()).collect();
     let (h0, d0) = r.dev.pop().unwrap();
@@ -386,7 +386,7 @@ fn rx_buffers_returned_unused_go_back_into_the_ring() {
 #[test]
 fn holdings_after_a_stop_count_unseen_exchanges() {
     let (mut r, q, stock, bell) = Rig::new(40, false);
-    let mut tx = TxCore::new(q, r.view, r.addr, &stock, bell);
+    let mut tx = TxCore::new(q, r.view.clone(), r.addr, &stock, bell);
     let mut hand = tx.take_buffers(4).unwrap();
     assert_eq!(tx.send_burst(&mut hand), 4);
     // The device exchanges two descriptors but the driver never reaps them.
@@ -407,7 +407,7 @@ fn holdings_after_a_stop_count_unseen_exchanges() {
 #[test]
 fn a_device_that_returns_every_buffer_unused_is_an_error_not_a_livelock() {
     let (mut r, q, stock, bell) = Rig::new(100, false);
-    let mut rx = RxCore::new(q, r.view, r.addr, &stock, bell);
+    let mut rx = RxCore::new(q, r.view.clone(), r.addr, &stock, bell);
     let mut hand = rx.take_buffers(4).unwrap();
     for _ in 0..10 {
         while let Some((h, _)) = r.dev.pop() {
@@ -442,8 +442,8 @@ fn duplex(stock: u32, rx_stock: usize) -> (Rig, RxCore, TxCore, TestDevice) {
     };
     let (rh, th) = Held::pair(r.addr.layout.buf_count);
     let (rs, ts) = stock.split_at(rx_stock);
-    let rx = RxCore::sharing(q, r.view, r.addr, rs, bell, rh);
-    let tx = TxCore::sharing(tq, r.view, r.addr, ts, tbell, th);
+    let rx = RxCore::sharing(q, r.view.clone(), r.addr, rs, bell, rh);
+    let tx = TxCore::sharing(tq, r.view.clone(), r.addr, ts, tbell, th);
     (r, rx, tx, tdev)
 }
 

@@ -12,10 +12,11 @@ use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::ptr::NonNull;
 use std::sync::atomic::{fence, Ordering};
+use std::sync::Arc;
 use zc_proto::layout::{
     ExportEntry, PoolHeader, EXPORT_ACTIVE, HEADER_SIZE, MAX_EXPORTS, NO_QUEUE, RING_AREA_SIZE,
 };
-use zc_proto::{BufferIndex, PoolLayout, PoolView};
+use zc_proto::{BufferIndex, PoolLayout, PoolMemory, PoolView};
 
 pub use zc_proto::layout::{MAX_STOCK, STOCK_OFFSET};
 
@@ -31,6 +32,17 @@ pub struct PoolMap {
 unsafe impl Send for PoolMap {}
 // SAFETY: as above; &PoolMap only reads through volatile loads.
 unsafe impl Sync for PoolMap {}
+
+// SAFETY: ptr..ptr + len is mapped read-write from `map` until drop, at a
+// fixed address.
+unsafe impl PoolMemory for PoolMap {
+    fn base(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+    fn size(&self) -> usize {
+        self.len
+    }
+}
 
 impl PoolMap {
     /// Maps `len` bytes of `file` (a pool file, or a PCI BAR's `resource2`)
@@ -117,11 +129,10 @@ impl PoolMap {
         self.ptr.as_ptr()
     }
 
-    pub fn view(&self) -> PoolView {
-        // SAFETY: the mapping holds pool_size bytes (from_header checked
-        // against the mapped length) and lives as long as `self`; holders of
-        // the view keep the PoolMap alive next to it.
-        unsafe { PoolView::new(self.ptr.as_ptr(), self.layout) }
+    /// A view that keeps this mapping alive (and so do its clones).
+    pub fn view(self: &Arc<Self>) -> PoolView {
+        PoolView::owning(self.clone(), self.layout)
+            .expect("from_header checked the layout against the mapped length")
     }
 
     /// The active entries of the export directory, read consistently (the

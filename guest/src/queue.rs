@@ -37,8 +37,9 @@ impl Device {
 /// table is the truth).
 struct Attachment {
     dev: Device,
-    /// Keeps the pool mapped until the device has stopped.
-    _pool: PoolMap,
+    /// Keeps the pool mapped until the device has stopped (the views, the
+    /// core's and any clone a user made, keep it mapped too).
+    _pool: Arc<PoolMap>,
 }
 
 impl Drop for Attachment {
@@ -63,13 +64,13 @@ pub struct GuestRx(Opened<RxCore>);
 pub struct GuestTx(Opened<TxCore>);
 
 /// The ends `bring_up` made, each holding the attachment.
-fn split(cores: Cores, dev: Device, pool: PoolMap) -> (Option<GuestRx>, Option<GuestTx>) {
+fn split(cores: Cores, dev: Device, pool: Arc<PoolMap>) -> (Option<GuestRx>, Option<GuestTx>) {
     let view = pool.view();
     let att = Arc::new(Mutex::new(Attachment { dev, _pool: pool }));
     let rx = cores.rx.map(|core| {
         GuestRx(Opened {
             core,
-            view,
+            view: view.clone(),
             _attachment: att.clone(),
         })
     });
@@ -83,19 +84,19 @@ fn split(cores: Cores, dev: Device, pool: PoolMap) -> (Option<GuestRx>, Option<G
     (rx, tx)
 }
 
-fn rx_end(cores: Cores, dev: Device, pool: PoolMap) -> GuestRx {
+fn rx_end(cores: Cores, dev: Device, pool: Arc<PoolMap>) -> GuestRx {
     split(cores, dev, pool)
         .0
         .expect("bring_up made the RX core asked for")
 }
 
-fn tx_end(cores: Cores, dev: Device, pool: PoolMap) -> GuestTx {
+fn tx_end(cores: Cores, dev: Device, pool: Arc<PoolMap>) -> GuestTx {
     split(cores, dev, pool)
         .1
         .expect("bring_up made the TX core asked for")
 }
 
-fn both_ends(cores: Cores, dev: Device, pool: PoolMap) -> (GuestRx, GuestTx) {
+fn both_ends(cores: Cores, dev: Device, pool: Arc<PoolMap>) -> (GuestRx, GuestTx) {
     match split(cores, dev, pool) {
         (Some(rx), Some(tx)) => (rx, tx),
         _ => unreachable!("bring_up made both cores asked for"),
@@ -103,7 +104,7 @@ fn both_ends(cores: Cores, dev: Device, pool: PoolMap) -> (GuestRx, GuestTx) {
 }
 
 /// Maps the pool file for the vhost-user transport.
-fn map_pool_file(pool_path: &Path) -> Result<(std::fs::File, PoolMap)> {
+fn map_pool_file(pool_path: &Path) -> Result<(std::fs::File, Arc<PoolMap>)> {
     let file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -119,7 +120,7 @@ fn map_pool_file(pool_path: &Path) -> Result<(std::fs::File, PoolMap)> {
         .map_err(|e| GuestError::io(pool_path, e))?
         .len();
     let pool = PoolMap::map(&file, size, pool_path)?;
-    Ok((file, pool))
+    Ok((file, Arc::new(pool)))
 }
 
 /// Opens, through the vhost-user export at `socket` and sharing the pool
@@ -137,7 +138,7 @@ fn open_vhost_user(
     queue: u16,
     by: Direction,
     ends: Ends,
-) -> Result<(Cores, Device, PoolMap)> {
+) -> Result<(Cores, Device, Arc<PoolMap>)> {
     let (file, pool) = map_pool_file(pool_path)?;
     let open = |slot: usize, entry: &ExportEntry, require_mac: bool| -> Result<(Cores, Device)> {
         let f = file.try_clone().map_err(|e| GuestError::io(pool_path, e))?;

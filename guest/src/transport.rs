@@ -7,6 +7,7 @@ use crate::error::{Direction, GuestError, Result};
 use crate::init::F_RING_EVENT_IDX;
 use crate::pool::PoolMap;
 use crate::virtq::{DriverQueue, RingLayout, MAX_QUEUE_SIZE, QUEUE_SLOT_BYTES};
+use std::sync::Arc;
 use zc_proto::layout::ExportEntry;
 
 /// virtio-net queue numbers.
@@ -85,7 +86,7 @@ fn rx_share(stock: usize, rx_size: u16) -> usize {
 /// Brings the device behind `t` up with `ends` on export `slot` of `pool`.
 pub fn bring_up<T: Transport>(
     t: &mut T,
-    pool: &PoolMap,
+    pool: &Arc<PoolMap>,
     slot: usize,
     entry: &ExportEntry,
     ends: Ends,
@@ -113,8 +114,9 @@ pub fn bring_up<T: Transport>(
         let base = area + u64::from(q) * QUEUE_SLOT_BYTES;
         // SAFETY: base..base + l.bytes (<= QUEUE_SLOT_BYTES) lies in this
         // export's ring area, inside the pool mapping (ring_area checked the
-        // entry; every pool holds all ring areas); 16-byte aligned; the
-        // device does not use it before setup_queue below.
+        // entry; every pool holds all ring areas), kept mapped by the view
+        // the core holds; 16-byte aligned; the device does not use it
+        // before setup_queue below.
         let dq = unsafe { DriverQueue::new(pool.base().add(base as usize), l, event_idx) };
         let bell = t.setup_queue(
             q,

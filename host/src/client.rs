@@ -83,13 +83,13 @@ pub fn cluster_info(run_dir: &Path, cluster: u32) -> Result<ClusterInfo, ClientE
 pub struct HostQueue<E> {
     conn: UnixStream,
     // Field order matters: the ring end points into `queues` and rings
-    // `bell`, the view points into `pool_map`; all are dropped after `end`.
+    // `bell`, both dropped after `end`. The view owns the pool mapping (and
+    // so do its clones).
     end: E,
     queues: QueueArea,
     /// The other side's bell, for when it sleeps in one of zc-hostd's workers.
     _bell: Option<OwnedFd>,
     view: PoolView,
-    _pool_map: Mapping,
     info: ClusterInfo,
     queue: u16,
 }
@@ -127,9 +127,8 @@ fn attach<E: PeerBell>(
     let header = unsafe { std::ptr::read_volatile(pool_map.as_ptr().cast::<PoolHeader>()) };
     let layout =
         PoolLayout::from_header(&header, size).map_err(|e| ClientError::Pool(e.to_string()))?;
-    // SAFETY: the mapping holds pool_size bytes (from_header checked) and
-    // lives in the HostQueue next to every copy of this view.
-    let view = unsafe { PoolView::new(pool_map.as_ptr(), layout) };
+    let view = PoolView::owning(std::sync::Arc::new(pool_map), layout)
+        .ok_or_else(|| ClientError::Pool("smaller than its layout".into()))?;
     let queues = QueueArea::open(queue_fd, &layout)?;
     let mut end = end(&queues, queue);
     if let Some(b) = &bell {
@@ -142,7 +141,6 @@ fn attach<E: PeerBell>(
         queues,
         _bell: bell,
         view,
-        _pool_map: pool_map,
         info,
         queue,
     })
@@ -211,7 +209,9 @@ impl<E> QueueEnd for HostQueue<E> {
         }
         Ok(indices
             .into_iter()
-            .map(|i| BufferHandle::from_raw(BufferIndex::new(i), 0))
+            // SAFETY: the daemon allocated these to this process alone, and
+            // they were checked to lie in the pool.
+            .map(|i| unsafe { BufferHandle::from_raw(BufferIndex::new(i), 0) })
             .collect())
     }
 

@@ -9,6 +9,7 @@ use std::io::{self, Read};
 use std::os::fd::AsFd;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use thiserror::Error;
 use zc_proto::layout::HUGEPAGE_SIZE;
 use zc_proto::{PoolHeader, PoolLayout, PoolView};
@@ -61,7 +62,8 @@ pub struct Pool {
     /// The file as created: removed at the end only if still there.
     owned: Owned,
     file: File,
-    map: Mapping,
+    /// Owns the mapping: every clone of it keeps the pool mapped.
+    view: PoolView,
     layout: PoolLayout,
     backing: Backing,
 }
@@ -248,11 +250,13 @@ impl Pool {
         // SAFETY: the mapping is pool_size bytes, page aligned, and nobody
         // else has the file yet; PoolHeader fits in the header page.
         unsafe { std::ptr::write_volatile(map.as_ptr().cast::<PoolHeader>(), layout.header()) };
+        let view =
+            PoolView::owning(Arc::new(map), layout).expect("create_file maps pool_size bytes");
         Pool {
             path,
             owned,
             file,
-            map,
+            view,
             layout,
             backing,
         }
@@ -289,10 +293,8 @@ impl Pool {
         &self.backing
     }
 
-    pub fn view(&self) -> PoolView {
-        // SAFETY: the mapping is pool_size bytes and lives as long as `self`;
-        // callers keep the Pool alive while they use the view.
-        unsafe { PoolView::new(self.map.as_ptr(), self.layout) }
+    pub fn view(&self) -> &PoolView {
+        &self.view
     }
 
     /// Removes the file, if it is still the one created, and its cluster

@@ -247,12 +247,12 @@ impl Producer {
 
     #[inline(always)]
     fn free(&self) -> u32 {
-        // A corrupt index from the other side must not make us overrun the
-        // ring: clamp to the ring size.
-        self.cons_cache
-            .wrapping_add(self.ring.size())
-            .wrapping_sub(self.head)
-            .min(self.ring.size())
+        // The consumer can be at most a ring behind and never ahead. An
+        // index outside that is corrupt; trusting it would overwrite slots
+        // it has not consumed (or the same slot twice in one burst), so
+        // nothing is free until it says something possible.
+        let used = self.head.wrapping_sub(self.cons_cache);
+        self.ring.size().saturating_sub(used)
     }
 
     /// Swaps `bufs[..n]` (full) for empty buffers; returns `n`.
@@ -272,7 +272,9 @@ impl Producer {
                 Some((empty, _)) => {
                     let b = &mut bufs[sent];
                     slot.store(encode(b.index(), b.len()), Ordering::Relaxed);
-                    b.replace(empty, 0);
+                    // SAFETY: the slot held `empty`, which now passes to the
+                    // sender; the sender's buffer went into the slot.
+                    unsafe { b.replace(empty, 0) };
                     sent += 1;
                 }
                 None => self.bad_slots += 1,
@@ -402,7 +404,9 @@ impl Consumer {
                 Some((full, len)) => {
                     let b = &mut bufs[got];
                     slot.store(encode(b.index(), 0), Ordering::Relaxed);
-                    b.replace(full, len);
+                    // SAFETY: the slot held `full`, which now passes to the
+                    // receiver; the receiver's empty went into the slot.
+                    unsafe { b.replace(full, len) };
                     got += 1;
                 }
                 None => self.bad_slots += 1,
@@ -502,9 +506,12 @@ mod tests {
         }
     }
 
+    /// Handles for buffers `first..first + n`; each test keeps the ranges
+    /// it makes apart, as transports keep buffers apart.
     fn hand(first: u32, n: u32, len: u32) -> Vec<BufferHandle> {
         (first..first + n)
-            .map(|i| BufferHandle::from_raw(BufferIndex::new(i), len))
+            // SAFETY: test handles into no real pool, one per index.
+            .map(|i| unsafe { BufferHandle::from_raw(BufferIndex::new(i), len) })
             .collect()
     }
 
@@ -565,12 +572,52 @@ mod tests {
         assert_eq!(c.bad_slots(), 2);
         assert_eq!(rx[0].index().get(), 100);
         assert_eq!(rx[1].index().get(), 103);
-        // A corrupt consumer index cannot make the producer overrun the ring.
-        // SAFETY: as above.
-        unsafe { (*r.base().add(64).cast::<AtomicU32>()).store(0x8000_0000, Ordering::Relaxed) };
-        let mut tx = hand(300, 64, 60);
-        let sent = p.send_burst(&mut tx);
-        assert!(sent <= 64);
+    }
+
+    #[test]
+    fn a_corrupt_consumer_index_overwrites_no_unconsumed_slot() {
+        let (r, mut p, mut c) = ring(64);
+        let cons = || {
+            // SAFETY: the consumer index lies in the test region's header.
+            unsafe {
+                &*r.base()
+                    .add(offset_of!(RingShared, cons))
+                    .cast::<AtomicU32>()
+            }
+        };
+        // 4 packets consumed, 10 waiting in slots 4..14.
+        assert_eq!(p.send_burst(&mut hand(100, 4, 60)), 4);
+        assert_eq!(c.recv_burst(&mut hand(600, 4, 0)), 4);
+        assert_eq!(p.send_burst(&mut hand(200, 10, 60)), 10);
+        // The consumer's index claims more than was produced, then more
+        // than a ring behind: either way nothing may be sent, not even a
+        // burst of two rings' worth.
+        for bogus in [0x8000_0000, 14 + 1, 14u32.wrapping_sub(65)] {
+            cons().store(bogus, Ordering::Release);
+            let mut tx = hand(300, 128, 60);
+            assert_eq!(p.send_burst(&mut tx), 0, "consumer index {bogus:#x}");
+            assert!(
+                tx.iter()
+                    .enumerate()
+                    .all(|(i, h)| h.index().get() == 300 + i as u32 && h.len() == 60),
+                "the sender's buffers are untouched"
+            );
+        }
+        // Once the index is sane again, the 10 waiting packets arrive intact
+        // and the producer fills exactly the 54 free slots.
+        cons().store(4, Ordering::Release);
+        let mut tx = hand(300, 128, 61);
+        assert_eq!(p.send_burst(&mut tx), 54);
+        // SAFETY: as above; the dead consumer is replaced.
+        let mut c = unsafe { Consumer::attach(r.base(), 64, LIMITS) };
+        let mut rx = hand(700, 64, 0);
+        assert_eq!(c.recv_burst(&mut rx), 64);
+        let got: Vec<(u32, u32)> = rx.iter().map(|h| (h.index().get(), h.len())).collect();
+        let want: Vec<(u32, u32)> = (200..210)
+            .map(|i| (i, 60))
+            .chain((300..354).map(|i| (i, 61)))
+            .collect();
+        assert_eq!(got, want);
     }
 
     #[test]
@@ -614,7 +661,8 @@ mod tests {
                 while pending < tx.len() && seq < N {
                     // Carry the sequence number in the length field (mod 1024).
                     let idx = tx[pending].index();
-                    tx[pending] = BufferHandle::from_raw(idx, (seq % 1024) as u32 + 1);
+                    // SAFETY: the handle keeps its own buffer.
+                    unsafe { tx[pending].replace(idx, (seq % 1024) as u32 + 1) };
                     seq += 1;
                     pending += 1;
                 }

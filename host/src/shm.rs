@@ -57,6 +57,17 @@ impl Mapping {
     }
 }
 
+// SAFETY: ptr..ptr + len is mapped read-write from `map` until drop, at a
+// fixed address.
+unsafe impl zc_proto::PoolMemory for Mapping {
+    fn base(&self) -> *mut u8 {
+        self.as_ptr()
+    }
+    fn size(&self) -> usize {
+        self.len
+    }
+}
+
 impl Drop for Mapping {
     fn drop(&mut self) {
         // SAFETY: ptr/len describe a mapping this value created and owns.

@@ -39,6 +39,10 @@ counters!(
         exchanged,
         /// Dropped: larger than the guest's buffer chain (without MRG_RXBUF).
         drop_too_big,
+        /// Dropped: with MRG_RXBUF, more than the guest's buffers can hold at
+        /// once (its whole ring posted and still short), or more than 64
+        /// buffers' worth.
+        drop_no_room,
         /// Guest descriptors dropped because they failed validation.
         invalid_desc,
         /// Interrupts (call eventfd writes) sent to the guest.
@@ -160,7 +164,7 @@ pub fn format_line(s: &ExportStats, prev: Option<(&ExportStats, f64)>) -> String
     let rate =
         |now: u64, before: u64, secs: f64| (now.saturating_sub(before)) as f64 / secs.max(1e-9);
     let mut line = format!(
-        "export {}: {} | rx {} pkts {} B ({} copied, {} exchanged, {} too big, {} bad desc) | \
+        "export {}: {} | rx {} pkts {} B ({} copied, {} exchanged, {} too big, {} no room, {} bad desc) | \
          tx {} pkts {} B ({} copied, {} exchanged, {} no queue, {} bad len, {} bad desc) | \
          dev {} broken rings, {} bad mem tables, {} mem faults",
         s.name,
@@ -176,6 +180,7 @@ pub fn format_line(s: &ExportStats, prev: Option<(&ExportStats, f64)>) -> String
         s.rx.copied,
         s.rx.exchanged,
         s.rx.drop_too_big,
+        s.rx.drop_no_room,
         s.rx.invalid_desc,
         s.tx.packets,
         s.tx.bytes,

@@ -7,9 +7,9 @@ mod common;
 
 use common::tools::{self, require};
 use common::{unique, Hostd};
-use std::io::Write;
+use std::io::{BufRead, Read, Write};
 use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// testpmd needs most of the hugepages: one DPDK test at a time.
@@ -18,54 +18,138 @@ static SERIAL: Mutex<()> = Mutex::new(());
 fn can_run() -> bool {
     require("root (for hugepages)", tools::is_root())
         && require("dpdk-testpmd", tools::have("dpdk-testpmd"))
+        && require("stdbuf", tools::have("stdbuf"))
         && require("1024 free 2 MiB hugepages", tools::hugepages(1024))
 }
 
-/// testpmd in interactive mode on the export's socket, lcores on both cores.
-fn testpmd(sock: &std::path::Path, prefix: &str, mode: &str) -> Child {
-    Command::new("dpdk-testpmd")
-        .args([
-            "--lcores",
-            "0@0,1@1",
-            "-n",
-            "1",
-            "--no-pci",
-            "--socket-mem",
-            "256",
-        ])
-        .args(["--file-prefix", prefix, "--single-file-segments"])
-        .arg("--vdev")
-        .arg(format!("virtio_user0,path={},queues=1", sock.display()))
-        .args(["--", "-i", "--nb-cores", "1", "--txpkts", "64"])
-        .arg(format!("--forward-mode={mode}"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start dpdk-testpmd")
+/// testpmd in interactive mode on the export's socket, lcores on both
+/// cores, its output collected as it comes so that a test can wait for
+/// what testpmd says instead of sleeping.
+struct Testpmd {
+    child: Child,
+    prefix: String,
+    out: Arc<Mutex<String>>,
+    readers: Vec<std::thread::JoinHandle<()>>,
 }
 
-/// Quits testpmd (started with --file-prefix `prefix`); returns its output.
-fn finish(mut tp: Child, prefix: &str) -> String {
-    let _ = tp.stdin.as_mut().unwrap().write_all(b"quit\n");
-    drop(tp.stdin.take());
-    let out = tp.wait_with_output().unwrap();
-    unique::remove_dpdk_files(prefix);
-    let s =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    eprintln!("{s}");
-    s
+impl Testpmd {
+    fn start(sock: &std::path::Path, prefix: &str, mode: &str) -> Testpmd {
+        // Unbuffered: testpmd's printf output reaches the pipe when
+        // printed, not when it exits (the prompt always does).
+        let mut child = Command::new("stdbuf")
+            .args(["-o0", "-e0", "dpdk-testpmd"])
+            .args([
+                "--lcores",
+                "0@0,1@1",
+                "-n",
+                "1",
+                "--no-pci",
+                "--socket-mem",
+                "256",
+            ])
+            .args(["--file-prefix", prefix, "--single-file-segments"])
+            .arg("--vdev")
+            .arg(format!("virtio_user0,path={},queues=1", sock.display()))
+            .args(["--", "-i", "--nb-cores", "1", "--txpkts", "64"])
+            .arg(format!("--forward-mode={mode}"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start dpdk-testpmd");
+        let out = Arc::new(Mutex::new(String::new()));
+        let readers = [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ]
+        .into_iter()
+        .map(|mut r| {
+            let out = out.clone();
+            // Raw reads, not lines: the prompt ends without a newline.
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = r.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    out.lock()
+                        .unwrap()
+                        .push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            })
+        })
+        .collect();
+        Testpmd {
+            child,
+            prefix: prefix.to_string(),
+            out,
+            readers,
+        }
+    }
+
+    /// Output so far, in bytes: where to look from for what a command says.
+    fn mark(&self) -> usize {
+        self.out.lock().unwrap().len()
+    }
+
+    /// Waits until the output from `from` on contains `pat`; returns it.
+    fn wait_for(&mut self, from: usize, pat: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let since = self.out.lock().unwrap()[from..].to_string();
+            if since.contains(pat) {
+                return since;
+            }
+            if let Some(st) = self.child.try_wait().unwrap() {
+                panic!("testpmd exited ({st}) before saying {pat:?}:\n{since}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "testpmd never said {pat:?}:\n{since}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn cmd(&mut self, c: &str) {
+        let stdin = self.child.stdin.as_mut().unwrap();
+        stdin.write_all(c.as_bytes()).unwrap();
+        stdin.write_all(b"\n").unwrap();
+    }
+
+    /// Runs `c` and returns what testpmd said up to `end`.
+    fn run(&mut self, c: &str, end: &str) -> String {
+        let from = self.mark();
+        self.cmd(c);
+        self.wait_for(from, end)
+    }
+
+    /// The port's RX-packets count, from `show port stats`.
+    fn rx_packets(&mut self) -> u64 {
+        let out = self.run("show port stats 0", "Tx-pps:");
+        tools::testpmd_count(&out, "RX-packets:").expect("RX-packets in port stats")
+    }
+
+    /// Quits testpmd; returns all it said.
+    fn finish(mut self) -> String {
+        self.cmd("quit");
+        drop(self.child.stdin.take());
+        self.child.wait().unwrap();
+        unique::remove_dpdk_files(&self.prefix);
+        for r in self.readers.drain(..) {
+            r.join().unwrap();
+        }
+        let s = self.out.lock().unwrap().clone();
+        eprintln!("{s}");
+        s
+    }
 }
 
-fn cmd(tp: &mut Child, c: &str) {
-    tp.stdin.as_mut().unwrap().write_all(c.as_bytes()).unwrap();
-    tp.stdin.as_mut().unwrap().write_all(b"\n").unwrap();
-}
-
-fn wait_ready(h: &Hostd, name: &str) {
+/// Waits until testpmd has its port up (virtio_user started the device:
+/// both rings set up, DRIVER_OK) and the export sees the frontend.
+fn wait_ready(h: &Hostd, name: &str, tp: &mut Testpmd) {
+    tp.wait_for(0, "testpmd> ");
     h.wait_stats(name, "testpmd connected", |s| s.dev.connected == 1);
-    // Both rings set up: testpmd starts its port only after DRIVER_OK.
-    std::thread::sleep(Duration::from_secs(2));
 }
 
 #[test]
@@ -75,24 +159,56 @@ fn testpmd_txonly_into_an_export_is_counted_exactly_by_zcount() {
         return;
     }
     let h = Hostd::start(&["tp.sock,rx=0,tx=1"], &[]);
-    let zcount = Command::new(tools::tool("zcount"))
-        .args(["-i", &format!("zc:{}@1", h.cluster), "-t", "12", "--json"])
+    let spare = h.stats().0.spare_buffers;
+    let mut zcount = Command::new(tools::tool("zcount"))
+        .args(["-i", &format!("zc:{}@1", h.cluster), "--json"])
         .env("ZC_RUN_DIR", h.run_dir())
         .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let prefix = unique::name("zctx");
-    let mut tp = testpmd(&h.sock("tp.sock"), &prefix, "txonly");
-    wait_ready(&h, "tp.sock");
-    cmd(&mut tp, "start");
+    // zcount has attached once it has taken its buffers.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while h.stats().0.spare_buffers == spare {
+        assert!(Instant::now() < deadline, "zcount never attached");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut tp = Testpmd::start(&h.sock("tp.sock"), &unique::name("zctx"), "txonly");
+    wait_ready(&h, "tp.sock", &mut tp);
+    tp.run("start", "packet forwarding - ports=");
+    // Traffic for a while: how long does not matter, every packet is counted.
     std::thread::sleep(Duration::from_secs(3));
-    cmd(&mut tp, "stop");
-    // Let the export drain the virtqueue before testpmd disconnects.
-    std::thread::sleep(Duration::from_secs(1));
-    let out = finish(tp, &prefix);
-    let sent = tools::testpmd_count(&out, "TX-packets:").expect("testpmd TX-packets");
+    let stopped = tp.run("stop", "Done.");
+    let sent = tools::testpmd_count(&stopped, "TX-packets:").expect("testpmd TX-packets");
     assert!(sent > 10_000, "testpmd sent only {sent}");
+    // The export drains the virtqueue before testpmd disconnects, and
+    // zcount counts it all before it is stopped.
+    h.wait_stats("tp.sock", "every packet testpmd sent", |s| {
+        s.tx.packets >= sent
+    });
+    let mut stderr = std::io::BufReader::new(zcount.stderr.take().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "zcount exited");
+        let counted = line
+            .strip_prefix("Absolute Stats: ")
+            .and_then(|r| r.split(' ').next()?.parse::<u64>().ok());
+        if counted.is_some_and(|n| n >= sent) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "zcount is at {line}");
+    }
+    // SAFETY: signalling a child we spawned.
+    unsafe { libc::kill(zcount.id() as i32, libc::SIGINT) };
     let z = zcount.wait_with_output().unwrap();
+    let out = tp.finish();
+    assert_eq!(
+        tools::testpmd_count(&out, "TX-packets:"),
+        Some(sent),
+        "no packet after stop"
+    );
     let j: serde_json::Value = serde_json::from_slice(&z.stdout).expect("zcount --json");
     let s = h.export("tp.sock");
     eprintln!("testpmd sent {sent}; zcount {j}; export {s:?}");
@@ -113,11 +229,9 @@ fn zsend_through_an_export_is_counted_exactly_by_testpmd_rxonly() {
         return;
     }
     let h = Hostd::start(&["rp.sock,rx=0,tx=1"], &[]);
-    let prefix = unique::name("zcrx");
-    let mut tp = testpmd(&h.sock("rp.sock"), &prefix, "rxonly");
-    wait_ready(&h, "rp.sock");
-    cmd(&mut tp, "start");
-    std::thread::sleep(Duration::from_millis(500));
+    let mut tp = Testpmd::start(&h.sock("rp.sock"), &unique::name("zcrx"), "rxonly");
+    wait_ready(&h, "rp.sock", &mut tp);
+    tp.run("start", "packet forwarding - ports=");
     const N: u64 = 200_000;
     let st = Command::new(tools::tool("zsend"))
         .args([
@@ -132,13 +246,19 @@ fn zsend_through_an_export_is_counted_exactly_by_testpmd_rxonly() {
         .status()
         .unwrap();
     assert!(st.success());
+    h.wait_stats("rp.sock", "every packet zsend sent", |s| s.rx.packets >= N);
+    // testpmd has received what the export delivered before it stops.
     let deadline = Instant::now() + Duration::from_secs(20);
-    while h.export("rp.sock").rx.packets < N && Instant::now() < deadline {
+    loop {
+        let got = tp.rx_packets();
+        if got >= N {
+            break;
+        }
+        assert!(Instant::now() < deadline, "testpmd received {got} of {N}");
         std::thread::sleep(Duration::from_millis(50));
     }
-    std::thread::sleep(Duration::from_millis(500));
-    cmd(&mut tp, "stop");
-    let out = finish(tp, &prefix);
+    tp.run("stop", "Done.");
+    let out = tp.finish();
     let got = tools::testpmd_count(&out, "RX-packets:").expect("testpmd RX-packets");
     let s = h.export("rp.sock");
     assert_eq!(s.rx.packets, N, "{s:?}");

@@ -189,7 +189,7 @@ impl Rig {
 
     fn parts(&mut self, n: u32, ingress: bool, egress: bool) -> NicParts {
         NicParts {
-            pool: self.cluster.pool().view(),
+            pool: self.cluster.pool().view().clone(),
             ingress: ingress.then(|| self.cluster.queues().producer(INGRESS)),
             egress: egress.then(|| self.cluster.queues().consumer(EGRESS)),
             buffers: self.cluster.take_spare(n).unwrap(),
@@ -201,7 +201,8 @@ impl Rig {
             .take_spare(32)
             .unwrap()
             .into_iter()
-            .map(|b| BufferHandle::from_raw(b, 0))
+            // SAFETY: spares the cluster gave this test alone.
+            .map(|b| unsafe { BufferHandle::from_raw(b, 0) })
             .collect()
     }
 }
@@ -219,7 +220,7 @@ fn cfg(v: &Veth, mode: Mode, zerocopy: ZeroCopy) -> NicConfig {
 /// Receives exactly `n` packets from the ingress queue, then checks that
 /// no more come for a moment.
 fn recv(rig: &Rig, rx: &mut Consumer, hand: &mut [BufferHandle], n: usize) -> Vec<Vec<u8>> {
-    let view = rig.cluster.pool().view();
+    let view = rig.cluster.pool().view().clone();
     let mut out = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut quiet_until = None;
@@ -573,7 +574,7 @@ fn both_ways(mode: Mode) {
         .map(|i| frame(&v.mac_b, &v.mac_a, i, 60 + (i as usize * 53) % 1455))
         .collect();
     let mut tx: Producer = rig.cluster.queues().producer(EGRESS);
-    let view = rig.cluster.pool().view();
+    let view = rig.cluster.pool().view().clone();
     let mut thand = rig.hand();
     for chunk in outgoing.chunks(32) {
         for (h, f) in thand.iter_mut().zip(chunk) {

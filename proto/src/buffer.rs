@@ -47,10 +47,9 @@
 //! would be the previous buffer's tail, and such chunks cross pages, which
 //! the kernel refuses on pools that are not on hugepages.
 //!
-//! While `HEADROOM` is still 64, the interface port stays correct: it
-//! registers UMEM headroom 0, and moves each received frame from +256 down
-//! to +`HEADROOM` inside its own buffer (counted as `realigned`, not as
-//! zero-copy); transmitting needs no move.
+//! The interface port registers UMEM headroom `HEADROOM - 256` (0): AF_XDP
+//! data lands at the packet offset, and a frame is only moved inside its
+//! buffer (counted as `realigned`) if it ever lands elsewhere.
 
 use std::fmt;
 
@@ -59,12 +58,13 @@ use std::fmt;
 /// virtio descriptor can cover header and packet without a second segment.
 pub const VIRTIO_NET_HDR_LEN: u32 = 12;
 
-/// Offset of the packet data inside a buffer. 64 keeps packet data on a
-/// cache line boundary and leaves the 12 header bytes just in front of it.
-pub const HEADROOM: u32 = 64;
+/// Offset of the packet data inside a buffer: where AF_XDP writes received
+/// data (XDP_PACKET_HEADROOM), on a cache line boundary, with the 12 header
+/// bytes just in front of it (see the module docs).
+pub const HEADROOM: u32 = 256;
 
 /// Smallest buffer size a pool may use (headroom plus a minimal frame).
-pub const MIN_BUF_SIZE: u32 = 256;
+pub const MIN_BUF_SIZE: u32 = HEADROOM + 64;
 
 /// Largest buffer size a pool may use (one 64 KiB jumbo frame plus headroom).
 pub const MAX_BUF_SIZE: u32 = 65536 + HEADROOM;
@@ -97,8 +97,20 @@ impl fmt::Display for BufferIndex {
 ///
 /// Deliberately neither `Clone` nor `Copy`: holding a handle means owning the
 /// buffer, and receiving or sending swaps the buffer a handle names instead of
-/// copying bytes. A handle is only created by a transport (which validated the
-/// index) or by [`BufferHandle::from_raw`] inside transports.
+/// copying bytes. Only transports make handles (from buffers they validated
+/// and own), so safe code cannot make a second handle to a buffer:
+///
+/// ```compile_fail,E0133
+/// use zc_proto::{BufferHandle, BufferIndex};
+/// let a = BufferHandle::from_raw(BufferIndex::new(7), 0); // error: unsafe
+/// ```
+///
+/// ```compile_fail,E0133
+/// use zc_proto::BufferHandle;
+/// fn alias(a: &BufferHandle, b: &mut BufferHandle) {
+///     b.replace(a.index(), 0); // error: unsafe
+/// }
+/// ```
 #[derive(Debug, PartialEq, Eq)]
 pub struct BufferHandle {
     index: BufferIndex,
@@ -107,8 +119,14 @@ pub struct BufferHandle {
 
 impl BufferHandle {
     /// For transports: a handle for a buffer they validated and own.
+    ///
+    /// # Safety
+    /// `index` must be a buffer of the pool the handle will be used with,
+    /// owned by the caller (taken from its queue or its daemon), and no
+    /// other live handle may name it: two handles would let two owners
+    /// write one buffer at once, or give it away twice.
     #[doc(hidden)]
-    pub const fn from_raw(index: BufferIndex, len: u32) -> Self {
+    pub const unsafe fn from_raw(index: BufferIndex, len: u32) -> Self {
         BufferHandle { index, len }
     }
 
@@ -126,9 +144,14 @@ impl BufferHandle {
     }
 
     /// For transports: exchange what this handle names with another buffer.
+    ///
+    /// # Safety
+    /// As for [`BufferHandle::from_raw`], for `index` (unless it is the
+    /// buffer this handle names already); and the caller takes over the
+    /// buffer returned (it gave it to its queue, or holds it otherwise).
     #[doc(hidden)]
     #[inline(always)]
-    pub fn replace(&mut self, index: BufferIndex, len: u32) -> (BufferIndex, u32) {
+    pub unsafe fn replace(&mut self, index: BufferIndex, len: u32) -> (BufferIndex, u32) {
         let old = (self.index, self.len);
         self.index = index;
         self.len = len;

@@ -281,7 +281,7 @@ mod tests {
         let last = l.buffer_offset(BufferIndex::new(65535)).unwrap();
         assert!(last + 2048 <= l.pool_size);
         assert_eq!(l.buffer_offset(BufferIndex::new(65536)), None);
-        assert_eq!(l.max_packet(), 2048 - 64);
+        assert_eq!(l.max_packet(), 2048 - HEADROOM);
     }
 
     #[test]
@@ -309,7 +309,7 @@ mod tests {
     fn packet_offsets_map_back_to_buffers() {
         let l = PoolLayout::new(1, 2048, 100).unwrap();
         let off = l.packet_offset(BufferIndex::new(7)).unwrap();
-        assert_eq!(off, BUFFERS_OFFSET + 7 * 2048 + 64);
+        assert_eq!(off, BUFFERS_OFFSET + 7 * 2048 + u64::from(HEADROOM));
         assert_eq!(
             l.buffer_at_packet_offset(off - 12, 12),
             Some(BufferIndex::new(7))

@@ -16,4 +16,4 @@ pub use api::{QueueEnd, Receiver, Sender};
 pub use buffer::{BufferHandle, BufferIndex};
 pub use layout::{ExportEntry, LayoutError, PoolHeader, PoolLayout};
 pub use name::{ClusterId, Name, NameError, QueueId};
-pub use packet::{PacketMut, PacketRef, PoolView};
+pub use packet::{PacketMut, PacketRef, PoolMemory, PoolView};

@@ -7,28 +7,89 @@
 
 use crate::buffer::{BufferHandle, HEADROOM};
 use crate::layout::PoolLayout;
+use std::fmt;
 use std::marker::PhantomData;
 use std::ptr;
+use std::sync::Arc;
+
+/// Memory a pool is mapped in (a shared mapping of the pool file or BAR).
+///
+/// # Safety
+/// `base()..base() + size()` must stay mapped, readable and writable, at
+/// that address, for as long as the value lives.
+pub unsafe trait PoolMemory: Send + Sync {
+    fn base(&self) -> *mut u8;
+    fn size(&self) -> usize;
+}
 
 /// A mapped pool: base address plus validated geometry.
-#[derive(Clone, Copy, Debug)]
+///
+/// Cloned, not copied: a view from [`PoolView::owning`] (what every
+/// transport's [`crate::QueueEnd::pool`] hands out) keeps the mapping alive,
+/// so a clone may outlive the queue end it came from, and nothing can write
+/// through a view into memory that is no longer mapped. A plain copy cannot
+/// be made:
+///
+/// ```compile_fail,E0507
+/// use zc_proto::{PoolView, QueueEnd};
+/// fn keep(rx: &impl QueueEnd) -> PoolView {
+///     *rx.pool() // error: a copy would not keep the mapping alive; clone() does
+/// }
+/// ```
+///
+/// Cloning costs one reference count increment; packet access through a
+/// view touches no count at all, so a tool clones the view once and uses
+/// it for every packet.
+#[derive(Clone)]
 pub struct PoolView {
     base: *mut u8,
     layout: PoolLayout,
+    /// The mapping `base` points into, for a view that keeps it alive;
+    /// `None` for one whose creator vouched for the memory (`new`).
+    _mem: Option<Arc<dyn PoolMemory>>,
 }
 
-// SAFETY: PoolView is an address plus geometry; all access through it is by
-// raw pointer within the mapping, which is valid from any thread.
+// SAFETY: PoolView is an address plus geometry (and a thread-safe owner of
+// the mapping); all access through it is by raw pointer within the mapping,
+// which is valid from any thread.
 unsafe impl Send for PoolView {}
 // SAFETY: as above; shared access performs no unsynchronised Rust-level mutation.
 unsafe impl Sync for PoolView {}
 
+impl fmt::Debug for PoolView {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PoolView")
+            .field("base", &self.base)
+            .field("layout", &self.layout)
+            .field("owning", &self._mem.is_some())
+            .finish()
+    }
+}
+
 impl PoolView {
+    /// A view of the pool in `mem` that keeps `mem` mapped for as long as
+    /// the view or a clone of it lives. `None` if the pool does not fit.
+    pub fn owning(mem: Arc<dyn PoolMemory>, layout: PoolLayout) -> Option<Self> {
+        (layout.pool_size <= mem.size() as u64).then(|| PoolView {
+            base: mem.base(),
+            layout,
+            _mem: Some(mem),
+        })
+    }
+
+    /// A view that does not keep its memory mapped.
+    ///
     /// # Safety
     /// `base` must point to a mapping of at least `layout.pool_size` bytes
-    /// that stays mapped for as long as this view or a copy of it is used.
+    /// that stays mapped for as long as this view or any clone of it is
+    /// used. So such a view must not reach code that may keep a clone
+    /// longer: a transport gives its users views from [`PoolView::owning`].
     pub unsafe fn new(base: *mut u8, layout: PoolLayout) -> Self {
-        PoolView { base, layout }
+        PoolView {
+            base,
+            layout,
+            _mem: None,
+        }
     }
 
     pub fn layout(&self) -> &PoolLayout {
@@ -261,20 +322,62 @@ pub const PACKET_HEADROOM: u32 = HEADROOM;
 mod tests {
     use super::*;
     use crate::buffer::BufferIndex;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// Heap memory standing in for a mapping; says when it is freed.
+    struct Heap {
+        base: *mut u8,
+        _mem: Vec<u8>,
+        freed: Arc<AtomicBool>,
+    }
+    // SAFETY: the memory is only reached through `base`, by raw pointer,
+    // like a shared mapping.
+    unsafe impl Send for Heap {}
+    // SAFETY: as above.
+    unsafe impl Sync for Heap {}
+    // SAFETY: `base` is the Vec's buffer, which stays at one address and
+    // lives as long as the value.
+    unsafe impl PoolMemory for Heap {
+        fn base(&self) -> *mut u8 {
+            self.base
+        }
+        fn size(&self) -> usize {
+            self._mem.len()
+        }
+    }
+    impl Drop for Heap {
+        fn drop(&mut self) {
+            self.freed.store(true, Ordering::SeqCst);
+        }
+    }
+
+    fn heap(layout: &PoolLayout) -> (Arc<Heap>, Arc<AtomicBool>) {
+        let freed = Arc::new(AtomicBool::new(false));
+        let mut mem = vec![0u8; layout.pool_size as usize];
+        let h = Arc::new(Heap {
+            base: mem.as_mut_ptr(),
+            _mem: mem,
+            freed: freed.clone(),
+        });
+        (h, freed)
+    }
 
     fn with_pool(f: impl FnOnce(PoolView)) {
-        let layout = PoolLayout::new(1, 256, 4).unwrap();
-        let mut mem = vec![0u8; layout.pool_size as usize];
-        // SAFETY: `mem` holds pool_size bytes and outlives the view.
-        let view = unsafe { PoolView::new(mem.as_mut_ptr(), layout) };
-        f(view);
-        drop(mem);
+        let layout = PoolLayout::new(1, HEADROOM + 192, 4).unwrap();
+        let (mem, _) = heap(&layout);
+        f(PoolView::owning(mem, layout).unwrap());
+    }
+
+    /// A handle for a test buffer nothing else names.
+    fn handle(i: u32, len: u32) -> BufferHandle {
+        // SAFETY: each test makes one handle per buffer of its own pool.
+        unsafe { BufferHandle::from_raw(BufferIndex::new(i), len) }
     }
 
     #[test]
     fn writes_and_reads_stay_inside_the_buffer() {
         with_pool(|pool| {
-            let mut h = BufferHandle::from_raw(BufferIndex::new(3), 0);
+            let mut h = handle(3, 0);
             let mut p = pool.packet_mut(&mut h);
             assert_eq!(p.capacity(), 192);
             p.fill(&[7u8; 100]).unwrap();
@@ -308,8 +411,34 @@ mod tests {
     #[should_panic(expected = "does not belong to this pool")]
     fn foreign_handle_is_caught() {
         with_pool(|pool| {
-            let h = BufferHandle::from_raw(BufferIndex::new(4), 0);
+            let h = handle(4, 0);
             let _ = pool.packet(&h);
         });
+    }
+
+    /// What a copied view allowed (a view outliving the queue end that
+    /// mapped its memory) is a clone that keeps the memory now.
+    #[test]
+    fn a_clone_keeps_the_memory_until_the_last_view_is_gone() {
+        let layout = PoolLayout::new(1, HEADROOM + 192, 4).unwrap();
+        let (mem, freed) = heap(&layout);
+        let first = PoolView::owning(mem, layout).unwrap();
+        let second = first.clone();
+        drop(first);
+        assert!(!freed.load(Ordering::SeqCst), "freed under a live clone");
+        let mut h = handle(2, 0);
+        second.packet_mut(&mut h).fill(b"still mapped").unwrap();
+        assert_eq!(second.packet(&h).to_vec(), b"still mapped");
+        drop(second);
+        assert!(freed.load(Ordering::SeqCst), "the last view frees it");
+    }
+
+    #[test]
+    fn a_pool_larger_than_its_memory_has_no_view() {
+        let small = PoolLayout::new(1, HEADROOM + 192, 4).unwrap();
+        let big = PoolLayout::new(1, 2048, 65536).unwrap();
+        assert!(big.pool_size > small.pool_size);
+        let (mem, _) = heap(&small);
+        assert!(PoolView::owning(mem, big).is_none());
     }
 }

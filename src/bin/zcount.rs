@@ -71,7 +71,7 @@ fn run(args: &Args) -> Result<(), String> {
     let counters = Arc::new(Counters::default());
     let reporter = Reporter::start(counters.clone());
     let limit = args.count.unwrap_or(u64::MAX);
-    let pool = *rx.pool();
+    let pool = rx.pool().clone();
     let start = Instant::now();
     // Rates are measured from the first packet, not from start-up.
     let mut first: Option<Instant> = None;

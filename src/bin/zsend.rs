@@ -35,7 +35,7 @@ struct Args {
     #[arg(short = 'i', value_name = "NAME")]
     name: String,
 
-    /// Packet length in bytes, 60 up to the cluster's buffer size minus 64.
+    /// Packet length in bytes, 60 up to the cluster's buffer size minus 256.
     #[arg(
         short = 'l',
         value_name = "LEN",
@@ -184,7 +184,7 @@ fn replay(args: &Args, path: &std::path::Path) -> Result<(), String> {
         None => 1,
     };
     let original = args.timing.is_some();
-    let pool = *tx.pool();
+    let pool = tx.pool().clone();
     let start = Instant::now();
     let (mut sent, mut bytes, mut empty) = (0u64, 0u64, 0u64);
     let mut pending = 0usize;
@@ -327,7 +327,7 @@ fn generate(args: &Args) -> Result<(), String> {
     };
     let start = Instant::now();
     let mut sent = 0u64;
-    let pool = *tx.pool();
+    let pool = tx.pool().clone();
     while sent < limit && !stop.load(Ordering::Relaxed) {
         let want = pacer.allowance(sent, BURST.min((limit - sent) as usize));
         if want == 0 {

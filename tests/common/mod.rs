@@ -218,6 +218,47 @@ impl Drop for Daemon {
     }
 }
 
+/// Waits until process `pid`'s main thread is blocked in a kernel function
+/// whose name contains `what` (`/proc/PID/wchan`: "nanosleep" in a sleep,
+/// "futex" in a futex wait): how a test sees that a tool reached a state
+/// it prints nothing about. `state` names that state for the failure.
+pub fn wait_blocked_in(pid: u32, what: &str, state: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let wchan = std::fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default();
+        if wchan.contains(what) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pid {pid} never got {state} (blocked in {wchan:?})"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Reads a tool's stderr until a once-a-second `Absolute Stats: N pkts`
+/// line has N >= `min`; returns N.
+pub fn wait_absolute_stats(stderr: &mut impl std::io::BufRead, min: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let n = stderr.read_line(&mut line).unwrap();
+        assert!(n > 0, "the tool exited before counting {min} packets");
+        if let Some(pkts) = line
+            .strip_prefix("Absolute Stats: ")
+            .and_then(|r| r.split(' ').next())
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            if pkts >= min {
+                return pkts;
+            }
+        }
+        assert!(Instant::now() < deadline, "never {min} packets: {line}");
+    }
+}
+
 /// Waits for a child with a timeout, killing it if it overruns.
 pub fn wait_output(mut child: Child, timeout: Duration) -> Output {
     let deadline = Instant::now() + timeout;

@@ -25,6 +25,7 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use sysfs::{PciDev, CMD_INTX_DISABLE, CMD_MASTER, CMD_MEMORY};
 
 /// A shared mapping of a sysfs `resourceN` file.
@@ -275,14 +276,16 @@ pub struct PciDevice {
     root: PathBuf,
     regs: ModernRegs,
     caps: VirtioCaps,
-    notify: Bar,
-    /// Keeps the mapping `regs` points into.
-    _common: Bar,
+    /// `None` once unmapped, on the way out.
+    notify: Option<Bar>,
+    /// The mapping `regs` points into; `None` once unmapped.
+    common: Option<Bar>,
     pool_gpa: u64,
     driver: Option<String>,
     command: u16,
     enabled_by_us: bool,
-    _release: Option<Registration>,
+    /// What a panic or a fatal signal does to give the device back.
+    release: Option<Registration>,
     _lock: Lock,
 }
 
@@ -369,13 +372,13 @@ impl PciDevice {
             regs: ModernRegs { base },
             root: root.to_path_buf(),
             caps,
-            notify,
-            _common: common,
+            notify: Some(notify),
+            common: Some(common),
             pool_gpa,
             driver,
             command,
             enabled_by_us,
-            _release: release,
+            release,
             _lock: lock,
             dev,
         })
@@ -425,11 +428,15 @@ impl Transport for PciDevice {
         init::setup_queue(&mut self.regs, q, a);
         let off =
             u64::from(self.caps.notify.offset) + noff * u64::from(self.caps.notify_multiplier);
-        let notify = self.notify.at(off, 2).ok_or_else(|| {
-            self.err(format!(
-                "notify address {off:#x} of queue {q} lies outside its BAR"
-            ))
-        })?;
+        let notify = self
+            .notify
+            .as_ref()
+            .and_then(|n| n.at(off, 2))
+            .ok_or_else(|| {
+                self.err(format!(
+                    "notify address {off:#x} of queue {q} lies outside its BAR"
+                ))
+            })?;
         Ok(Bell::Mmio {
             notify: notify.cast(),
             queue: q,
@@ -448,12 +455,30 @@ impl Transport for PciDevice {
 }
 
 impl Drop for PciDevice {
+    /// Gives the device back. The signal-time release goes first: it resets
+    /// the device through the common BAR and binds the kernel driver, so
+    /// once the BAR is unmapped it would write to nothing, and once the
+    /// driver has the device it would reset a device the kernel owns. A
+    /// signal after that leaves the device unreset and unbound, as a
+    /// SIGKILL does; the lock file's record lets the next open recover it.
     fn drop(&mut self) {
+        if let Some(r) = self.release.take() {
+            if !r.unregister() {
+                log::info!(
+                    "zc-guest: PCI device {} was given back already (panic)",
+                    self.dev.bdf
+                );
+                return;
+            }
+        }
         let _ = init::reset(&mut self.regs);
         let _ = self.dev.set_command(self.command & !CMD_MASTER);
         if self.enabled_by_us {
             let _ = self.dev.disable();
         }
+        // `regs` points into `common`: not used again.
+        self.notify = None;
+        self.common = None;
         let _ = self.dev.set_override(None);
         if let Some(d) = &self.driver {
             if let Err(e) = self.dev.bind(&self.root, d) {
@@ -578,9 +603,10 @@ pub fn open_queue(
     queue: u16,
     by: Direction,
     ends: Ends,
-) -> Result<(Cores, PciDevice, PoolMap)> {
+) -> Result<(Cores, PciDevice, Arc<PoolMap>)> {
     let root = sysfs::sys_root();
     let (_, pool, gpa) = find_pool(&root, cluster)?;
+    let pool = Arc::new(pool);
     let (slot, entry) = pool.export_for_queue(queue, by)?;
     let dev = find_net(&root, entry.mac).ok_or_else(|| GuestError::NoDevice {
         cluster,
@@ -593,7 +619,7 @@ pub fn open_queue(
 
 /// Opens the virtio-net device behind interface `ifname` with the cores
 /// `ends` asks for; its export is found by MAC among the zc pools on the bus.
-pub fn open_interface(ifname: &str, ends: Ends) -> Result<(Cores, PciDevice, PoolMap)> {
+pub fn open_interface(ifname: &str, ends: Ends) -> Result<(Cores, PciDevice, Arc<PoolMap>)> {
     let root = sysfs::sys_root();
     let dev_dir = match sysfs::interface_device(&root, ifname) {
         Some(d) => d,
@@ -619,6 +645,7 @@ pub fn open_interface(ifname: &str, ends: Ends) -> Result<(Cores, PciDevice, Poo
     })?;
     for (pool, gpa) in all_pools(&root)? {
         if let Some((slot, entry)) = pool.export_for_mac(mac) {
+            let pool = Arc::new(pool);
             let mut pci = PciDevice::take(&root, dev, gpa)?;
             let cores = crate::transport::bring_up(&mut pci, &pool, slot, &entry, ends)?;
             return Ok((cores, pci, pool));
@@ -669,4 +696,145 @@ fn recover_interface(root: &Path, ifname: &str) -> Result<Option<PathBuf>> {
         return Ok(None);
     }
     Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::CString;
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    use std::time::{Duration, Instant};
+
+    const BDF: &str = "0000:00:04.0";
+    const DRIVER: &str = "virtio-pci";
+
+    /// A virtio-net function in a fake sysfs tree under `root`, bound to
+    /// DRIVER, with QEMU's capability layout over a file for BAR4. The
+    /// driver's `bind` file is a FIFO, so a test sees when it is written.
+    fn fake_net(root: &Path) -> PciDev {
+        let d = root.join("bus/pci/devices").join(BDF);
+        let drv = root.join("bus/pci/drivers").join(DRIVER);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::create_dir_all(&drv).unwrap();
+        for (f, v) in [
+            ("vendor", "0x1af4\n"),
+            ("device", "0x1000\n"),
+            ("subsystem_device", "0x0001\n"),
+            ("enable", "1\n"),
+            ("driver_override", "\n"),
+        ] {
+            std::fs::write(d.join(f), v).unwrap();
+        }
+        std::fs::write(d.join("config"), caps::tests::qemu_net_config()).unwrap();
+        std::fs::write(d.join("resource4"), vec![0u8; 0x4000]).unwrap();
+        std::fs::write(drv.join("unbind"), "").unwrap();
+        let fifo = CString::new(drv.join("bind").as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: mkfifo with a valid C string.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        std::os::unix::fs::symlink(&drv, d.join("driver")).unwrap();
+        sysfs::devices(root)
+            .into_iter()
+            .find(|p| p.bdf == BDF)
+            .unwrap()
+    }
+
+    /// Open descriptors of this process on `path`.
+    fn fds_on(path: &Path) -> usize {
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter(|t| t == path)
+            .count()
+    }
+
+    fn mapped(path: &Path) -> bool {
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        maps.lines().any(|l| l.ends_with(path.to_str().unwrap()))
+    }
+
+    /// A fatal signal (its handler: cleanup::release_all) at the moment the
+    /// kernel driver gets the device back must not release it again: by
+    /// then the release is unregistered and the BARs are unmapped. The
+    /// driver's bind file is a full pipe, so giving the device back stops
+    /// right in the bind write while the test looks and "signals".
+    #[test]
+    fn a_signal_while_the_driver_is_rebound_does_not_release_the_device_again() {
+        let _one = cleanup::RELEASING.lock().unwrap_or_else(|e| e.into_inner());
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().canonicalize().unwrap();
+        let dev = fake_net(&root);
+        let lock_path = root.join("lock");
+        let lock = Lock {
+            file: File::create(&lock_path).unwrap(),
+            path: lock_path,
+        };
+        let pci = PciDevice::claim(&root, &dev, Some(DRIVER.into()), 0xf800_0000, lock).unwrap();
+        // The kernel's unbind removes the link; the fake tree's does not.
+        std::fs::remove_file(dev.dir.join("driver")).unwrap();
+        let bind = root.join("bus/pci/drivers").join(DRIVER).join("bind");
+        let bar = dev.resource_path(4);
+        assert!(mapped(&bar));
+        // Reader and writer of the FIFO at once: fill it.
+        let pipe = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&bind)
+            .unwrap();
+        let junk = [b'.'; 4096];
+        while (&pipe).write(&junk).is_ok() {}
+        let dropper = std::thread::spawn(move || drop(pci));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while fds_on(&bind) < 2 {
+            assert!(Instant::now() < deadline, "the device was never rebound");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // Giving back is in the bind write now.
+        let bar_mapped = mapped(&bar);
+        let status_at = cc::STATUS;
+        let bar_file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&bar)
+            .unwrap();
+        bar_file.write_all_at(&[0x0f], status_at).unwrap();
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let signal = std::thread::spawn(move || {
+            cleanup::release_all();
+            let _ = done_tx.send(());
+        });
+        let released_quietly = done_rx.recv_timeout(Duration::from_secs(1)).is_ok();
+        let mut status = [0u8];
+        bar_file.read_exact_at(&mut status, status_at).unwrap();
+        // Let every writer finish, and collect what they bound.
+        let mut written = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match std::io::Read::read(&mut &pipe, &mut buf) {
+                Ok(n) => written.extend_from_slice(&buf[..n]),
+                Err(_) if dropper.is_finished() && signal.is_finished() => break,
+                Err(_) => std::thread::sleep(Duration::from_millis(1)),
+            }
+        }
+        dropper.join().unwrap();
+        signal.join().unwrap();
+        let binds = written
+            .windows(BDF.len())
+            .filter(|w| *w == BDF.as_bytes())
+            .count();
+        assert!(
+            released_quietly && status[0] == 0x0f && binds == 1,
+            "a signal after the rebind released the device again: release returned {released_quietly}, \
+             status {:#x} (0x0f untouched), {binds} bind writes",
+            status[0]
+        );
+        assert!(
+            !bar_mapped,
+            "BAR4 was still mapped when the driver got the device"
+        );
+        assert_eq!(
+            std::fs::read_to_string(dev.dir.join("driver_override")).unwrap(),
+            "\n"
+        );
+    }
 }

@@ -104,7 +104,8 @@ struct Args {
     #[arg(long, value_name = "N", default_value_t = 65536)]
     buffers: u32,
 
-    /// Bytes per buffer, including the 64-byte headroom (largest packet = B - 64).
+    /// Bytes per buffer, including the 256-byte headroom (largest packet = B - 256;
+    /// 2048 holds a 1500-byte MTU frame with two VLAN tags, jumbo frames want 4096 or more).
     #[arg(long = "buf-size", value_name = "B", default_value_t = 2048)]
     buf_size: u32,
 

@@ -157,9 +157,9 @@ fn claim(
         c.owners().give_to_guest(*b, slot);
     }
     let view = c.pool().view();
-    directory::write_stock(&view, slot, &stock);
+    directory::write_stock(view, slot, &stock);
     directory::write_entry(
-        &view,
+        view,
         slot,
         Some(ExportEntry {
             state: EXPORT_ACTIVE,
@@ -183,8 +183,8 @@ fn claim(
 /// back to the cluster.
 fn release(c: &mut Cluster, shared: &ExportShared, bufs: Vec<BufferIndex>) {
     let view = c.pool().view();
-    directory::write_stock(&view, shared.slot, &[]);
-    directory::write_entry(&view, shared.slot, None);
+    directory::write_stock(view, shared.slot, &[]);
+    directory::write_entry(view, shared.slot, None);
     for b in &bufs {
         c.owners().take_from_guest(*b);
     }

@@ -96,6 +96,10 @@ pub struct ExportPort {
     rx_hand: Vec<BufferHandle>,
     rx_pos: usize,
     rx_have: usize,
+    /// The packet at rx_pos needs more buffers than the guest has posted:
+    /// the avail index it saw then. Until the guest posts beyond it the
+    /// packet cannot move, so the worker may sleep.
+    rx_wait: Option<u16>,
     /// Guest-to-host hand: empties to fill, and full buffers not yet sent.
     tx_empties: Vec<BufferHandle>,
     tx_pending: Vec<BufferHandle>,
@@ -132,7 +136,9 @@ impl ExportPort {
         let area_start = PoolLayout::ring_area_offset(p.shared.slot).unwrap_or(0);
         let handles = |v: Vec<BufferIndex>| {
             v.into_iter()
-                .map(|b| BufferHandle::from_raw(b, 0))
+                // SAFETY: the cluster gave these buffers to this export's
+                // hands alone.
+                .map(|b| unsafe { BufferHandle::from_raw(b, 0) })
                 .collect::<Vec<_>>()
         };
         let mut tx_pending = Vec::new();
@@ -151,6 +157,7 @@ impl ExportPort {
             rx_hand: handles(p.rx_hand),
             rx_pos: 0,
             rx_have: 0,
+            rx_wait: None,
             tx_empties: handles(p.tx_hand),
             tx_pending,
             tx_turn: 0,
@@ -250,9 +257,8 @@ impl ExportPort {
         shared.ack(&mut g, s);
     }
 
-    fn view(&self) -> zc_proto::PoolView {
-        // SAFETY: pool_base maps pool_size bytes kept alive by `_pool`.
-        unsafe { zc_proto::PoolView::new(self.pool_base, self.layout) }
+    fn view(&self) -> &zc_proto::PoolView {
+        self._pool.view()
     }
 
     /// Takes the new memory table, features and vrings.
@@ -352,7 +358,7 @@ impl ExportPort {
     /// the owner table, as the stock the next driver starts with.
     fn publish_stock(&self) {
         let stock = self.owners.guest_buffers(self.shared.slot);
-        directory::write_stock(&self.view(), self.shared.slot, &stock);
+        directory::write_stock(self.view(), self.shared.slot, &stock);
     }
 
     /// Starts using rings the frontend made ready, drops those it stopped.
@@ -413,6 +419,9 @@ impl ExportPort {
                         Ok(q) => {
                             q.set_notify(false);
                             dev.queues[i] = Some(q);
+                            if i == RXQ {
+                                self.rx_wait = None;
+                            }
                         }
                         Err(e) => {
                             dev.queues[i] = None;
@@ -505,7 +514,11 @@ impl Port for ExportPort {
         busy |= room;
         if let Some(dev) = self.dev.as_ref().filter(|_| !self.broken) {
             if let Some(q) = &dev.queues[RXQ] {
-                busy |= q.set_notify(true) && rx_waiting;
+                busy |= match self.rx_wait {
+                    // A packet waits for more buffers: only new ones help.
+                    Some(seen) if self.rx_pos < self.rx_have => q.notify_beyond(seen),
+                    _ => q.set_notify(true) && rx_waiting,
+                };
             }
             if let Some(q) = &dev.queues[TXQ] {
                 busy |= q.set_notify(true) && !blocked;

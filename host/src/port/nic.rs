@@ -237,7 +237,8 @@ impl NicPort {
                 .map(|p| Backend::Xdp(Box::new(p)))
                 .map_err(|r| (r.error, r.buffers))?,
             Mode::Auto => {
-                match xdp::XdpPort::open(&link, cfg, pool, ends, buffers, counters.clone()) {
+                match xdp::XdpPort::open(&link, cfg, pool.clone(), ends, buffers, counters.clone())
+                {
                     Ok(p) => Backend::Xdp(Box::new(p)),
                     Err(r) => {
                         let xdp::Refused {

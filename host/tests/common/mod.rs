@@ -163,6 +163,52 @@ impl Hostd {
         }
     }
 
+    /// Waits until the workers have just gone to sleep, with a whole sleep
+    /// ahead of them (up to 500 ms): export `name`'s `sleeps` counter moves
+    /// (a worker woke from a sleep), then every worker thread blocks in
+    /// epoll again. Whatever the test does next must wake them.
+    pub fn wait_asleep(&self, name: &str) {
+        let before = self.export(name).dev.sleeps;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.export(name).dev.sleeps == before {
+            assert!(Instant::now() < deadline, "{name}: the worker never slept");
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        let pid = self.child.id();
+        loop {
+            let awake: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+                .unwrap()
+                .filter_map(|t| {
+                    let dir = t.ok()?.path();
+                    let comm = std::fs::read_to_string(dir.join("comm")).ok()?;
+                    let wchan = std::fs::read_to_string(dir.join("wchan")).unwrap_or_default();
+                    (comm.starts_with("zc-worker-") && !wchan.contains("epoll"))
+                        .then(|| format!("{} in {wchan:?}", comm.trim()))
+                })
+                .collect();
+            if awake.is_empty() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "workers never slept again: {awake:?}"
+            );
+            std::thread::sleep(Duration::from_micros(100));
+        }
+    }
+
+    /// CPU seconds (user + system) the daemon has used so far.
+    pub fn cpu_seconds(&self) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap();
+        // Fields after the ")" that ends the command name: utime is the
+        // 12th, stime the 13th.
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+        // SAFETY: sysconf has no preconditions.
+        ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+    }
+
     pub fn log_count(&self, s: &str) -> usize {
         self.log
             .lock()
@@ -234,7 +280,7 @@ impl Ram {
 /// The pool file, mapped by the test frontend.
 pub struct PoolMap {
     pub file: std::fs::File,
-    pub map: Mapping,
+    pub map: std::sync::Arc<Mapping>,
     pub layout: PoolLayout,
 }
 
@@ -245,19 +291,20 @@ impl PoolMap {
             .write(true)
             .open(&info.pool_path)
             .unwrap();
-        let map = Mapping::map(
-            std::os::fd::AsFd::as_fd(&file),
-            info.pool_size as usize,
-            false,
-        )
-        .unwrap();
+        let map = std::sync::Arc::new(
+            Mapping::map(
+                std::os::fd::AsFd::as_fd(&file),
+                info.pool_size as usize,
+                false,
+            )
+            .unwrap(),
+        );
         let layout = PoolLayout::new(info.cluster, info.buf_size, info.buf_count).unwrap();
         PoolMap { file, map, layout }
     }
 
     pub fn view(&self) -> zc_proto::PoolView {
-        // SAFETY: the mapping holds pool_size bytes and outlives the view's uses.
-        unsafe { zc_proto::PoolView::new(self.map.as_ptr(), self.layout) }
+        zc_proto::PoolView::owning(self.map.clone(), self.layout).expect("mapped pool_size bytes")
     }
 
     /// Guest-physical address of a pool descriptor for buffer `b`.
@@ -448,6 +495,26 @@ impl DriverQueue {
         m.w16(self.avail + 2, self.avail_idx);
         fence(Ordering::SeqCst);
         let _ = self.kick.write(1);
+    }
+
+    /// Publishes the avail index and kicks only if the device asked for it
+    /// (no VRING_USED_F_NO_NOTIFY; with EVENT_IDX, avail_event passed), as
+    /// a real driver does; returns whether it kicked.
+    pub fn publish_notify(&mut self, m: &Mem, event_idx: bool) -> bool {
+        let old = m.r16(self.avail + 2);
+        fence(Ordering::SeqCst);
+        m.w16(self.avail + 2, self.avail_idx);
+        fence(Ordering::SeqCst);
+        let kick = if event_idx {
+            let ev = m.r16(self.used + 4 + 8 * u64::from(self.size));
+            self.avail_idx.wrapping_sub(ev).wrapping_sub(1) < self.avail_idx.wrapping_sub(old)
+        } else {
+            m.r16(self.used) & 1 == 0
+        };
+        if kick {
+            let _ = self.kick.write(1);
+        }
+        kick
     }
 
     /// Used elements published since the last call.

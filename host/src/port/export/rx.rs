@@ -16,14 +16,18 @@ const NUM_BUFFERS: usize = 10;
 enum Placed {
     /// Delivered using this many avail entries.
     Done { heads: u16 },
-    /// The guest has not made enough buffers available yet.
+    /// The guest has not made enough buffers available yet, but it still
+    /// can (it has descriptors that are not posted).
     Wait,
-    /// Dropped; consumed this many avail entries (returned with length 0).
-    Dropped { heads: u16, invalid: bool },
     /// Too big for one chain without MRG_RXBUF: dropped, no entry consumed.
     TooBig,
-    /// The first chain was invalid: returned empty; the packet waits for the next.
-    Skipped,
+    /// With MRG_RXBUF, more than the guest's buffers can ever hold at once
+    /// (every descriptor of its ring posted and still short), or more than
+    /// MAX_CHAIN buffers: dropped, no entry consumed.
+    NoRoom,
+    /// A chain was invalid: `heads` entries returned empty; the packet
+    /// waits for the next ones.
+    Skipped { heads: u16 },
 }
 
 impl ExportPort {
@@ -48,37 +52,40 @@ impl ExportPort {
             .and_then(|d| d.queues[RXQ].as_ref())
             .expect("checked");
         let avail = q.pending()?;
+        // The avail index this step saw: a packet that waits needs the guest
+        // to post beyond it, and only a kick saying so is worth waking for.
+        let seen = q.next_avail.wrapping_add(avail);
+        self.rx_wait = None;
         let mut taken: u16 = 0;
         let mut moved = 0;
         while self.rx_pos < self.rx_have && taken < avail {
             let len = self.rx_hand[self.rx_pos].len();
             let placed = self.place(taken, avail)?;
-            if let Placed::Skipped = placed {
-                taken += 1;
-                moved += 1;
-                self.rx_stats.invalid_desc += 1;
-                continue;
-            }
-            // Whatever happened, the hand's buffer at rx_pos is now empty
-            // (delivered, exchanged for the guest's, or dropped).
-            let i = self.rx_hand[self.rx_pos].index();
+            // Whatever happened but a skip or a wait, the hand's buffer at
+            // rx_pos is now empty (delivered, exchanged for the guest's, or
+            // dropped).
             match placed {
+                Placed::Skipped { heads } => {
+                    taken += heads;
+                    moved += 1;
+                    self.rx_stats.invalid_desc += 1;
+                    continue;
+                }
+                Placed::Wait => {
+                    self.rx_wait = Some(seen);
+                    break;
+                }
                 Placed::Done { heads } => {
                     taken += heads;
                     self.rx_stats.packets += 1;
                     self.rx_stats.bytes += u64::from(len);
                 }
-                Placed::Wait => break,
-                Placed::Dropped { heads, invalid } => {
-                    taken += heads;
-                    if invalid {
-                        self.rx_stats.invalid_desc += 1;
-                    }
-                }
                 Placed::TooBig => self.rx_stats.drop_too_big += 1,
-                Placed::Skipped => {}
+                Placed::NoRoom => self.rx_stats.drop_no_room += 1,
             }
-            self.rx_hand[self.rx_pos].replace(i, 0);
+            let i = self.rx_hand[self.rx_pos].index();
+            // SAFETY: the handle keeps its buffer (now empty).
+            unsafe { self.rx_hand[self.rx_pos].replace(i, 0) };
             self.rx_pos += 1;
             moved += 1;
         }
@@ -119,7 +126,7 @@ impl ExportPort {
         let walked = q.walk(head, true, &dev.map, &pool, &mut self.chain);
         if walked.is_err() {
             q.put_used(first, head, 0);
-            return Ok(Placed::Skipped);
+            return Ok(Placed::Skipped { heads: 1 });
         }
         // Zero-copy: the guest offers one of its pool buffers; give it the
         // buffer holding the packet instead.
@@ -135,7 +142,9 @@ impl ExportPort {
                     ptr::copy_nonoverlapping(hdr.as_ptr(), pool.host(pkt_off - HDR as u64), HDR)
                 };
                 q.put_used(first, head, need as u32);
-                self.rx_hand[self.rx_pos].replace(empty, 0);
+                // SAFETY: the exchange passed `empty` from the guest to this
+                // export (owner table) and the packet's buffer to the guest.
+                unsafe { self.rx_hand[self.rx_pos].replace(empty, 0) };
                 self.rx_stats.exchanged += 1;
                 return Ok(Placed::Done { heads: 1 });
             }
@@ -153,6 +162,8 @@ impl ExportPort {
         let mut done = 0usize; // bytes of header + packet written
         let mut heads: u16 = 0;
         let mut lens = [0u32; MAX_CHAIN];
+        // Descriptors in the chains walked for this packet.
+        let mut descs = self.chain.n;
         loop {
             // Write into the chain now in self.chain.
             let mut written = 0u32;
@@ -199,16 +210,17 @@ impl ExportPort {
             // Needs another chain.
             let next = first + heads;
             if !mrg || usize::from(heads) == MAX_CHAIN {
-                for k in 0..heads {
-                    let h = q.head(first + k)?;
-                    q.put_used(first + k, h, 0);
-                }
-                return Ok(Placed::Dropped {
-                    heads,
-                    invalid: false,
-                });
+                // Nothing is consumed: the chains written so far stay the
+                // guest's, for the packets behind this one.
+                return Ok(Placed::NoRoom);
             }
             if next >= avail {
+                // Every chain the guest posted is taken. If they hold every
+                // descriptor of its ring, it cannot post more until some come
+                // back, and none will while this packet blocks the ring.
+                if first == 0 && descs >= usize::from(q.size()) {
+                    return Ok(Placed::NoRoom);
+                }
                 return Ok(Placed::Wait);
             }
             let h = q.head(next)?;
@@ -217,11 +229,9 @@ impl ExportPort {
                     let h = q.head(first + k)?;
                     q.put_used(first + k, h, 0);
                 }
-                return Ok(Placed::Dropped {
-                    heads: heads + 1,
-                    invalid: true,
-                });
+                return Ok(Placed::Skipped { heads: heads + 1 });
             }
+            descs += self.chain.n;
         }
         if heads > 1 {
             let nb = heads.to_le_bytes();

@@ -84,7 +84,9 @@ impl ExportPort {
                 if !pool.exchange(q, &dev.map, head, full, empty) {
                     continue;
                 }
-                self.tx_empties[turn] = BufferHandle::from_raw(full, 0);
+                // SAFETY: the exchange passed `full` from the guest to this
+                // export, and the empty this slot named to the guest.
+                self.tx_empties[turn] = unsafe { BufferHandle::from_raw(full, 0) };
                 self.tx_turn = turn + 1;
                 self.tx_stats.exchanged += 1;
                 continue;
@@ -101,8 +103,11 @@ impl ExportPort {
             // Zero-copy: take the guest's buffer, give it an empty one.
             if let Some(full) = self.chain.pool_buffer() {
                 if pool.exchange(q, &dev.map, head, full, empty.index()) {
+                    // SAFETY: the exchange passed `full` from the guest to
+                    // this export; the empty went to the guest (and is
+                    // dropped from the hand here).
                     self.tx_pending
-                        .push(BufferHandle::from_raw(full, len as u32));
+                        .push(unsafe { BufferHandle::from_raw(full, len as u32) });
                     self.tx_stats.exchanged += 1;
                     continue;
                 }
@@ -124,7 +129,8 @@ impl ExportPort {
                 at += n;
                 skip = 0;
             }
-            empty.replace(empty.index(), len as u32);
+            // SAFETY: the handle keeps its buffer, now holding the packet.
+            unsafe { empty.replace(empty.index(), len as u32) };
             self.tx_pending.push(empty);
             self.tx_stats.copied += 1;
         }

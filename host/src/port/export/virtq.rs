@@ -494,24 +494,33 @@ impl SplitQueue {
     /// buffers. With notifications on, returns whether work is already
     /// pending (the caller must then not sleep).
     pub fn set_notify(&self, on: bool) -> bool {
-        // Relaxed: with notifications on, the SeqCst fence below orders the
-        // store before the avail index re-read; off is only a hint.
-        if self.event_idx {
-            if on {
-                // SAFETY: avail_event sits right after the used ring's elements.
-                let ev = unsafe { ring_u16(self.used.add(4 + 8 * usize::from(self.size))) };
-                ev.store(self.next_avail.to_le(), Ordering::Relaxed);
-            }
-        } else {
-            let flags = if on { 0u16 } else { USED_F_NO_NOTIFY };
-            // SAFETY: the used flags are the ring's first field.
-            unsafe { ring_u16(self.used) }.store(flags.to_le(), Ordering::Relaxed);
+        if on {
+            return self.notify_beyond(self.next_avail);
         }
-        if !on {
-            return false;
+        if !self.event_idx {
+            // Relaxed: off is only a hint.
+            // SAFETY: the used flags are the ring's first field.
+            unsafe { ring_u16(self.used) }.store(USED_F_NO_NOTIFY.to_le(), Ordering::Relaxed);
+        }
+        false
+    }
+
+    /// Asks the guest to kick once its avail index moves past `seen` (the
+    /// device has looked at everything up to there and needs more); returns
+    /// whether it has already (the caller must then not sleep).
+    pub fn notify_beyond(&self, seen: u16) -> bool {
+        // Relaxed: the SeqCst fence below orders the store before the avail
+        // index re-read.
+        if self.event_idx {
+            // SAFETY: avail_event sits right after the used ring's elements.
+            let ev = unsafe { ring_u16(self.used.add(4 + 8 * usize::from(self.size))) };
+            ev.store(seen.to_le(), Ordering::Relaxed);
+        } else {
+            // SAFETY: the used flags are the ring's first field.
+            unsafe { ring_u16(self.used) }.store(0u16.to_le(), Ordering::Relaxed);
         }
         fence(Ordering::SeqCst);
-        self.avail_idx() != self.next_avail
+        self.avail_idx() != seen
     }
 }
 

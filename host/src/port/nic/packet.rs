@@ -280,7 +280,8 @@ impl PacketPort {
         let tx_hand = if tx.is_some() {
             spare
                 .drain(spare.len() - BURST..)
-                .map(|b| BufferHandle::from_raw(b, 0))
+                // SAFETY: the port's own buffers, each handed out once.
+                .map(|b| unsafe { BufferHandle::from_raw(b, 0) })
                 .collect()
         } else {
             Vec::new()
@@ -346,7 +347,8 @@ impl PacketPort {
                 continue;
             }
             let Some(b) = self.spare.pop() else { break };
-            let mut h = BufferHandle::from_raw(b, 0);
+            // SAFETY: popped off the port's spares: ours, named by no handle.
+            let mut h = unsafe { BufferHandle::from_raw(b, 0) };
             // SAFETY: the block is ours (status USER) until we store KERNEL;
             // the range was checked to lie inside it.
             let data = unsafe {
@@ -430,7 +432,8 @@ impl PacketPort {
             tx.cursor = tx.cursor.wrapping_add(1);
             // Copied out: the buffer is an empty of ours again.
             let idx = h.index();
-            h.replace(idx, 0);
+            // SAFETY: the handle keeps its own buffer.
+            unsafe { h.replace(idx, 0) };
         }
         if n > 0 {
             // SAFETY: a send of no bytes on our socket: it sends the frames

@@ -138,7 +138,7 @@ impl XdpPort {
         match Self::bind(
             link,
             cfg,
-            pool,
+            &pool,
             ends.ingress.is_some(),
             ends.egress.is_some(),
         ) {
@@ -154,7 +154,7 @@ impl XdpPort {
     fn bind(
         link: &Link,
         cfg: &NicConfig,
-        pool: PoolView,
+        pool: &PoolView,
         rx: bool,
         tx: bool,
     ) -> Result<Bound, NicError> {
@@ -346,7 +346,9 @@ impl XdpPort {
     fn refill_tx_hand(&mut self) {
         while self.tx_hand.len() < BURST {
             match self.spare.pop() {
-                Some(b) => self.tx_hand.push(BufferHandle::from_raw(b, 0)),
+                // SAFETY: popped off the port's spares: ours, named by no
+                // handle.
+                Some(b) => self.tx_hand.push(unsafe { BufferHandle::from_raw(b, 0) }),
                 None => break,
             }
         }
@@ -438,7 +440,10 @@ impl XdpPort {
                 realigned += 1;
             }
             bytes += u64::from(len);
-            self.rx_batch.push(BufferHandle::from_raw(b, len));
+            // SAFETY: the kernel gave b back (it was ON_FILL, now OURS):
+            // only this port holds it, and no handle names it.
+            self.rx_batch
+                .push(unsafe { BufferHandle::from_raw(b, len) });
         }
         r.release();
         drop(r);
