@@ -43,10 +43,11 @@ pub(super) fn encode(
     counters(
         enc,
         "zc_export_rx_drops",
-        "Packets for the guest dropped, by reason: too_big (larger than the guest's buffers), bad_desc (guest descriptors that failed validation).",
+        "Packets for the guest dropped, by reason: too_big (larger than the guest's buffers), no_room (more than the guest's whole ring can hold at once), bad_desc (guest descriptors that failed validation).",
         exports.iter().flat_map(|e| {
             [
                 (with(e, "reason", "too_big"), e.rx.drop_too_big),
+                (with(e, "reason", "no_room"), e.rx.drop_no_room),
                 (with(e, "reason", "bad_desc"), e.rx.invalid_desc),
             ]
         }),
@@ -75,4 +76,62 @@ pub(super) fn encode(
         "1 while the device is stopped for a broken ring or vanished memory, until the guest resets it.",
         exports.iter().map(|e| (l(e), e.dev.needs_reset)),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::control::ClusterInfo;
+    use crate::metrics::{render, Snapshot, Source};
+    use crate::stats::ExportStats;
+    use std::sync::Arc;
+
+    struct Fixed(Snapshot);
+    impl Source for Fixed {
+        fn snapshot(&self) -> Snapshot {
+            self.0.clone()
+        }
+    }
+
+    #[test]
+    fn every_drop_reason_of_stats_is_a_labelled_sample() {
+        let mut e = ExportStats {
+            name: "vm1.sock".into(),
+            ..Default::default()
+        };
+        e.rx.drop_too_big = 1;
+        e.rx.drop_no_room = 2;
+        e.rx.invalid_desc = 3;
+        e.tx.drop_no_queue = 4;
+        e.tx.drop_bad_len = 5;
+        e.tx.invalid_desc = 6;
+        let text = render(Arc::new(Fixed(Snapshot {
+            info: Some(ClusterInfo {
+                cluster: 7,
+                queues: 1,
+                ring_size: 64,
+                buf_size: 2048,
+                buf_count: 64,
+                pool_size: 1 << 17,
+                pool_path: "/dev/shm/zc-7".into(),
+                hugepages: false,
+                daemon_pid: 1,
+                spare_buffers: 64,
+            }),
+            exports: vec![e],
+            ..Default::default()
+        })));
+        for (dir, reason, n) in [
+            ("rx", "too_big", 1),
+            ("rx", "no_room", 2),
+            ("rx", "bad_desc", 3),
+            ("tx", "no_queue", 4),
+            ("tx", "bad_len", 5),
+            ("tx", "bad_desc", 6),
+        ] {
+            let line = format!(
+                "zc_export_{dir}_drops_total{{cluster=\"7\",export=\"vm1.sock\",reason=\"{reason}\"}} {n}"
+            );
+            assert!(text.lines().any(|l| l == line), "no {line:?} in:\n{text}");
+        }
+    }
 }
