@@ -240,7 +240,17 @@ impl Cluster {
         geometry.check(&pool_opts.layout)?;
         match Self::adopt(pool_opts, geometry) {
             Some((c, a)) => Ok((c, Some(a))),
-            None => Ok((Self::create(pool_opts, geometry)?, None)),
+            None => {
+                if state_dir(pool_opts).join(QUEUES_FILE).exists() {
+                    log::warn!(
+                        "the cluster {} a zc-hostd that died left behind does not fit these options \
+                         (--queues, --queue-len, --buffers, --buf-size): it is replaced by a new one, \
+                         and VMs on its pool must be restarted",
+                        pool_opts.layout.cluster_id
+                    );
+                }
+                Ok((Self::create(pool_opts, geometry)?, None))
+            }
         }
     }
 
