@@ -104,7 +104,11 @@ fn other_options_after_a_kill_make_a_new_cluster() {
     let ino = inode(&pool);
     d.stop(libc::SIGKILL);
     let run_dir = std::mem::replace(&mut d.run_dir, tempfile::tempdir().unwrap());
-    let d2 = Daemon::start_in(id, run_dir, &["-q", "1", "--buffers", "4096", "--no-hugepages"]);
+    let d2 = Daemon::start_in(
+        id,
+        run_dir,
+        &["-q", "1", "--buffers", "4096", "--no-hugepages"],
+    );
     assert!(
         d2.log_text().contains(&format!(
             "the cluster {id} a zc-hostd that died left behind does not fit these options \
