@@ -136,7 +136,7 @@ fn wait_reply_beyond(g: &Guest, seq: Option<u64>, timeout: Duration) -> u64 {
     loop {
         if let Some(s) = reply_seqs(g)
             .into_iter()
-            .filter(|&s| seq.is_none_or(|q| s > q))
+            .filter(|&s| seq.map_or(true, |q| s > q))
             .max()
         {
             return s;

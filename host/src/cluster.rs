@@ -641,7 +641,6 @@ mod tests {
         }
         let pool = c.pool().path().to_path_buf();
         let ino = inode(&pool);
-        drop(p);
         drop(c); // killed: nothing is removed
         let (mut c, adopted) = Cluster::open(&opts, geometry).unwrap();
         assert_eq!(
