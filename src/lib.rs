@@ -18,11 +18,16 @@
 //! cluster served by `zc-hostd` on this host.
 
 pub mod capture;
+pub mod latency;
 mod open;
+pub mod probe;
 pub mod testpkt;
 pub mod tool;
 
-pub use open::{open_rx, open_rx_with, open_tx, open_tx_with, Error, Options, Rx, Tx};
+pub use open::{
+    open_duplex_with, open_rx, open_rx_with, open_tx, open_tx_with, Direction, Error, Options, Rx,
+    Tx,
+};
 pub use zc_proto::{
     BufferHandle, BufferIndex, Name, PacketMut, PacketRef, PoolView, QueueEnd, Receiver, Sender,
 };

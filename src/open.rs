@@ -4,6 +4,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use thiserror::Error;
+pub use zc_guest::Direction;
 use zc_guest::{GuestError, GuestRx, GuestTx};
 use zc_host::client::{self, ClientError, HostRx, HostTx};
 use zc_proto::{BufferHandle, Name, NameError, PoolView, QueueEnd, Receiver, Sender};
@@ -24,6 +25,8 @@ pub enum Error {
         cluster: u32,
         host: ClientError,
     },
+    #[error("{0}: a cluster queue on the host carries packets one way only, so it cannot be opened for both receiving and sending; open the queue of the other direction as well")]
+    OneWay(String),
     #[error("{source} (waited {secs} s for it to appear)")]
     Waited { secs: f64, source: Box<Error> },
     #[error("{name}: no pool file for cluster {cluster}: zc-hostd -c {cluster} is not running here (no {}) and neither {} nor {} exists; give the pool file with --pool PATH", ctl.display(), huge.display(), shm.display())]
@@ -279,6 +282,32 @@ fn open_tx_once(name: &str, opts: &Options) -> Result<Tx, Error> {
             .map(|q| Tx::Guest(Box::new(q)))
             .map_err(guest_err(name)),
     }
+}
+
+/// Opens both directions of the device `name` leads to, for a process
+/// that receives and sends on it (a ping, a reflector): a virtio-net device
+/// in a VM, or an export over `--vhost-user`. A queue name is looked up in
+/// direction `by` (`zc:99@1` by Tx is the device whose export takes what
+/// the guest sends into queue 1; its receive side is whatever queue that
+/// export delivers). A buffer received on the Rx may be sent on the Tx as
+/// is. Host cluster queues carry one direction: [`Error::OneWay`].
+pub fn open_duplex_with(name: &str, by: Direction, opts: &Options) -> Result<(Rx, Tx), Error> {
+    retry(opts, || open_duplex_once(name, by, opts))
+}
+
+fn open_duplex_once(name: &str, by: Direction, opts: &Options) -> Result<(Rx, Tx), Error> {
+    let (rx, tx) = match resolve(name, opts)? {
+        Route::Host { .. } => return Err(Error::OneWay(name.to_string())),
+        Route::Pci { cluster, queue } => zc_guest::open_duplex_pci(cluster, queue, by),
+        Route::Interface(ifname) => zc_guest::open_duplex_interface(&ifname),
+        Route::VhostUser {
+            socket,
+            pool,
+            queue,
+        } => zc_guest::open_duplex_vhost_user(&socket, &pool, queue, by),
+    }
+    .map_err(guest_err(name))?;
+    Ok((Rx::Guest(Box::new(rx)), Tx::Guest(Box::new(tx))))
 }
 
 impl Rx {

@@ -15,7 +15,7 @@ fn guest_runs_the_command_line_command_and_reports_its_status() {
     let _one_at_a_time = vm::serialise();
     let mut g = Guest::boot(&GuestSpec {
         name: "image".into(),
-        run: "uname -r; grep -c ^virtio_net /proc/modules; zcount --version; zsend -i zc:1@0 -n 1; exit 3".into(),
+        run: "uname -r; grep -c ^virtio_net /proc/modules; zcount --version; zping --version; zsend -i zc:1@0 -n 1; exit 3".into(),
         ..Default::default()
     });
     let run = g.wait_exit(Duration::from_secs(180));
@@ -28,6 +28,7 @@ fn guest_runs_the_command_line_command_and_reports_its_status() {
     );
     assert_eq!(lines[1], "1", "virtio_net is loaded: {}", run.output);
     assert!(lines[2].starts_with("zcount "), "{}", run.output);
+    assert!(lines[3].starts_with("zping "), "{}", run.output);
     assert!(
         run.output.lines().any(|l| l.starts_with("zsend: zc:1@0: ")),
         "the tools run inside the guest and explain themselves: {}",

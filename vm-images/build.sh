@@ -5,8 +5,9 @@
 #                                     downloaded with apt-get download and
 #                                     unpacked, never installed on the host
 #   target/vm-images/initramfs.cpio.gz  busybox-static, virtio_net and the
-#                                     modules it needs, the release zcount and
-#                                     zsend and the shared libraries they link,
+#                                     modules it needs, the release zcount,
+#                                     zsend and zping and the shared libraries
+#                                     they link,
 #                                     and vm-images/init
 #   target/vm-images/manifest.txt     package versions and binary hashes
 # Rebuilding with unchanged inputs is a no-op; changed binaries are picked up.
@@ -33,9 +34,9 @@ case "$(ldd /bin/busybox 2>&1 || true)" in
 esac
 
 if [ -z "${NO_CARGO:-}" ]; then
-    cargo build --release -q -p zc --bin zcount --bin zsend
+    cargo build --release -q -p zc --bin zcount --bin zsend --bin zping
 fi
-BINS=(target/release/zcount target/release/zsend)
+BINS=(target/release/zcount target/release/zsend target/release/zping)
 for b in "${BINS[@]}"; do [ -x "$b" ] || die "$b is missing: cargo build --release -p zc"; done
 
 # The kernel package: what linux-image-amd64 depends on, preferring backports.

@@ -10,6 +10,7 @@
 //! touches memory on a device's say-so.
 
 use crate::error::Violation;
+pub use crate::held::Held;
 use crate::virtq::{Desc, DriverQueue, DESC_F_WRITE};
 use std::os::fd::AsRawFd;
 use std::time::Duration;
@@ -60,9 +61,15 @@ impl Bell {
                     events: libc::POLLIN,
                     revents: 0,
                 };
-                let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-                // SAFETY: one pollfd we own, for the duration of the call.
-                let r = unsafe { libc::poll(&mut pfd, 1, ms) };
+                // ppoll, not poll: a wait shorter than a millisecond (a
+                // latency probe due in 100 us) must not round to zero.
+                let ts = libc::timespec {
+                    tv_sec: timeout.as_secs().min(i64::MAX as u64) as libc::time_t,
+                    tv_nsec: timeout.subsec_nanos() as libc::c_long,
+                };
+                // SAFETY: one pollfd and one timespec we own, for the
+                // duration of the call; no signal mask change.
+                let r = unsafe { libc::ppoll(&mut pfd, 1, &ts, std::ptr::null()) };
                 if r > 0 {
                     let _ = call.read();
                 }
@@ -105,48 +112,6 @@ impl Addressing {
     }
 }
 
-/// Which buffers this driver holds: one bit per pool buffer, private memory.
-pub struct Held {
-    bits: Vec<u64>,
-}
-
-impl Held {
-    pub fn new(buf_count: u32) -> Self {
-        Held {
-            bits: vec![0; (buf_count as usize).div_ceil(64)],
-        }
-    }
-
-    /// Takes `b`; false if it was held already (or is out of range).
-    #[inline(always)]
-    pub fn take(&mut self, b: BufferIndex) -> bool {
-        let i = b.get() as usize;
-        let Some(w) = self.bits.get_mut(i / 64) else {
-            return false;
-        };
-        let m = 1u64 << (i % 64);
-        let was = *w & m != 0;
-        *w |= m;
-        !was
-    }
-
-    #[inline(always)]
-    pub fn give(&mut self, b: BufferIndex) {
-        let i = b.get() as usize;
-        if let Some(w) = self.bits.get_mut(i / 64) {
-            *w &= !(1u64 << (i % 64));
-        }
-    }
-
-    #[inline(always)]
-    pub fn holds(&self, b: BufferIndex) -> bool {
-        let i = b.get() as usize;
-        self.bits
-            .get(i / 64)
-            .is_some_and(|w| w & (1 << (i % 64)) != 0)
-    }
-}
-
 const NOT_POSTED: u32 = u32::MAX;
 
 /// Counters of one core (what the driver saw; the host counts its own).
@@ -183,12 +148,12 @@ impl Common {
         addr: Addressing,
         stock: &[BufferIndex],
         bell: Bell,
+        mut held: Held,
     ) -> Self {
         assert_eq!(view.layout(), &addr.layout, "one pool");
-        let mut held = Held::new(addr.layout.buf_count);
         let mut free = Vec::with_capacity(stock.len());
         for &b in stock {
-            if held.take(b) {
+            if held.adopt(b) {
                 free.push(b);
             }
         }
@@ -241,11 +206,10 @@ impl Common {
         let a = self.q.desc_addr(id);
         let b = self.addr.buffer(a).ok_or(Violation::Addr { id, addr: a })?;
         let old = BufferIndex::new(self.posted[usize::from(id)]);
+        if !self.held.complete(old, b) {
+            return Err(Violation::Duplicate { id, buf: b.get() });
+        }
         if b != old {
-            if !self.held.take(b) {
-                return Err(Violation::Duplicate { id, buf: b.get() });
-            }
-            self.held.give(old);
             self.stats.exchanged += 1;
         } else {
             self.stats.copied += 1;
@@ -264,8 +228,8 @@ impl Common {
     #[inline(always)]
     fn post(&mut self, id: u16, b: BufferIndex, len: u32, flags: u16) {
         assert!(
-            self.held.holds(b),
-            "buffer {b} is not one this queue handed out"
+            self.held.post(b),
+            "buffer {b} is not one this device's queues handed out"
         );
         self.q.write_desc(
             id,
@@ -293,24 +257,18 @@ impl Common {
     /// bookkeeping says, with each in-flight descriptor counted by the buffer
     /// it names now (the device may have exchanged it without the driver
     /// seeing the completion). Only meaningful after the device stopped.
+    /// Cores sharing a set ([`Held::pair`]) both list what is in hand.
     fn holdings(&mut self) -> Vec<BufferIndex> {
-        for id in 0..self.q.size() {
-            let old = self.posted[usize::from(id)];
-            if old == NOT_POSTED {
-                continue;
-            }
-            let old = BufferIndex::new(old);
-            if let Some(b) = self.addr.buffer(self.q.desc_addr(id)) {
-                if b != old && !self.held.holds(b) {
-                    self.held.give(old);
-                    self.held.take(b);
-                }
-            }
-        }
-        (0..self.addr.layout.buf_count)
-            .map(BufferIndex::new)
-            .filter(|&b| self.held.holds(b))
-            .collect()
+        let posted: Vec<(BufferIndex, Option<BufferIndex>)> = (0..self.q.size())
+            .filter(|&id| self.posted[usize::from(id)] != NOT_POSTED)
+            .map(|id| {
+                (
+                    BufferIndex::new(self.posted[usize::from(id)]),
+                    self.addr.buffer(self.q.desc_addr(id)),
+                )
+            })
+            .collect();
+        self.held.holdings(&posted)
     }
 
     fn take_buffers(&mut self, n: usize) -> std::io::Result<Vec<BufferHandle>> {
@@ -377,7 +335,21 @@ impl RxCore {
         stock: &[BufferIndex],
         bell: Bell,
     ) -> Self {
-        let mut c = Common::new(q, view, addr, stock, bell);
+        let held = Held::new(addr.layout.buf_count);
+        Self::sharing(q, view, addr, stock, bell, held)
+    }
+
+    /// As [`RxCore::new`], holding buffers in `held` (one half of
+    /// [`Held::pair`], the other the device's TX core's).
+    pub fn sharing(
+        q: DriverQueue,
+        view: PoolView,
+        addr: Addressing,
+        stock: &[BufferIndex],
+        bell: Bell,
+        held: Held,
+    ) -> Self {
+        let mut c = Common::new(q, view, addr, stock, bell, held);
         let desc_len = addr.max_desc_len();
         let post = c
             .free
@@ -564,7 +536,20 @@ impl TxCore {
         stock: &[BufferIndex],
         bell: Bell,
     ) -> Self {
-        let c = Common::new(q, view, addr, stock, bell);
+        let held = Held::new(addr.layout.buf_count);
+        Self::sharing(q, view, addr, stock, bell, held)
+    }
+
+    /// As [`TxCore::new`], holding buffers in `held` (see [`RxCore::sharing`]).
+    pub fn sharing(
+        q: DriverQueue,
+        view: PoolView,
+        addr: Addressing,
+        stock: &[BufferIndex],
+        bell: Bell,
+        held: Held,
+    ) -> Self {
+        let c = Common::new(q, view, addr, stock, bell, held);
         let free_desc = DescIds::new(c.q.size());
         TxCore { c, free_desc }
     }

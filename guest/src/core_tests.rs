@@ -422,3 +422,87 @@ fn a_device_that_returns_every_buffer_unused_is_an_error_not_a_livelock() {
         rx.failure()
     );
 }
+
+/// Both cores of one device over one pool: the RX queue where [`Rig::new`]
+/// puts it, the TX queue in the next queue slot, one shared [`Held`] set;
+/// the driver's stock is 0..stock, of which RX gets the first `rx_stock`.
+fn duplex(stock: u32, rx_stock: usize) -> (Rig, RxCore, TxCore, TestDevice) {
+    let (r, q, stock, bell) = Rig::new(stock, false);
+    let l = RingLayout::new(QSIZE).unwrap();
+    let area = PoolLayout::ring_area_offset(0).unwrap() + crate::virtq::QUEUE_SLOT_BYTES;
+    // SAFETY: the second queue slot of the ring area lies inside the pool
+    // memory, 16-byte aligned, and only this queue and its device use it.
+    let (tq, tdev) = unsafe {
+        let mem = r.view.base().add(area as usize);
+        (DriverQueue::new(mem, l, false), TestDevice::new(mem, l))
+    };
+    let tbell = Bell::Eventfd {
+        kick: EventFd::new(EFD_NONBLOCK).unwrap(),
+        call: EventFd::new(EFD_NONBLOCK).unwrap(),
+    };
+    let (rh, th) = Held::pair(r.addr.layout.buf_count);
+    let (rs, ts) = stock.split_at(rx_stock);
+    let rx = RxCore::sharing(q, r.view.clone(), r.addr, rs, bell, rh);
+    let tx = TxCore::sharing(tq, r.view.clone(), r.addr, ts, tbell, th);
+    (r, rx, tx, tdev)
+}
+
+#[test]
+fn a_received_buffer_is_sent_as_is_on_the_same_devices_tx() {
+    let (mut r, mut rx, mut tx, mut tdev) = duplex(120, 80);
+    let mut hand = rx.take_buffers(1).unwrap();
+    // The host exchanges its buffer 200, holding a packet, into RX.
+    let (head, _) = r.dev.pop().unwrap();
+    r.host_fill(200, &[7; 60]);
+    r.dev
+        .set_addr(head, r.addr.desc_addr(BufferIndex::new(200)));
+    r.dev.used(u32::from(head), 12 + 60);
+    assert_eq!(rx.recv_burst(&mut hand), 1);
+    assert_eq!(hand[0].index().get(), 200);
+    // A reflector sends that very buffer back: TX takes it, no copy.
+    assert_eq!(tx.send_burst(&mut hand), 1);
+    let (th, d) = tdev.pop().unwrap();
+    assert_eq!(r.addr.buffer(d.addr).unwrap().get(), 200);
+    assert_eq!(r.read_at(r.off(d.addr) + 12, 60), vec![7; 60]);
+    assert_ne!(hand[0].index().get(), 200, "an empty TX buffer in return");
+    // The host takes it and returns buffer 201; later it hands 200 to RX
+    // again, which is no duplicate: the device holds it.
+    tdev.set_addr(th, r.addr.desc_addr(BufferIndex::new(201)));
+    tdev.used(u32::from(th), 0);
+    // The TX buffer in hand goes into the RX ring on the next receive.
+    let from_tx = hand[0].index();
+    let (head, _) = r.dev.pop().unwrap();
+    r.dev
+        .set_addr(head, r.addr.desc_addr(BufferIndex::new(200)));
+    r.dev.used(u32::from(head), 12 + 60);
+    assert_eq!(rx.recv_burst(&mut hand), 1);
+    assert_eq!(hand[0].index().get(), 200);
+    let mut reposted = Vec::new();
+    while let Some((_, d)) = r.dev.pop() {
+        reposted.push(r.addr.buffer(d.addr).unwrap());
+    }
+    assert_eq!(reposted.last(), Some(&from_tx));
+    assert!(rx.failure().is_none() && tx.failure().is_none());
+}
+
+#[test]
+fn a_tx_completion_naming_a_buffer_in_rxs_hand_is_a_duplicate() {
+    let (r, mut rx, mut tx, mut tdev) = duplex(120, 80);
+    let mut rx_hand = rx.take_buffers(1).unwrap();
+    let mut hand = tx.take_buffers(1).unwrap();
+    r.view.packet_mut(&mut hand[0]).fill(&[1; 60]).unwrap();
+    assert_eq!(tx.send_burst(&mut hand), 1);
+    // The device claims to return the buffer the caller holds from RX.
+    let (th, _) = tdev.pop().unwrap();
+    tdev.set_addr(th, r.addr.desc_addr(rx_hand[0].index()));
+    tdev.used(u32::from(th), 0);
+    let mut more = tx.take_buffers(20).unwrap();
+    let _ = tx.send_burst(&mut more);
+    assert!(
+        matches!(tx.failure(), Some(Violation::Duplicate { .. })),
+        "{:?}",
+        tx.failure()
+    );
+    assert!(rx.failure().is_none(), "RX is not concerned");
+    assert_eq!(rx.recv_burst(&mut rx_hand), 0);
+}

@@ -9,6 +9,7 @@
 pub mod cleanup;
 pub mod core;
 pub mod error;
+pub mod held;
 pub mod init;
 pub mod pci;
 pub mod pool;
@@ -21,7 +22,7 @@ pub mod virtq;
 mod testdev;
 
 pub use error::{Direction, GuestError, Violation};
-pub use queue::{GuestRx, GuestTx};
+pub use queue::{open_duplex_interface, open_duplex_pci, open_duplex_vhost_user, GuestRx, GuestTx};
 
 /// Whether this machine (a VM) has an ivshmem device holding the pool of
 /// `cluster`: then `zc:<cluster>@<queue>` opens the PCI transport.

@@ -18,7 +18,7 @@ use crate::core::Bell;
 use crate::error::{mac_string, Direction, GuestError, Result};
 use crate::init::{self, QueueAddrs, Regs};
 use crate::pool::PoolMap;
-use crate::transport::{QueueOffsets, Transport};
+use crate::transport::{Cores, Ends, QueueOffsets, Transport};
 use caps::VirtioCaps;
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
@@ -596,31 +596,30 @@ fn find_net(root: &Path, mac: [u8; 6]) -> Option<PciDev> {
         .find(|d| device_mac(d) == Some(mac))
 }
 
-/// Opens queue `queue` of `cluster` for `dir` on the export's PCI device.
+/// Opens the PCI device of the export whose `by` queue is `queue` of
+/// `cluster`, with the cores `ends` asks for.
 pub fn open_queue(
     cluster: u32,
     queue: u16,
-    dir: Direction,
-) -> Result<(crate::transport::Core, PciDevice, Arc<PoolMap>)> {
+    by: Direction,
+    ends: Ends,
+) -> Result<(Cores, PciDevice, Arc<PoolMap>)> {
     let root = sysfs::sys_root();
     let (_, pool, gpa) = find_pool(&root, cluster)?;
     let pool = Arc::new(pool);
-    let (slot, entry) = pool.export_for_queue(queue, dir)?;
+    let (slot, entry) = pool.export_for_queue(queue, by)?;
     let dev = find_net(&root, entry.mac).ok_or_else(|| GuestError::NoDevice {
         cluster,
         mac: mac_string(&entry.mac),
     })?;
     let mut pci = PciDevice::take(&root, dev, gpa)?;
-    let core = crate::transport::bring_up(&mut pci, &pool, slot, &entry, dir)?;
-    Ok((core, pci, pool))
+    let cores = crate::transport::bring_up(&mut pci, &pool, slot, &entry, ends)?;
+    Ok((cores, pci, pool))
 }
 
-/// Opens the virtio-net device behind interface `ifname` for `dir`; its
-/// export is found by MAC among the zc pools on the bus.
-pub fn open_interface(
-    ifname: &str,
-    dir: Direction,
-) -> Result<(crate::transport::Core, PciDevice, Arc<PoolMap>)> {
+/// Opens the virtio-net device behind interface `ifname` with the cores
+/// `ends` asks for; its export is found by MAC among the zc pools on the bus.
+pub fn open_interface(ifname: &str, ends: Ends) -> Result<(Cores, PciDevice, Arc<PoolMap>)> {
     let root = sysfs::sys_root();
     let dev_dir = match sysfs::interface_device(&root, ifname) {
         Some(d) => d,
@@ -648,8 +647,8 @@ pub fn open_interface(
         if let Some((slot, entry)) = pool.export_for_mac(mac) {
             let pool = Arc::new(pool);
             let mut pci = PciDevice::take(&root, dev, gpa)?;
-            let core = crate::transport::bring_up(&mut pci, &pool, slot, &entry, dir)?;
-            return Ok((core, pci, pool));
+            let cores = crate::transport::bring_up(&mut pci, &pool, slot, &entry, ends)?;
+            return Ok((cores, pci, pool));
         }
     }
     Err(GuestError::NotAnExport {
