@@ -1,8 +1,17 @@
 //! A cluster's state in the daemon: the pool, the queues, who holds which
 //! queue role, and the buffers nobody holds.
+//!
+//! Pool, queue area and owner table live in files that outlive the daemon
+//! (the queue area and owner table beside the cluster lock, in
+//! `/dev/shm/zc/<cluster>/`), so a daemon started after one that died
+//! adopts them (`Cluster::open`): VMs keep the pool they map, packets
+//! waiting in the queues stay there, buffers the guests hold stay theirs.
+//! What the dead daemon held in its own hands is found by elimination
+//! (neither in a ring nor a guest's) and goes back to the spare list.
 
 use crate::control::{ClusterInfo, Role};
 use crate::owner::OwnerTable;
+use crate::paths::{self, Owned};
 use crate::pool::{Backing, Pool, PoolError, PoolOptions};
 use crate::queues::{QueueArea, QueueError, QueueGeometry};
 use crate::stats::BufferUse;
@@ -22,6 +31,27 @@ pub enum CreateError {
     Pool(#[from] PoolError),
     #[error(transparent)]
     Queues(#[from] QueueError),
+    #[error(transparent)]
+    Path(#[from] crate::paths::PathError),
+    #[error("cannot create the owner table {}: {source}", path.display())]
+    Owners {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// What a daemon took over from one of the cluster that died.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Adopted {
+    /// Buffers in the queues' rings (empty or holding packets).
+    pub in_queues: usize,
+    /// Buffers the exports' guests hold.
+    pub in_guests: usize,
+    /// Buffers back in the spare list: the dead daemon's hands and spares,
+    /// and whatever its processes held.
+    pub spare: usize,
+    /// Ring slots that named no valid or an already counted buffer.
+    pub repaired: usize,
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -100,7 +130,20 @@ pub struct Cluster {
     active: std::collections::BTreeMap<ConnId, u32>,
     /// Buffers that left with processes that exited while others stayed.
     stranded: u64,
+    /// The queue area's and owner table's files.
+    state_files: Vec<Owned>,
 }
+
+/// Where a cluster's host-private files live: beside its lock.
+pub fn state_dir(pool_opts: &PoolOptions) -> std::path::PathBuf {
+    pool_opts
+        .fallback_dir
+        .join("zc")
+        .join(pool_opts.layout.cluster_id.to_string())
+}
+
+const QUEUES_FILE: &str = "queues";
+const OWNERS_FILE: &str = "owners";
 
 fn role_slot(role: Role) -> usize {
     match role {
@@ -110,31 +153,180 @@ fn role_slot(role: Role) -> usize {
 }
 
 impl Cluster {
+    /// A new cluster: a fresh pool, rings full of empty buffers, nobody
+    /// holding anything. Leftovers of a daemon that died are replaced.
     pub fn create(pool_opts: &PoolOptions, geometry: QueueGeometry) -> Result<Self, CreateError> {
         let layout: PoolLayout = pool_opts.layout;
         geometry.check(&layout)?;
+        let id = layout.cluster_id.to_string();
+        let dir = paths::make_dirs(
+            "cluster state directory",
+            &pool_opts.fallback_dir,
+            &["zc", &id],
+        )?;
         let pool = Pool::create(pool_opts)?;
         let in_rings = usize::from(geometry.queue_count) * geometry.ring_size as usize;
         let all: Vec<BufferIndex> = (0..layout.buf_count).map(BufferIndex::new).collect();
-        let queues = match QueueArea::create(geometry, &layout, &all[..in_rings]) {
-            Ok(q) => q,
+        let mut state_files = Vec::new();
+        let made = (|| {
+            let qpath = dir.join(QUEUES_FILE);
+            let queues = QueueArea::create(&qpath, geometry, &layout, &all[..in_rings]);
+            if let Ok(o) = Owned::record(&qpath) {
+                state_files.push(o);
+            }
+            let queues = queues?;
+            let opath = dir.join(OWNERS_FILE);
+            let owners = OwnerTable::create(&opath, layout.buf_count).map_err(|source| {
+                CreateError::Owners {
+                    path: opath.clone(),
+                    source,
+                }
+            });
+            if let Ok(o) = Owned::record(&opath) {
+                state_files.push(o);
+            }
+            Ok::<_, CreateError>((queues, owners?))
+        })();
+        let (queues, owners) = match made {
+            Ok(x) => x,
             Err(e) => {
+                for f in &state_files {
+                    f.remove();
+                }
                 pool.remove();
-                return Err(e.into());
+                return Err(e);
             }
         };
         // Popped from the end: hand out low indices first.
         let spare = all[in_rings..].iter().rev().copied().collect();
-        Ok(Cluster {
+        Ok(Self::assemble(
+            pool,
+            queues,
+            owners,
+            spare,
+            geometry,
+            state_files,
+        ))
+    }
+
+    fn assemble(
+        pool: Pool,
+        queues: QueueArea,
+        owners: OwnerTable,
+        spare: Vec<BufferIndex>,
+        geometry: QueueGeometry,
+        state_files: Vec<Owned>,
+    ) -> Self {
+        Cluster {
             pool: Arc::new(pool),
             queues: Arc::new(queues),
             spare,
             roles: vec![[None, None]; usize::from(geometry.queue_count)],
-            owners: Arc::new(OwnerTable::new(layout.buf_count)),
+            owners: Arc::new(owners),
             holders: Vec::new(),
             active: Default::default(),
             stranded: 0,
-        })
+            state_files,
+        }
+    }
+
+    /// The cluster a daemon that died left behind, taken over as it is, if
+    /// its pool, queue area and owner table are all there and fit these
+    /// options; else a new one (`create`). The caller holds the cluster
+    /// lock: files of the cluster that are there belong to no running daemon.
+    pub fn open(
+        pool_opts: &PoolOptions,
+        geometry: QueueGeometry,
+    ) -> Result<(Self, Option<Adopted>), CreateError> {
+        geometry.check(&pool_opts.layout)?;
+        match Self::adopt(pool_opts, geometry) {
+            Some((c, a)) => Ok((c, Some(a))),
+            None => {
+                if state_dir(pool_opts).join(QUEUES_FILE).exists() {
+                    log::warn!(
+                        "the cluster {} a zc-hostd that died left behind does not fit these options \
+                         (--queues, --queue-len, --buffers, --buf-size): it is replaced by a new one, \
+                         and VMs on its pool must be restarted",
+                        pool_opts.layout.cluster_id
+                    );
+                }
+                Ok((Self::create(pool_opts, geometry)?, None))
+            }
+        }
+    }
+
+    fn adopt(pool_opts: &PoolOptions, geometry: QueueGeometry) -> Option<(Self, Adopted)> {
+        let layout = pool_opts.layout;
+        let dir = state_dir(pool_opts);
+        let (qpath, opath) = (dir.join(QUEUES_FILE), dir.join(OWNERS_FILE));
+        let queues = QueueArea::adopt(&qpath, geometry, &layout)?;
+        let owners = OwnerTable::adopt(&opath, layout.buf_count)?;
+        let pool = Pool::adopt(pool_opts)?;
+        let state_files = vec![Owned::record(&qpath).ok()?, Owned::record(&opath).ok()?];
+        let count = layout.buf_count as usize;
+        // The rings first: a slot is the truth about its buffer (the ring
+        // protocol leaves every slot whole whenever a side dies).
+        let mut used = vec![false; count];
+        let mut broken = Vec::new();
+        let mut in_queues = 0;
+        for q in 0..geometry.queue_count {
+            for (i, slot) in queues.contents(q).into_iter().enumerate() {
+                match slot {
+                    Some(b) if !used[b.get() as usize] => {
+                        used[b.get() as usize] = true;
+                        in_queues += 1;
+                    }
+                    _ => broken.push((q, i as u32)),
+                }
+            }
+        }
+        let mut in_guests = 0;
+        for (b, _) in owners.all_guest_buffers() {
+            if std::mem::replace(&mut used[b.get() as usize], true) {
+                // In a ring as well: the ring wins.
+                owners.take_from_guest(b);
+            } else {
+                in_guests += 1;
+            }
+        }
+        let mut spare: Vec<BufferIndex> = (0..count as u32)
+            .rev()
+            .filter(|&i| !used[i as usize])
+            .map(BufferIndex::new)
+            .collect();
+        let mut repaired = 0;
+        for (q, i) in &broken {
+            if let Some(b) = spare.pop() {
+                queues.repair_slot(*q, *i, b);
+                in_queues += 1;
+                repaired += 1;
+            }
+        }
+        let adopted = Adopted {
+            in_queues,
+            in_guests,
+            spare: spare.len(),
+            repaired,
+        };
+        Some((
+            Self::assemble(pool, queues, owners, spare, geometry, state_files),
+            adopted,
+        ))
+    }
+
+    /// After an adoption, the exports that run again are known: buffers
+    /// held by guests of any other slot (an export that was not started
+    /// again) come back to the spare list. Returns how many.
+    pub fn release_guests_except(&mut self, slots: &[usize]) -> usize {
+        let mut n = 0;
+        for (b, slot) in self.owners.all_guest_buffers() {
+            if !slots.contains(&slot) {
+                self.owners.take_from_guest(b);
+                self.spare.push(b);
+                n += 1;
+            }
+        }
+        n
     }
 
     pub fn id(&self) -> u32 {
@@ -392,8 +584,12 @@ impl Cluster {
         }
     }
 
-    /// Deletes the pool file (at shutdown).
+    /// Deletes the pool file, the queue area and the owner table (at
+    /// shutdown).
     pub fn remove_files(&self) {
+        for f in &self.state_files {
+            f.remove();
+        }
         self.pool.remove();
     }
 }
@@ -401,6 +597,7 @@ impl Cluster {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use zc_proto::BufferHandle;
 
     fn cluster(dir: &std::path::Path) -> Cluster {
         let layout = PoolLayout::new(7, 2048, 1024).unwrap();
@@ -418,6 +615,90 @@ mod tests {
             },
         )
         .unwrap()
+    }
+
+    fn options(dir: &std::path::Path) -> (PoolOptions, QueueGeometry) {
+        (
+            PoolOptions {
+                layout: PoolLayout::new(7, 2048, 1024).unwrap(),
+                hugepages_dir: dir.join("none"),
+                fallback_dir: dir.to_path_buf(),
+                force_fallback: true,
+            },
+            QueueGeometry {
+                queue_count: 2,
+                ring_size: 256,
+            },
+        )
+    }
+
+    fn inode(p: &std::path::Path) -> u64 {
+        std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap())
+    }
+
+    #[test]
+    fn a_cluster_left_by_a_dead_daemon_is_taken_over_with_its_packets_and_guest_buffers() {
+        let dir = tempfile::tempdir().unwrap();
+        let (opts, geometry) = options(dir.path());
+        let (mut c, adopted) = Cluster::open(&opts, geometry).unwrap();
+        assert_eq!(adopted, None, "nothing to take over");
+        // A process holds 100 buffers and sends one packet into queue 1; a
+        // guest of export 2 holds 3 buffers.
+        c.attach(1, 100, 1, Role::Producer).unwrap();
+        let mut held: Vec<BufferHandle> = c
+            .alloc(1, 100)
+            .unwrap()
+            .into_iter()
+            // SAFETY: allocated to this test alone.
+            .map(|i| unsafe { BufferHandle::from_raw(BufferIndex::new(i), 0) })
+            .collect();
+        let view = c.pool().view().clone();
+        view.packet_mut(&mut held[0]).fill(b"survives").unwrap();
+        let mut p = c.queues().producer(1);
+        assert_eq!(p.send_burst(&mut held[..1]), 1);
+        let guest = c.take_spare(3).unwrap();
+        for b in &guest {
+            c.owners().give_to_guest(*b, 2);
+        }
+        let pool = c.pool().path().to_path_buf();
+        let ino = inode(&pool);
+        drop(c); // killed: nothing is removed
+        let (mut c, adopted) = Cluster::open(&opts, geometry).unwrap();
+        assert_eq!(
+            adopted,
+            Some(Adopted {
+                in_queues: 512,
+                in_guests: 3,
+                spare: 1024 - 512 - 3,
+                repaired: 0
+            }),
+            "the process's buffers and the old spares are spare again"
+        );
+        assert_eq!(c.spare_count(), 509);
+        assert_eq!(inode(&pool), ino, "the same pool file");
+        assert_eq!(c.owners().guest_buffers(2), guest);
+        let mut got = c.take_spare(1).unwrap();
+        // SAFETY: taken from the spare list for this test.
+        let mut h = [unsafe { BufferHandle::from_raw(got.remove(0), 0) }];
+        assert_eq!(c.queues().consumer(1).recv_burst(&mut h), 1);
+        assert_eq!(c.pool().view().packet(&h[0]).to_vec(), b"survives");
+        // Export 2 does not start again: its guest's buffers come back.
+        assert_eq!(c.release_guests_except(&[0]), 3);
+        assert_eq!(c.spare_count(), 508 + 3);
+        drop(c);
+        // Other options: a new cluster.
+        let other = QueueGeometry {
+            queue_count: 1,
+            ..geometry
+        };
+        let (c, adopted) = Cluster::open(&opts, other).unwrap();
+        assert_eq!(adopted, None);
+        assert_eq!(c.spare_count(), 1024 - 256);
+        c.remove_files();
+        assert!(
+            !dir.path().join("zc/7").exists(),
+            "pool, queue area and owner table are gone"
+        );
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! remove them again. A failed step undoes the steps before it, so a VM is
 //! never left half-attached.
 
-use crate::port::export::qemu_args::{pool_object_id, OFFLOADS_OFF};
+use crate::port::export::qemu_args::{pool_object_id, OFFLOADS_OFF, RECONNECT_MS};
 use crate::port::export::spec::MacDisplay;
 use crate::qmp::{Qmp, QmpError};
 use serde_json::{json, Value};
@@ -100,6 +100,8 @@ impl NetPlug<'_> {
                 "backend": { "type": "socket", "data": {
                     "addr": { "type": "unix", "data": { "path": self.socket } },
                     "server": false,
+                    // A restarted zc-hostd is reconnected to (see qemu_args).
+                    "reconnect-ms": RECONNECT_MS,
                 }},
             }),
         )?;

@@ -258,6 +258,55 @@ impl Pool {
         ))
     }
 
+    /// Takes over the pool a daemon of the cluster that died left behind
+    /// (VMs keep mapping it), if one is where `create` would put it, with
+    /// the size of `opts.layout` and a header naming the cluster. Nothing in
+    /// it is rewritten. The header page is guest-writable, so its geometry
+    /// fields are not trusted: the caller adopts a pool only together with
+    /// the host-private queue area, whose header holds the buffer geometry.
+    pub fn adopt(opts: &PoolOptions) -> Option<Pool> {
+        let cluster = opts.layout.cluster_id;
+        let mut places = Vec::new();
+        if !opts.force_fallback && is_hugetlbfs(&opts.hugepages_dir).unwrap_or(false) {
+            places.push((opts.hugepages_dir.as_path(), Backing::Hugepages));
+        }
+        places.push((
+            opts.fallback_dir.as_path(),
+            Backing::SharedMemory {
+                reason: "adopted from a zc-hostd that died, where it had put it".into(),
+            },
+        ));
+        places.into_iter().find_map(|(base, backing)| {
+            let path = base.join("zc").join(cluster.to_string()).join("pool");
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+                .open(&path)
+                .ok()?;
+            let meta = file.metadata().ok()?;
+            if !meta.is_file() || meta.len() != opts.layout.pool_size {
+                return None;
+            }
+            let owned = Owned::record(&path).ok()?;
+            let map = Mapping::map(file.as_fd(), meta.len() as usize, true).ok()?;
+            // SAFETY: the mapping is pool_size bytes, more than the header page.
+            let h = unsafe { std::ptr::read_volatile(map.as_ptr().cast::<PoolHeader>()) };
+            if h.magic != zc_proto::layout::POOL_MAGIC || h.cluster_id != cluster {
+                return None;
+            }
+            let view = PoolView::owning(Arc::new(map), opts.layout)?;
+            Some(Pool {
+                path,
+                owned,
+                file,
+                view,
+                layout: opts.layout,
+                backing,
+            })
+        })
+    }
+
     fn finish(
         path: PathBuf,
         owned: Owned,

@@ -1,9 +1,14 @@
-//! The cluster's queues: one memfd holding every ring, host-private (never
+//! The cluster's queues: one file holding every ring, host-private (never
 //! in the pool a guest maps) and shared with attached host processes.
+//!
+//! The file lives beside the cluster lock (`/dev/shm/zc/<cluster>/queues`,
+//! mode 0600) rather than in a memfd, so that a daemon started after one
+//! that died takes the same rings over, packets in them included (issue 14).
+//! Its header is written last: a file whose creation was cut short has no
+//! magic and is never adopted.
 
 use crate::ring::{self, Consumer, Producer, SlotLimits, MAX_RING_SIZE, MIN_RING_SIZE};
 use crate::shm::{self, Mapping};
-use std::ffi::CStr;
 use std::io;
 use std::mem::{offset_of, size_of};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -116,31 +121,32 @@ pub enum Side {
 }
 
 impl QueueArea {
-    /// Creates the area with every ring full of empty buffers taken from
-    /// `empties` (which must hold `queue_count * ring_size` of them).
+    /// Creates the area in a new file at `path` with every ring full of
+    /// empty buffers taken from `empties` (which must hold `queue_count *
+    /// ring_size` of them).
     pub fn create(
+        path: &std::path::Path,
         geometry: QueueGeometry,
         layout: &PoolLayout,
         empties: &[BufferIndex],
     ) -> Result<Self, QueueError> {
         geometry.check(layout)?;
-        let name: &CStr = c"zc-queues";
-        // SAFETY: memfd_create with a valid C string; the result is checked.
-        let raw = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
-        if raw < 0 {
-            return Err(QueueError::Create(io::Error::last_os_error()));
-        }
-        // SAFETY: memfd_create returned a fresh descriptor we now own.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let file = std::fs::File::from(fd);
-        file.set_len(geometry.bytes() as u64)
-            .map_err(QueueError::Create)?;
+        let file =
+            shm::create_private_file(path, geometry.bytes() as u64).map_err(QueueError::Create)?;
         let fd = OwnedFd::from(file);
         let map = Mapping::map(fd.as_fd(), geometry.bytes(), true).map_err(QueueError::Map)?;
         let limits = SlotLimits {
             buf_count: layout.buf_count,
             max_len: layout.max_packet(),
         };
+        let area = Self::with_bells(fd, map, geometry, limits)?;
+        let n = geometry.ring_size as usize;
+        for q in 0..geometry.queue_count {
+            let chunk = &empties[usize::from(q) * n..][..n];
+            // SAFETY: ring_base(q) points at stride >= ring_bytes bytes inside
+            // the mapping, page aligned, not yet shared with anyone.
+            unsafe { ring::init_ring(area.ring_base(q), geometry.ring_size, chunk) };
+        }
         let hdr = AreaHeader {
             magic: MAGIC,
             version: VERSION,
@@ -151,27 +157,54 @@ impl QueueArea {
             _pad: 0,
             ring_stride: geometry.stride() as u64,
         };
+        // Last: only a complete area has a header.
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
         // SAFETY: the fresh mapping holds the header page; nobody else has it yet.
-        unsafe { std::ptr::write_volatile(map.as_ptr().cast::<AreaHeader>(), hdr) };
+        unsafe { std::ptr::write_volatile(area.map.as_ptr().cast::<AreaHeader>(), hdr) };
+        Ok(area)
+    }
+
+    fn with_bells(
+        fd: OwnedFd,
+        map: Mapping,
+        geometry: QueueGeometry,
+        limits: SlotLimits,
+    ) -> Result<Self, QueueError> {
         let bells = (0..geometry.queue_count)
             .map(|_| Ok([eventfd()?, eventfd()?]))
             .collect::<io::Result<Vec<_>>>()
             .map_err(QueueError::Create)?;
-        let area = QueueArea {
+        Ok(QueueArea {
             fd,
             map,
             geometry,
             limits,
             bells,
-        };
-        let n = geometry.ring_size as usize;
-        for q in 0..geometry.queue_count {
-            let chunk = &empties[usize::from(q) * n..][..n];
-            // SAFETY: ring_base(q) points at stride >= ring_bytes bytes inside
-            // the mapping, page aligned, not yet shared with anyone.
-            unsafe { ring::init_ring(area.ring_base(q), geometry.ring_size, chunk) };
+        })
+    }
+
+    /// Takes over the area a daemon that died left at `path`, rings and
+    /// packets as they are, if it has this `geometry` and fits `layout`;
+    /// `None` if there is none or it does not fit (it is then created anew).
+    pub fn adopt(
+        path: &std::path::Path,
+        geometry: QueueGeometry,
+        layout: &PoolLayout,
+    ) -> Option<Self> {
+        let file = shm::open_private_file(path)?;
+        let fd = OwnedFd::from(file);
+        let area = Self::open(fd, layout).ok()?;
+        if area.geometry != geometry {
+            return None;
         }
-        Ok(area)
+        let QueueArea {
+            fd,
+            map,
+            geometry,
+            limits,
+            ..
+        } = area;
+        Self::with_bells(fd, map, geometry, limits).ok()
     }
 
     /// Maps an area received from the daemon and checks its header against

@@ -85,3 +85,44 @@ pub fn file_size(fd: BorrowedFd<'_>) -> io::Result<u64> {
     }
     Ok(st.st_size as u64)
 }
+
+/// Creates `path` afresh (mode 0600, `len` zero bytes) for state only the
+/// daemon reads: a file left there by a daemon that died is replaced (the
+/// caller holds the cluster lock, so it is no running daemon's), anything
+/// but a regular file is refused.
+pub fn create_private_file(path: &std::path::Path, len: u64) -> io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_file() => std::fs::remove_file(path)?,
+        Ok(_) => {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "something that is not a regular file is in the way",
+            ))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)?;
+    f.set_len(len)?;
+    Ok(f)
+}
+
+/// Opens the state file a dead daemon left at `path`, if there is a regular
+/// file there.
+pub fn open_private_file(path: &std::path::Path) -> Option<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .ok()?;
+    f.metadata().ok()?.is_file().then_some(f)
+}

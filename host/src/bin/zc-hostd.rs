@@ -50,8 +50,11 @@ The exports' packets are moved by --workers N poll threads (default 1), each ser
 exports: busy while any has traffic, asleep in epoll when all are idle (an idle daemon uses no \
 CPU). -g pins them; `zc-hostd -c ID move PORT WORKER` moves an export to another worker without \
 losing a packet; `stats` shows each worker's load and ports.\n\n\
-Stop the daemon with Ctrl-C or SIGTERM: it removes the cluster's files. A cluster left \
-behind by a killed daemon is cleaned up by the next start.",
+Stop the daemon with Ctrl-C or SIGTERM: it removes the cluster's files. A daemon that \
+was killed (or crashed) is replaced by starting zc-hostd again with the same options: it takes \
+the cluster over (same pool file, queues with the packets in them, exports on the same sockets), \
+and VMs started with the --qemu-args options reconnect within a second; restart host processes \
+attached to the cluster. Other options make a new cluster.",
     after_help = "Example:\n  zc-hostd -c 99 -q 4 &\n  zcount -i zc:99@0 &\n  zsend -i zc:99@0 -n 1000000 -l 64\n\n\
 Serving queues 0 and 1 to a VM:\n  zc-hostd -c 99 --export /tmp/vm1.sock,rx=0,tx=1 &\n  \
 qemu-system-x86_64 ... $(zc-hostd -c 99 --qemu-args /tmp/vm1.sock)\n  \
@@ -532,7 +535,22 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     };
     let guard = daemon.cluster();
     let pool = guard.pool();
-    if let Some(w) = pool.fallback_warning() {
+    if let Some(a) = daemon.adopted() {
+        say!(
+            Info,
+            "zc-hostd: cluster {cluster} taken over from a zc-hostd that died: same pool {}, \
+             {} buffers in the queues, {} held by guests, {} spare{}",
+            pool.path().display(),
+            a.in_queues,
+            a.in_guests,
+            a.spare,
+            if a.repaired > 0 {
+                format!(" ({} broken ring slots repaired)", a.repaired)
+            } else {
+                String::new()
+            }
+        );
+    } else if let Some(w) = pool.fallback_warning() {
         say!(Warn, "zc-hostd: warning: {w}");
     }
     say!(

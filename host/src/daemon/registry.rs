@@ -128,10 +128,14 @@ fn claim(
     // the export hands back for the pool buffers its guest sends.
     let hands = if spec.rx.is_some() { BURST as u32 } else { 0 } + BURST as u32;
     let stock_n = cfg.stock.min(directory::MAX_STOCK as u32);
+    // What the slot's guest still holds from a daemon that died (the
+    // cluster was adopted) stays its stock; only the rest is new.
+    let kept = c.owners().guest_buffers(slot);
+    let new_stock = stock_n.saturating_sub(kept.len() as u32);
     let taken = spec
         .tx
         .map_or(Ok(()), |q| c.attach_export(name, q, Role::Producer))
-        .and_then(|()| c.take_spare(stock_n + hands));
+        .and_then(|()| c.take_spare(new_stock + hands));
     let mut stock = match taken {
         Ok(b) => b,
         Err(e) => {
@@ -159,6 +163,7 @@ fn claim(
     for b in &stock {
         c.owners().give_to_guest(*b, slot);
     }
+    stock.extend(kept);
     let view = c.pool().view();
     directory::write_stock(view, slot, &stock);
     directory::write_entry(
@@ -255,6 +260,15 @@ impl Registry {
         }
         for cfg in configs {
             self.start(cfg.clone())?;
+        }
+        // Guests of slots that did not start again (after an adoption)
+        // hold nothing any more.
+        let slots: Vec<usize> = self.shared().iter().map(|s| s.slot).collect();
+        let n = lock(&self.cluster).release_guests_except(&slots);
+        if n > 0 {
+            log::warn!(
+                "{n} buffers held by guests of exports that were not started again are back in the pool"
+            );
         }
         Ok(())
     }

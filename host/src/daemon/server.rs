@@ -5,7 +5,7 @@ use super::lock::{ClusterLock, LockError};
 use super::registry::{ExportConfig, ExportError, Registry};
 use super::vm::{VmError, Vms};
 use crate::access::Access;
-use crate::cluster::{Cluster, ConnId, CreateError};
+use crate::cluster::{Adopted, Cluster, ConnId, CreateError};
 use crate::control::{self, Reply, Request, Role};
 pub use crate::control::{cluster_run_dir, control_path};
 use crate::cpu::{self, CoreError};
@@ -168,6 +168,8 @@ struct Conn {
 }
 
 pub struct Daemon {
+    /// What was taken over from a daemon of the cluster that died.
+    adopted: Option<Adopted>,
     cluster: Arc<Mutex<Cluster>>,
     registry: Arc<Registry>,
     vms: Arc<Vms>,
@@ -209,15 +211,18 @@ impl Daemon {
             ctl: None,
             pool_link: None,
         };
-        let cluster = match Cluster::create(&opts.pool, opts.geometry) {
-            Ok(c) => Arc::new(Mutex::new(c)),
+        let (cluster, adopted) = match Cluster::open(&opts.pool, opts.geometry) {
+            Ok((c, a)) => (Arc::new(Mutex::new(c)), a),
             Err(e) => {
                 files.remove();
                 return Err(e.into());
             }
         };
         let undo = |files: Files| {
-            lock_cluster(&cluster).remove_files();
+            // A cluster taken over stays for the next try: VMs map its pool.
+            if adopted.is_none() {
+                lock_cluster(&cluster).remove_files();
+            }
             files.remove();
         };
         let vm_access = Access::group(opts.vm_group);
@@ -286,6 +291,7 @@ impl Daemon {
         };
         let vms = Arc::new(Vms::new(registry.clone(), dir.clone()));
         Ok(Daemon {
+            adopted,
             cluster,
             registry,
             vms,
@@ -300,6 +306,12 @@ impl Daemon {
 
     pub fn cluster(&self) -> MutexGuard<'_, Cluster> {
         lock_cluster(&self.cluster)
+    }
+
+    /// What this daemon took over from one that died (`None`: it made a
+    /// new cluster).
+    pub fn adopted(&self) -> Option<Adopted> {
+        self.adopted
     }
 
     pub fn registry(&self) -> &Arc<Registry> {

@@ -19,6 +19,11 @@ pub const OFFLOADS_OFF: [&str; 11] = [
     "host_ufo",
 ];
 
+/// How often QEMU tries to reconnect to an export's socket after losing
+/// it (a zc-hostd restart): `reconnect-ms=` of the chardev (QEMU 9.2+;
+/// QEMU stays the client, so the restarted daemon only has to listen).
+pub const RECONNECT_MS: u32 = 500;
+
 /// QEMU id of the memory backend on the pool of `cluster`: the same at
 /// start-up and in hot-plug, so an attach recognises a VM that has it.
 pub fn pool_object_id(cluster: u32) -> String {
@@ -52,7 +57,10 @@ impl QemuArgs<'_> {
                 "-object memory-backend-file,id={pool},mem-path={},size={},share=on -device ivshmem-plain,memdev={pool}",
                 self.pool_path, self.pool_size
             ),
-            format!("-chardev socket,id=zcchr{i},path={}", self.socket),
+            format!(
+                "-chardev socket,id=zcchr{i},path={},reconnect-ms={RECONNECT_MS}",
+                self.socket
+            ),
             format!("-netdev vhost-user,id=zcnet{i},chardev=zcchr{i}"),
             format!(
                 "-device virtio-net-pci,netdev=zcnet{i},mac={},mrg_rxbuf=on{offloads}",
@@ -83,7 +91,7 @@ mod tests {
         );
         assert!(s.contains("mem-path=/dev/hugepages/zc/99/pool,size=4194304,share=on"));
         assert!(s.contains("ivshmem-plain,memdev=zcpool99"));
-        assert!(s.contains("-chardev socket,id=zcchr0,path=/tmp/vm1.sock"));
+        assert!(s.contains("-chardev socket,id=zcchr0,path=/tmp/vm1.sock,reconnect-ms=500 "));
         assert!(s.contains("virtio-net-pci,netdev=zcnet0,mac=02:7a:00:63:00:01,mrg_rxbuf=on,csum=off,guest_csum=off,gso=off,guest_tso4=off,guest_tso6=off,guest_ecn=off,guest_ufo=off,host_tso4=off,host_tso6=off,host_ecn=off,host_ufo=off"));
     }
 }

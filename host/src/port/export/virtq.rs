@@ -10,7 +10,7 @@
 
 use super::guest_mem::{GuestMap, Target};
 use crate::owner::OwnerTable;
-use std::sync::atomic::{fence, AtomicU16, Ordering};
+use std::sync::atomic::{compiler_fence, fence, AtomicU16, Ordering};
 use thiserror::Error;
 use zc_proto::buffer::VIRTIO_NET_HDR_LEN;
 use zc_proto::{BufferIndex, PoolLayout};
@@ -118,9 +118,15 @@ impl PoolCtx<'_> {
         else {
             return false;
         };
-        q.set_desc_addr(head, gpa);
-        self.owners.take_from_guest(take);
+        // Give before take, each step ordered before the next (the owner
+        // table outlives a crash): killed anywhere in between, the guest is
+        // recorded as holding both buffers, never neither, so a restarted
+        // daemon never hands out one the descriptor may name.
         self.owners.give_to_guest(give, self.slot);
+        compiler_fence(Ordering::SeqCst);
+        q.set_desc_addr(head, gpa);
+        compiler_fence(Ordering::SeqCst);
+        self.owners.take_from_guest(take);
         true
     }
 
