@@ -50,6 +50,14 @@ The exports' packets are moved by --workers N poll threads (default 1), each ser
 exports: busy while any has traffic, asleep in epoll when all are idle (an idle daemon uses no \
 CPU). -g pins them; `zc-hostd -c ID move PORT WORKER` moves an export to another worker without \
 losing a packet; `stats` shows each worker's load and ports.\n\n\
+A cluster is a trust domain: every process and VM attached to it can read and modify \
+every buffer of its pool (a VM maps the whole pool as its ivshmem BAR), and nothing outside \
+it: not another cluster's pool, not another VM's RAM, not the cluster's queue rings or \
+buffer owner table, which stay host-private. Give tenants that must not see each other's \
+packets a cluster each, served by one zc-hostd each (systemd instance zc-hostd@<cluster>): \
+separate processes with their own options and lock, so a crash or restart of one does not \
+touch another, and a bug in one cluster's exports cannot reach another cluster's memory. \
+`zbridge -i zc:99@3 -o zc:100@0` moves packets across, with exactly one copy.\n\n\
 Stop the daemon with Ctrl-C or SIGTERM: it removes the cluster's files. A daemon that \
 was killed (or crashed) is replaced by starting zc-hostd again with the same options: it takes \
 the cluster over (same pool file, queues with the packets in them, exports on the same sockets), \
