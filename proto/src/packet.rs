@@ -417,7 +417,9 @@ mod tests {
         assert_eq!(dst_pool.packet(&dst).to_vec(), bytes);
         src_pool.packet_mut(&mut src).fill(&[9u8; 65]).unwrap();
         assert_eq!(
-            dst_pool.packet_mut(&mut dst).copy_from(&src_pool.packet(&src)),
+            dst_pool
+                .packet_mut(&mut dst)
+                .copy_from(&src_pool.packet(&src)),
             Err(CapacityError {
                 wanted: 65,
                 capacity: 64
