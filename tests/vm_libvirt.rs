@@ -211,7 +211,13 @@ fn open_dir() -> tempfile::TempDir {
 }
 
 fn daemon(dir: &Path, extra: &[&str]) -> Daemon {
-    let run = open_dir();
+    let _ = dir;
+    daemon_in(unique_cluster(), open_dir(), extra)
+}
+
+/// The daemon of `daemon`, for cluster `id` in run directory `run` (the
+/// same ones again: a restart).
+fn daemon_in(id: u32, run: tempfile::TempDir, extra: &[&str]) -> Daemon {
     let mut args = vec![
         "-q",
         "4",
@@ -222,8 +228,7 @@ fn daemon(dir: &Path, extra: &[&str]) -> Daemon {
         "libvirt-qemu",
     ];
     args.extend_from_slice(extra);
-    let _ = dir;
-    Daemon::start_in(unique_cluster(), run, &args)
+    Daemon::start_in(id, run, &args)
 }
 
 fn hostd(d: &Daemon, args: &[&str]) -> Output {
@@ -294,7 +299,7 @@ fn a_domain_from_libvirt_xml_and_one_attached_at_run_time_count_zero_copy() {
     let a = Domain::start(
         dir.path(),
         "a",
-        &format!("echo ZC-BOOTED; zcount -i zc:{c}@0 -n {N} --verify --json >/tmp/a 2>/tmp/e; echo ZC-R1 $(cat /tmp/a) $(tail -1 /tmp/e)"),
+        &format!("echo ZC-BOOTED; zcount -i zc:{c}@0 -n {N} --verify --json >/tmp/a 2>/tmp/e; echo ZC-R1 $(cat /tmp/a) $(tail -1 /tmp/e); sleep 600"),
         in_domain,
         in_devices,
     );
@@ -309,6 +314,36 @@ fn a_domain_from_libvirt_xml_and_one_attached_at_run_time_count_zero_copy() {
     assert!(
         !log.contains("warning:"),
         "QEMU warned at the domain's start:\n{log}"
+    );
+
+    // The <reconnect> of --libvirt-xml: libvirt gives QEMU a chardev that
+    // reconnects, and QEMU is back on the export of a daemon that was
+    // killed and started again, within 3 s, on the same pool link.
+    assert!(
+        log.contains("reconnect=1"),
+        "libvirt gave the chardev no reconnect:\n{log}"
+    );
+    let mut d = d;
+    d.stop(libc::SIGKILL);
+    let run = std::mem::replace(&mut d.run_dir, tempfile::tempdir().unwrap());
+    let d = daemon_in(c, run, &["--export", &export]);
+    let back = Instant::now();
+    loop {
+        let e = &stats(&d)["exports"][0];
+        if e["dev"]["connected"] == 1 {
+            break;
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(3),
+            "QEMU did not reconnect within 3 s: {e}\n{}",
+            a.qemu_log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        std::fs::read_link(&link).unwrap().display().to_string(),
+        d.info().pool_path,
+        "the pool's name for libvirt survives the restart"
     );
     drop(a);
 

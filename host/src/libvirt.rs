@@ -13,6 +13,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use thiserror::Error;
 
+/// Seconds between QEMU's attempts to reach a restarted zc-hostd.
+pub const RECONNECT_S: u32 = 1;
+
 /// The connection `attach --libvirt` uses unless `--connect` says otherwise.
 pub const DEFAULT_URI: &str = "qemu:///system";
 
@@ -83,11 +86,13 @@ pub fn interface(socket: &str, mac: [u8; 6], alias: Option<&str>) -> String {
     let alias = alias.map_or(String::new(), |a| {
         format!("  <alias name='{}'/>\n", escape(a))
     });
-    // Once zc-hostd can restart under a running VM (issue 14), the source
-    // gets <reconnect enabled='yes' timeout='N'/>; until then a QEMU that
-    // reconnected would find a daemon that cannot resume its rings.
+    // <reconnect> makes a restarted zc-hostd reconnected to, as the
+    // --qemu-args chardev's reconnect-ms does. libvirt's timeout is whole
+    // seconds (it becomes the chardev's `reconnect=`, which QEMU 10 still
+    // takes), so 1 is the shortest.
     format!(
-        "<interface type='vhostuser'>\n  <mac address='{}'/>\n  <source type='unix' path='{}' mode='client'/>\n  \
+        "<interface type='vhostuser'>\n  <mac address='{}'/>\n  <source type='unix' path='{}' mode='client'>\n    \
+         <reconnect enabled='yes' timeout='{RECONNECT_S}'/>\n  </source>\n  \
          <model type='virtio'/>\n  <driver>\n    \
          <host csum='off' gso='off' tso4='off' tso6='off' ecn='off' ufo='off' mrg_rxbuf='on'/>\n    \
          <guest csum='off' tso4='off' tso6='off' ecn='off' ufo='off'/>\n  </driver>\n{alias}</interface>",
@@ -286,6 +291,10 @@ mod tests {
             "{i}"
         );
         assert!(i.contains("mrg_rxbuf='on'"), "{i}");
+        assert!(
+            i.contains("mode='client'>\n    <reconnect enabled='yes' timeout='1'/>\n  </source>"),
+            "{i}"
+        );
         assert!(i.contains("<alias name='ua-zc99-rx1'/>"), "{i}");
         assert!(!interface("/s", [0; 6], None).contains("alias"));
         let s = shmem(99, 256 << 20, None);
