@@ -15,8 +15,23 @@ pub enum Error {
     Name(#[from] NameError),
     #[error("{name}: {source}")]
     Host { name: String, source: ClientError },
-    #[error("{0}: interface names are for the zc guest driver inside a VM attached to a zc cluster (none is: no ivshmem zc pool on the PCI bus); on the host, open a cluster queue such as zc:99@0")]
-    InterfaceOnHost(String),
+    #[error("{0}: no zc-hostd here serves interface {1} (start one with --nic {1},ingress=Q,egress=Q, or on a running one: zc-hostd -c ID nic add {1},ingress=Q,egress=Q), and this is no VM attached to a zc cluster (no ivshmem zc pool on the PCI bus)")]
+    InterfaceOnHost(String, String),
+    #[error("{name}: the interface port {port} of cluster {cluster} has no {side} queue, so it {what}; start it with {side}=Q (zc-hostd -c {cluster} nic del {ifname}, then nic add {ifname},ingress=Q,egress=Q)")]
+    NicSide {
+        name: String,
+        port: String,
+        cluster: u32,
+        ifname: String,
+        side: &'static str,
+        what: &'static str,
+    },
+    #[error("{name}: several interface ports serve {ifname}: {ports}; open one of their queues by number")]
+    NicAmbiguous {
+        name: String,
+        ifname: String,
+        ports: String,
+    },
     #[error("{name}: {source}")]
     Guest { name: String, source: GuestError },
     #[error("{name}: {host}; nor is this a VM with a zc pool: no ivshmem-plain device (PCI 1af4:1110) holds the pool of cluster {cluster}")]
@@ -130,7 +145,60 @@ fn pool_file(name: &str, opts: &Options, cluster: u32) -> Result<PathBuf, Error>
     })
 }
 
-fn resolve(name: &str, opts: &Options) -> Result<Route, Error> {
+/// `zc:IFNAME` on the host: the queue of a daemon's interface port,
+/// ingress for receiving, egress for sending. `None` when no daemon under
+/// the run directory serves the interface.
+fn host_interface(
+    name: &str,
+    ifname: &str,
+    opts: &Options,
+    by: Direction,
+) -> Option<Result<Route, Error>> {
+    let ports = client::nic_ports(&opts.run_dir, ifname);
+    if ports.is_empty() {
+        return None;
+    }
+    let side = |p: &zc_host::port::nic::NicPortStats| match by {
+        Direction::Rx => p.ingress,
+        Direction::Tx => p.egress,
+    };
+    let usable: Vec<(u32, u16, String)> = ports
+        .iter()
+        .filter_map(|(c, p)| side(p).map(|q| (*c, q, p.name.clone())))
+        .collect();
+    Some(match &usable[..] {
+        [(cluster, queue, _)] => Ok(Route::Host {
+            cluster: *cluster,
+            queue: *queue,
+        }),
+        [] => {
+            let (cluster, p) = &ports[0];
+            let (side, what) = match by {
+                Direction::Rx => ("ingress", "hands nothing it receives to the cluster"),
+                Direction::Tx => ("egress", "sends nothing out"),
+            };
+            Err(Error::NicSide {
+                name: name.into(),
+                port: p.name.clone(),
+                cluster: *cluster,
+                ifname: ifname.into(),
+                side,
+                what,
+            })
+        }
+        many => Err(Error::NicAmbiguous {
+            name: name.into(),
+            ifname: ifname.into(),
+            ports: many
+                .iter()
+                .map(|(c, q, port)| format!("zc:{c}@{q} ({port})"))
+                .collect::<Vec<_>>()
+                .join(", "),
+        }),
+    })
+}
+
+fn resolve(name: &str, opts: &Options, by: Direction) -> Result<Route, Error> {
     match name.parse::<Name>()? {
         Name::Queue { cluster, queue } => match &opts.vhost_user {
             Some(socket) => Ok(Route::VhostUser {
@@ -156,8 +224,11 @@ fn resolve(name: &str, opts: &Options) -> Result<Route, Error> {
                 queue: queue.0,
             }),
         },
-        Name::Interface(ifname) if zc_guest::has_any_pci_pool() => Ok(Route::Interface(ifname)),
-        Name::Interface(_) => Err(Error::InterfaceOnHost(name.to_string())),
+        Name::Interface(ifname) => match host_interface(name, &ifname, opts, by) {
+            Some(route) => route,
+            None if zc_guest::has_any_pci_pool() => Ok(Route::Interface(ifname)),
+            None => Err(Error::InterfaceOnHost(name.to_string(), ifname)),
+        },
     }
 }
 
@@ -189,7 +260,7 @@ impl Error {
     /// are hot-plugged.
     fn is_absent(&self) -> bool {
         match self {
-            Error::NoCluster { .. } | Error::InterfaceOnHost(_) | Error::NoPoolFile { .. } => true,
+            Error::NoCluster { .. } | Error::InterfaceOnHost(..) | Error::NoPoolFile { .. } => true,
             Error::Host { source, .. } => matches!(
                 source,
                 ClientError::NotRunning { .. } | ClientError::Stale { .. }
@@ -240,7 +311,7 @@ pub fn open_rx_with(name: &str, opts: &Options) -> Result<Rx, Error> {
 }
 
 fn open_rx_once(name: &str, opts: &Options) -> Result<Rx, Error> {
-    match resolve(name, opts)? {
+    match resolve(name, opts, Direction::Rx)? {
         Route::Host { cluster, queue } => HostRx::open(&opts.run_dir, cluster, queue)
             .map(|q| Rx::Host(Box::new(q)))
             .map_err(host_err(name, cluster)),
@@ -271,7 +342,7 @@ pub fn open_tx_with(name: &str, opts: &Options) -> Result<Tx, Error> {
 }
 
 fn open_tx_once(name: &str, opts: &Options) -> Result<Tx, Error> {
-    match resolve(name, opts)? {
+    match resolve(name, opts, Direction::Tx)? {
         Route::Host { cluster, queue } => HostTx::open(&opts.run_dir, cluster, queue)
             .map(|q| Tx::Host(Box::new(q)))
             .map_err(host_err(name, cluster)),
@@ -304,7 +375,7 @@ pub fn open_duplex_with(name: &str, by: Direction, opts: &Options) -> Result<(Rx
 }
 
 fn open_duplex_once(name: &str, by: Direction, opts: &Options) -> Result<(Rx, Tx), Error> {
-    let (rx, tx) = match resolve(name, opts)? {
+    let (rx, tx) = match resolve(name, opts, by)? {
         Route::Host { .. } => return Err(Error::OneWay(name.to_string())),
         Route::Pci { cluster, queue } => zc_guest::open_duplex_pci(cluster, queue, by),
         Route::Interface(ifname) => zc_guest::open_duplex_interface(&ifname),

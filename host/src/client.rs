@@ -94,6 +94,32 @@ pub fn export_at(
         .find(|e| id(Path::new(&e.path)) == Some(want)))
 }
 
+/// The interface ports serving `ifname`, over every cluster whose daemon
+/// runs under `run_dir`, as (cluster, port). Daemons that do not answer
+/// (stale sockets, other users') are passed over: they serve nothing.
+pub fn nic_ports(run_dir: &Path, ifname: &str) -> Vec<(u32, crate::port::nic::NicPortStats)> {
+    let Ok(dir) = std::fs::read_dir(run_dir) else {
+        return Vec::new();
+    };
+    let mut clusters: Vec<u32> = dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    clusters.sort_unstable();
+    let req = Request::Nic(control::NicRequest::Queues {
+        ifname: ifname.into(),
+    });
+    let mut out = Vec::new();
+    for c in clusters {
+        let Ok(sock) = connect(run_dir, c) else {
+            continue;
+        };
+        if let Ok((Reply::NicQueues(ports), _)) = call(&sock, &req) {
+            out.extend(ports.into_iter().map(|p| (c, p)));
+        }
+    }
+    out
+}
+
 /// Asks the daemon of `cluster` to describe it.
 pub fn cluster_info(run_dir: &Path, cluster: u32) -> Result<ClusterInfo, ClientError> {
     let sock = connect(run_dir, cluster)?;

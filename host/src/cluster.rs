@@ -76,6 +76,13 @@ pub enum AttachError {
         role: Role,
         export: String,
     },
+    #[error("queue {queue} of cluster {cluster} is the {role} side of the interface port {port}; use another queue or remove that port")]
+    HeldByNic {
+        cluster: u32,
+        queue: u16,
+        role: Role,
+        port: String,
+    },
     #[error("cannot hand out {wanted} buffers: at most {MAX_ALLOC} per process")]
     AllocTooLarge { wanted: u32 },
     #[error(
@@ -97,6 +104,10 @@ enum Holder {
     },
     /// A vhost-user export's poll thread.
     Export {
+        name: String,
+    },
+    /// An interface port (`--nic`), named `nic:<ifname>@<queue>`.
+    Nic {
         name: String,
     },
 }
@@ -378,6 +389,12 @@ impl Cluster {
                     role,
                     pid: *pid,
                 },
+                Holder::Nic { name } => AttachError::HeldByNic {
+                    cluster,
+                    queue,
+                    role,
+                    port: name.clone(),
+                },
                 Holder::Export { name } => AttachError::HeldByExport {
                     cluster,
                     queue,
@@ -517,6 +534,25 @@ impl Cluster {
     /// An export takes `role` on `queue` until it is removed.
     pub fn attach_export(&mut self, name: &str, queue: u16, role: Role) -> Result<(), AttachError> {
         self.take_role(queue, role, Holder::Export { name: name.into() })
+    }
+
+    /// An interface port takes `role` on `queue` until it is removed
+    /// (ingress: producer, egress: consumer).
+    pub fn attach_nic(&mut self, name: &str, queue: u16, role: Role) -> Result<(), AttachError> {
+        self.take_role(queue, role, Holder::Nic { name: name.into() })
+    }
+
+    /// The interface port `name` no longer holds its queue roles.
+    pub fn detach_nic(&mut self, name: &str, ingress: Option<u16>, egress: Option<u16>) {
+        for (q, role) in [(ingress, Role::Producer), (egress, Role::Consumer)] {
+            let Some(slot) = q.and_then(|q| self.roles.get_mut(usize::from(q))) else {
+                continue;
+            };
+            let r = &mut slot[role_slot(role)];
+            if matches!(r, Some(Holder::Nic { name: n }) if n == name) {
+                *r = None;
+            }
+        }
     }
 
     /// Buffers for an export (its hands and its guest's stock), from the spare list.

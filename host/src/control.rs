@@ -5,6 +5,7 @@
 //! (SCM_RIGHTS). One connection is one attachment: when it closes, whatever
 //! role it held is released.
 
+use crate::port::nic::{NicPortStats, NicSpec};
 use crate::stats::{ExportStats, WorkerStats};
 use serde::{Deserialize, Serialize};
 use std::io::{self, Read, Write};
@@ -69,6 +70,20 @@ pub enum Request {
     },
     /// Run the port named `port` on worker `worker` from now on.
     MovePort { port: String, worker: usize },
+    /// About interface ports.
+    Nic(NicRequest),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NicRequest {
+    /// Start an interface port on the running daemon.
+    Add { spec: NicSpec },
+    /// Stop the interface port of `ifname`'s receive queue `queue`.
+    Del { ifname: String, queue: u32 },
+    /// Which cluster queues the interface ports of `ifname` serve (what
+    /// `zc:IFNAME` opens on the host).
+    Queues { ifname: String },
 }
 
 /// A running VM that `attach` reaches, and how.
@@ -147,7 +162,19 @@ pub enum Reply {
         attachments: Vec<AttachmentInfo>,
         #[serde(default)]
         workers: Vec<WorkerStats>,
+        #[serde(default)]
+        nics: Vec<NicPortStats>,
     },
+    /// An interface port started (`NicAdd`).
+    NicAdded(NicPortStats),
+    /// An interface port stopped: every buffer it held is back.
+    NicRemoved {
+        port: String,
+        returned: u32,
+        spare: u32,
+    },
+    /// The interface ports of an interface (`NicQueues`); empty when none.
+    NicQueues(Vec<NicPortStats>),
     VmAttached(AttachmentInfo),
     VmDetached(Detached),
     /// The port moved from worker `from` to worker `to`.

@@ -2,7 +2,9 @@
 //!
 //! ```text
 //! zc:<cluster>@<queue>   queue <queue> of cluster <cluster> (decimal numbers)
-//! zc:<ifname>            a network interface taken over in zero-copy mode
+//! zc:<ifname>            on the host: the queues of zc-hostd's interface port
+//!                        (--nic: ingress to receive, egress to send); in a
+//!                        VM: the zc virtio-net device of that interface
 //! ```
 
 use std::fmt;

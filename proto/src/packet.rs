@@ -280,6 +280,27 @@ impl PacketMut<'_> {
         self.write_at(0, bytes)?;
         self.set_len(bytes.len())
     }
+
+    /// Makes this buffer's packet a copy of `src` (a packet of this pool or
+    /// of another one): one copy, pool to pool, with no bounce buffer.
+    #[inline(always)]
+    pub fn copy_from(&mut self, src: &PacketRef<'_>) -> Result<(), CapacityError> {
+        if src.len > self.cap {
+            return Err(CapacityError {
+                wanted: src.len,
+                capacity: self.cap,
+            });
+        }
+        // SAFETY: src.len bytes lie inside the source buffer (PacketRef's
+        // length is bounded by its capacity) and fit in this one, which the
+        // caller owns through the handle. Two different handles are two
+        // different buffers, so the ranges never overlap. The source may be
+        // written concurrently by another process: the copy then holds
+        // whatever bytes it read, which a byte copy tolerates.
+        unsafe { ptr::copy_nonoverlapping(src.ptr, self.ptr, src.len) };
+        self.handle.set_len_checked(src.len as u32);
+        Ok(())
+    }
 }
 
 /// The little-endian u64 at `p`, read volatile: one 8-byte load where `p` is
@@ -372,6 +393,39 @@ mod tests {
     fn handle(i: u32, len: u32) -> BufferHandle {
         // SAFETY: each test makes one handle per buffer of its own pool.
         unsafe { BufferHandle::from_raw(BufferIndex::new(i), len) }
+    }
+
+    #[test]
+    fn copy_from_copies_across_pools_and_refuses_what_does_not_fit() {
+        let big = PoolLayout::new(1, HEADROOM + 256, 4).unwrap();
+        let small = PoolLayout::new(2, HEADROOM + 64, 4).unwrap();
+        let (m1, _) = heap(&big);
+        let (m2, _) = heap(&small);
+        let (src_pool, dst_pool) = (
+            PoolView::owning(m1, big).unwrap(),
+            PoolView::owning(m2, small).unwrap(),
+        );
+        let mut src = handle(1, 0);
+        let bytes: Vec<u8> = (0..60u8).collect();
+        src_pool.packet_mut(&mut src).fill(&bytes).unwrap();
+        let mut dst = handle(2, 0);
+        dst_pool
+            .packet_mut(&mut dst)
+            .copy_from(&src_pool.packet(&src))
+            .unwrap();
+        assert_eq!(dst.len(), 60);
+        assert_eq!(dst_pool.packet(&dst).to_vec(), bytes);
+        src_pool.packet_mut(&mut src).fill(&[9u8; 65]).unwrap();
+        assert_eq!(
+            dst_pool
+                .packet_mut(&mut dst)
+                .copy_from(&src_pool.packet(&src)),
+            Err(CapacityError {
+                wanted: 65,
+                capacity: 64
+            })
+        );
+        assert_eq!(dst.len(), 60, "a refused copy leaves the buffer as it was");
     }
 
     #[test]

@@ -218,6 +218,18 @@ impl Drop for Daemon {
     }
 }
 
+/// A run directory in which the control sockets of all `daemons` are
+/// found (each daemon has its own: a link per cluster to its directory),
+/// for a tool that opens names of several clusters, such as zbridge.
+pub fn shared_run_dir(daemons: &[&Daemon]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for d in daemons {
+        let id = d.id.to_string();
+        std::os::unix::fs::symlink(d.run_dir.path().join(&id), dir.path().join(&id)).unwrap();
+    }
+    dir
+}
+
 /// Waits until process `pid`'s main thread is blocked in a kernel function
 /// whose name contains `what` (`/proc/PID/wchan`: "nanosleep" in a sleep,
 /// "futex" in a futex wait): how a test sees that a tool reached a state

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 use zc_host::client;
-use zc_host::control::{AttachmentInfo, ClusterInfo, Reply, Request, VmRef};
+use zc_host::control::{AttachmentInfo, ClusterInfo, NicRequest, Reply, Request, VmRef};
 use zc_host::daemon::registry::ExportConfig;
 use zc_host::daemon::server::{Daemon, DaemonOptions};
 use zc_host::daemon::vm::queues_text;
@@ -16,6 +16,7 @@ use zc_host::pool::PoolOptions;
 use zc_host::port::export::qemu_args::QemuArgs;
 use zc_host::port::export::spec::{parse_mac, MacDisplay, QueueSpec};
 use zc_host::port::export::{ExportSpec, DEFAULT_STOCK};
+use zc_host::port::nic::{nic_line, NicPortStats, NicSpec, NicTarget};
 use zc_host::queues::QueueGeometry;
 use zc_host::stats::{format_line, worker_line, ExportStats, WorkerStats};
 use zc_proto::PoolLayout;
@@ -50,6 +51,14 @@ The exports' packets are moved by --workers N poll threads (default 1), each ser
 exports: busy while any has traffic, asleep in epoll when all are idle (an idle daemon uses no \
 CPU). -g pins them; `zc-hostd -c ID move PORT WORKER` moves an export to another worker without \
 losing a packet; `stats` shows each worker's load and ports.\n\n\
+A cluster is a trust domain: every process and VM attached to it can read and modify \
+every buffer of its pool (a VM maps the whole pool as its ivshmem BAR), and nothing outside \
+it: not another cluster's pool, not another VM's RAM, not the cluster's queue rings or \
+buffer owner table, which stay host-private. Give tenants that must not see each other's \
+packets a cluster each, served by one zc-hostd each (systemd instance zc-hostd@<cluster>): \
+separate processes with their own options and lock, so a crash or restart of one does not \
+touch another, and a bug in one cluster's exports cannot reach another cluster's memory. \
+`zbridge -i zc:99@3 -o zc:100@0` moves packets across, with exactly one copy.\n\n\
 Stop the daemon with Ctrl-C or SIGTERM: it removes the cluster's files. A daemon that \
 was killed (or crashed) is replaced by starting zc-hostd again with the same options: it takes \
 the cluster over (same pool file, queues with the packets in them, exports on the same sockets), \
@@ -77,6 +86,22 @@ struct Args {
     /// dropped). Without mac= the MAC is 02:7a:<cluster>:<queue>.
     #[arg(long = "export", value_name = "PATH,rx=Q,tx=Q[,mac=MAC]")]
     exports: Vec<ExportSpec>,
+
+    /// Serve a host interface as a port (repeatable): what arrives on its
+    /// receive queue N (default 0) goes into cluster queue ingress=Q, what is
+    /// sent into queue egress=Q leaves on it; either may be left out. On the
+    /// host `zcount -i zc:IFNAME` consumes the ingress queue, `zsend -i
+    /// zc:IFNAME` produces into the egress queue. mode=auto uses AF_XDP with
+    /// the pool as UMEM where it attaches, else AF_PACKET (mode=xdp|packet
+    /// forces one); zerocopy=on insists on a driver that DMAs into pool
+    /// buffers; takeover replaces another XDP program on the interface.
+    /// Needs root.
+    #[arg(
+        long = "nic",
+        value_name = "IFNAME,ingress=Q[,egress=Q][,queue=N][,mode=auto|xdp|packet][,zerocopy=auto|on|off][,takeover]"
+    )]
+    // Parsed in `run`, not by clap: a bad one is one line, not clap's three.
+    nics: Vec<String>,
 
     /// Pool buffers each export's guest may hold (zero-copy; bounds buffers in flight).
     #[arg(long, value_name = "N", default_value_t = DEFAULT_STOCK)]
@@ -160,7 +185,7 @@ struct Args {
     vm_group: Option<String>,
 
     /// Serve Prometheus metrics (text exposition) on http://ADDR:PORT/metrics:
-    /// buffers, queues, exports and workers (port 0: any free port; the
+    /// buffers, queues, exports, interface ports and workers (port 0: any free port; the
     /// address is logged at start).
     #[arg(long, value_name = "ADDR:PORT")]
     metrics: Option<String>,
@@ -206,6 +231,15 @@ runs which port and how busy each is."
         /// The worker to run it on (0 .. --workers - 1).
         worker: usize,
     },
+    /// Add or remove an interface port on the running daemon.
+    #[command(
+        subcommand,
+        long_about = "Add or remove an interface port on the running daemon: \
+`zc-hostd -c 99 nic add eth1,ingress=0,egress=1` starts one as --nic does, \
+`zc-hostd -c 99 nic del eth1` (or eth1,queue=N, or the text given to add) stops it; \
+every buffer it or the kernel held comes back to the pool."
+    )]
+    Nic(NicCmd),
     /// Remove an export from a running VM and return its buffers to the pool.
     #[command(
         long_about = "Remove an export that `attach` added: device_del (waiting for the \
@@ -214,6 +248,22 @@ VM's last export; then the export stops and every buffer it or its guest held re
 pool. If the VM is gone, only the host side is removed."
     )]
     Detach(VmArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum NicCmd {
+    /// Start an interface port (the same text as --nic).
+    Add {
+        #[arg(
+            value_name = "IFNAME,ingress=Q[,egress=Q][,queue=N][,mode=..][,zerocopy=..][,takeover]"
+        )]
+        spec: String,
+    },
+    /// Stop the interface port of IFNAME's receive queue N (default 0).
+    Del {
+        #[arg(value_name = "IFNAME[,queue=N]")]
+        target: String,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -247,12 +297,14 @@ fn main() -> ExitCode {
     }
 }
 
-type Stats = (
-    ClusterInfo,
-    Vec<ExportStats>,
-    Vec<AttachmentInfo>,
-    Vec<WorkerStats>,
-);
+/// What `stats` shows.
+struct Stats {
+    info: ClusterInfo,
+    exports: Vec<ExportStats>,
+    attachments: Vec<AttachmentInfo>,
+    workers: Vec<WorkerStats>,
+    nics: Vec<NicPortStats>,
+}
 
 fn stats(run_dir: &Path, cluster: u32) -> Result<Stats, Box<dyn std::error::Error>> {
     let sock = client::connect(run_dir, cluster)?;
@@ -263,11 +315,53 @@ fn stats(run_dir: &Path, cluster: u32) -> Result<Stats, Box<dyn std::error::Erro
                 exports,
                 attachments,
                 workers,
+                nics,
             },
             _,
-        ) => Ok((info, exports, attachments, workers)),
+        ) => Ok(Stats {
+            info,
+            exports,
+            attachments,
+            workers,
+            nics,
+        }),
         _ => Err("unexpected reply from zc-hostd".into()),
     }
+}
+
+/// `nic add` and `nic del`.
+fn nic_command(args: &Args, cluster: u32, cmd: &NicCmd) -> Result<(), Box<dyn std::error::Error>> {
+    let req = match cmd {
+        NicCmd::Add { spec } => NicRequest::Add {
+            spec: spec.parse::<NicSpec>()?,
+        },
+        NicCmd::Del { target } => {
+            let t: NicTarget = target.parse()?;
+            NicRequest::Del {
+                ifname: t.ifname,
+                queue: t.queue,
+            }
+        }
+    };
+    let sock = client::connect(&args.run_dir, cluster)?;
+    match client::call(&sock, &Request::Nic(req))?.0 {
+        Reply::NicAdded(s) => {
+            println!("added: {}", nic_line(cluster, &s));
+            if s.ingress.is_some() {
+                println!("receive: zcount -i zc:{}", s.ifname);
+            }
+            if s.egress.is_some() {
+                println!("send: zsend -i zc:{}", s.ifname);
+            }
+        }
+        Reply::NicRemoved {
+            port,
+            returned,
+            spare,
+        } => println!("removed {port}; {returned} buffers back in the pool ({spare} spare)"),
+        _ => return Err("unexpected reply from zc-hostd".into()),
+    }
+    Ok(())
 }
 
 fn attachment_line(a: &AttachmentInfo) -> String {
@@ -354,7 +448,7 @@ fn export_on(
     cluster: u32,
     socket: &Path,
 ) -> Result<(ClusterInfo, usize, ExportStats), Box<dyn std::error::Error>> {
-    let (info, exports, _, _) = stats(&args.run_dir, cluster)?;
+    let Stats { info, exports, .. } = stats(&args.run_dir, cluster)?;
     let want = std::fs::canonicalize(socket).unwrap_or_else(|_| socket.to_path_buf());
     let found = exports.iter().position(|e| {
         let p = PathBuf::from(&e.path);
@@ -426,7 +520,13 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         .ok_or("the cluster id is required: -c ID (e.g. -c 99)")?;
     match &args.cmd {
         Some(Cmd::Stats { json }) => {
-            let (info, exports, attachments, workers) = stats(&args.run_dir, cluster)?;
+            let Stats {
+                info,
+                exports,
+                attachments,
+                workers,
+                nics,
+            } = stats(&args.run_dir, cluster)?;
             if *json {
                 println!(
                     "{}",
@@ -435,6 +535,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                         "exports": exports,
                         "attachments": attachments,
                         "workers": workers,
+                        "nics": nics,
                     })
                 );
             } else {
@@ -447,6 +548,9 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 }
                 for a in &attachments {
                     println!("{}", attachment_line(a));
+                }
+                for n in &nics {
+                    println!("{}", nic_line(info.cluster, n));
                 }
                 for w in &workers {
                     println!("{}", worker_line(w));
@@ -468,6 +572,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             }
             return Ok(());
         }
+        Some(Cmd::Nic(n)) => return nic_command(&args, cluster, n),
         Some(Cmd::Attach(v)) => return vm_command(&args, cluster, true, v),
         Some(Cmd::Detach(v)) => return vm_command(&args, cluster, false, v),
         None => {}
@@ -486,6 +591,11 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             stock: args.stock,
         })
         .collect();
+    let nics = args
+        .nics
+        .iter()
+        .map(|s| s.parse::<NicSpec>())
+        .collect::<Result<Vec<_>, _>>()?;
     let layout = PoolLayout::new(cluster, args.buf_size, args.buffers)?;
     let opts = DaemonOptions {
         pool: PoolOptions {
@@ -500,6 +610,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         },
         run_dir: args.run_dir.clone(),
         exports,
+        nics,
         stock: args.stock,
         workers: usize::from(args.workers),
         cores: args.cores.clone(),
@@ -519,7 +630,10 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let _metrics = match metrics {
         Some(bound) => {
             let addr = bound.addr();
-            let source = zc_host::daemon::metrics::DaemonSource::start(daemon.registry().clone());
+            let source = zc_host::daemon::metrics::DaemonSource::start(
+                daemon.registry().clone(),
+                daemon.nics().clone(),
+            );
             match bound.serve(source) {
                 Ok(server) => {
                     say!(Info, "zc-hostd: metrics on http://{addr}/metrics");
@@ -577,6 +691,27 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             e.spec.tx.map_or("-".into(), |q| format!("zc:{cluster}@{q}")),
             MacDisplay(&e.mac),
             e.spec.path.display(),
+        );
+    }
+    for n in daemon.nics().stats() {
+        say!(
+            Info,
+            "zc-hostd: interface port {} ready: {} ({}), ingress {} egress {}",
+            n.name,
+            n.counters.mode,
+            if n.counters.zero_copy {
+                "zero-copy"
+            } else {
+                "copy mode"
+            },
+            n.ingress.map_or("-".into(), |q| format!(
+                "zc:{cluster}@{q} (zcount -i zc:{})",
+                n.ifname
+            )),
+            n.egress.map_or("-".into(), |q| format!(
+                "zc:{cluster}@{q} (zsend -i zc:{})",
+                n.ifname
+            )),
         );
     }
     if args.verbose {

@@ -3,6 +3,7 @@
 //! hold of the cluster lock, which the workers never take), and the
 //! queues' indices, extended to 64 bits by a sampler once a second.
 
+use super::nics::Nics;
 use super::registry::Registry;
 use crate::metrics::{QueueTotals, Snapshot, Source};
 use crate::queues::QueueArea;
@@ -11,13 +12,14 @@ use std::time::Duration;
 
 pub struct DaemonSource {
     registry: Arc<Registry>,
+    nics: Arc<Nics>,
     queues: Arc<QueueArea>,
     totals: QueueTotals,
 }
 
 impl DaemonSource {
     /// The source, with its sampler thread (which ends with the source).
-    pub fn start(registry: Arc<Registry>) -> Arc<DaemonSource> {
+    pub fn start(registry: Arc<Registry>, nics: Arc<Nics>) -> Arc<DaemonSource> {
         let queues = registry
             .cluster()
             .lock()
@@ -26,6 +28,7 @@ impl DaemonSource {
             .clone();
         let source = Arc::new(DaemonSource {
             registry,
+            nics,
             queues,
             totals: QueueTotals::default(),
         });
@@ -66,6 +69,7 @@ impl Source for DaemonSource {
             queues: self.queue_counts(),
             exports,
             workers,
+            nics: self.nics.stats(),
         }
     }
 }

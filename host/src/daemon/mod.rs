@@ -3,6 +3,7 @@
 
 pub mod lock;
 pub mod metrics;
+pub mod nics;
 pub mod registry;
 pub mod server;
 pub mod vm;

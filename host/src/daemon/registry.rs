@@ -229,6 +229,12 @@ impl Registry {
         &self.workers
     }
 
+    /// A port id no other port of this daemon has (exports and interface
+    /// ports share the workers).
+    pub fn port_id(&self) -> PortId {
+        PortId(self.next_id.fetch_add(1, Ordering::Relaxed))
+    }
+
     /// The running exports' shared state, in slot order.
     pub fn shared(&self) -> Vec<Arc<ExportShared>> {
         let mut v: Vec<_> = lock(&self.exports)
@@ -335,7 +341,7 @@ impl Registry {
             }
         };
         drop(c);
-        let id = PortId(self.next_id.fetch_add(1, Ordering::Relaxed));
+        let id = self.port_id();
         if let Err(e) = self.workers.add(id, Box::new(port), None) {
             if e.port.is_none() {
                 // The worker kept it: its buffers stay with it.

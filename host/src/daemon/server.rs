@@ -2,11 +2,12 @@
 //! attached connections and a signalfd for Ctrl-C/SIGTERM.
 
 use super::lock::{ClusterLock, LockError};
+use super::nics::{NicPortError, Nics};
 use super::registry::{ExportConfig, ExportError, Registry};
 use super::vm::{VmError, Vms};
 use crate::access::Access;
 use crate::cluster::{Adopted, Cluster, ConnId, CreateError};
-use crate::control::{self, Reply, Request, Role};
+use crate::control::{self, NicRequest, Reply, Request, Role};
 pub use crate::control::{cluster_run_dir, control_path};
 use crate::cpu::{self, CoreError};
 use crate::paths::{self, Owned, PathError};
@@ -39,6 +40,8 @@ pub enum DaemonError {
     Export(#[from] ExportError),
     #[error(transparent)]
     Workers(#[from] WorkerError),
+    #[error(transparent)]
+    Nic(#[from] NicPortError),
     #[error("signal set-up failed: {0}")]
     Signals(io::Error),
     #[error("poll failed: {0}")]
@@ -54,6 +57,8 @@ pub struct DaemonOptions {
     pub run_dir: PathBuf,
     /// Queues served to VMs over vhost-user.
     pub exports: Vec<ExportConfig>,
+    /// Host interfaces served as ports (`--nic`).
+    pub nics: Vec<crate::port::nic::NicSpec>,
     /// `--stock` of exports attached to VMs at run time.
     pub stock: u32,
     /// Poll threads, and the cores they are pinned to.
@@ -172,6 +177,7 @@ pub struct Daemon {
     adopted: Option<Adopted>,
     cluster: Arc<Mutex<Cluster>>,
     registry: Arc<Registry>,
+    nics: Arc<Nics>,
     vms: Arc<Vms>,
     listener: UnixListener,
     signals: OwnedFd,
@@ -269,6 +275,12 @@ impl Daemon {
             undo(files);
             return Err(e.into());
         }
+        let nics = Arc::new(Nics::new(registry.clone()));
+        if let Err(e) = nics.start_all(&opts.nics) {
+            registry.remove_all();
+            undo(files);
+            return Err(e.into());
+        }
         let path = control_path(&opts.run_dir, id);
         let listener =
             paths::bind_socket("control socket", &path, Access::PRIVATE).and_then(|(l, owned)| {
@@ -284,6 +296,7 @@ impl Daemon {
         let listener = match listener {
             Ok(l) => l,
             Err(e) => {
+                nics.remove_all();
                 registry.remove_all();
                 undo(files);
                 return Err(e.into());
@@ -294,6 +307,7 @@ impl Daemon {
             adopted,
             cluster,
             registry,
+            nics,
             vms,
             listener,
             signals,
@@ -316,6 +330,11 @@ impl Daemon {
 
     pub fn registry(&self) -> &Arc<Registry> {
         &self.registry
+    }
+
+    /// The interface ports.
+    pub fn nics(&self) -> &Arc<Nics> {
+        &self.nics
     }
 
     pub fn control_path(&self) -> PathBuf {
@@ -405,6 +424,7 @@ impl Daemon {
         // Lock order: the registry's export list before the cluster (an
         // attach holds the list while it starts an export).
         let stats = matches!(req, Request::Stats).then(|| self.registry.stats());
+        let nics = matches!(req, Request::Stats).then(|| self.nics.stats());
         let mut cluster = lock_cluster(&self.cluster);
         let (reply, fds): (Reply, Vec<i32>) = match req {
             Request::Info => (Reply::Info(cluster.info()), vec![]),
@@ -416,21 +436,42 @@ impl Daemon {
                         exports,
                         attachments: self.vms.list(),
                         workers,
+                        nics: nics.unwrap_or_default(),
                     },
                     vec![],
                 )
             }
+            Request::Nic(r) => {
+                drop(cluster);
+                let reply = self.serve_nic(r);
+                return match control::send(&self.conns[&id].sock, &reply, &[]) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        log::warn!("reply to pid {pid} failed: {e}");
+                        false
+                    }
+                };
+            }
             Request::MovePort { port, worker } => {
                 drop(cluster);
-                let reply = match self.registry.move_port(&port, worker) {
+                let moved = match self.nics.id_of(&port) {
+                    Some(nic) => self
+                        .registry
+                        .workers()
+                        .move_port(nic, worker)
+                        .map_err(|e| e.to_string()),
+                    None => self
+                        .registry
+                        .move_port(&port, worker)
+                        .map_err(|e| e.to_string()),
+                };
+                let reply = match moved {
                     Ok(from) => Reply::Moved {
                         port,
                         from,
                         to: worker,
                     },
-                    Err(e) => Reply::Error {
-                        message: e.to_string(),
-                    },
+                    Err(message) => Reply::Error { message },
                 };
                 return match control::send(&self.conns[&id].sock, &reply, &[]) {
                     Ok(()) => true,
@@ -490,6 +531,35 @@ impl Daemon {
         true
     }
 
+    /// The interface port requests: answered without the cluster lock
+    /// (the port list takes it itself, in the registry's order).
+    fn serve_nic(&self, req: NicRequest) -> Reply {
+        let error = |e: NicPortError| Reply::Error {
+            message: e.to_string(),
+        };
+        match req {
+            NicRequest::Add { spec } => match self.nics.add(spec) {
+                Ok(s) => {
+                    log::info!("interface port {} added", s.name);
+                    Reply::NicAdded(s)
+                }
+                Err(e) => error(e),
+            },
+            NicRequest::Del { ifname, queue } => match self.nics.remove(&ifname, queue) {
+                Ok((port, returned)) => {
+                    log::info!("interface port {port} removed");
+                    Reply::NicRemoved {
+                        port,
+                        returned: returned as u32,
+                        spare: self.cluster().spare_count() as u32,
+                    }
+                }
+                Err(e) => error(e),
+            },
+            NicRequest::Queues { ifname } => Reply::NicQueues(self.nics.of_interface(&ifname)),
+        }
+    }
+
     /// Attach and detach run QMP sequences that wait for the guest
     /// (seconds under TCG): on a thread of their own, so the control loop
     /// keeps serving; the reply goes out on a clone of the connection.
@@ -526,6 +596,7 @@ impl Daemon {
         // VMs must not keep devices of a cluster that is going away (a
         // later attach would find a stale pool in them).
         self.vms.detach_all(Duration::from_secs(10));
+        self.nics.remove_all();
         self.registry.remove_all();
         self.cluster().remove_files();
         if let Some(f) = self.files.take() {

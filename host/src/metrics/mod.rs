@@ -5,11 +5,12 @@
 //! reports, the queues' indices); nothing on the packet path waits for it.
 //!
 //! Each kind of thing the daemon runs has one module that turns its
-//! snapshot into metric families (`cluster`, `export`, `worker`); a new
+//! snapshot into metric families (`cluster`, `export`, `nic`, `worker`); a new
 //! kind of port adds its own module and a field to [`Snapshot`].
 
 mod cluster;
 mod export;
+mod nic;
 mod worker;
 
 pub use cluster::QueueTotals;
@@ -36,6 +37,7 @@ pub struct Snapshot {
     pub queues: Vec<(u64, u64, u32)>,
     pub exports: Vec<ExportStats>,
     pub workers: Vec<WorkerStats>,
+    pub nics: Vec<crate::port::nic::NicPortStats>,
 }
 
 /// Where the snapshots come from (the daemon).
@@ -101,6 +103,7 @@ impl Collector for Scrape {
         let c = info.cluster.to_string();
         cluster::encode(&mut enc, &c, info, &s.buffers, &s.queues)?;
         export::encode(&mut enc, &c, &s.exports)?;
+        nic::encode(&mut enc, &c, &s.nics)?;
         worker::encode(&mut enc, &c, &s.workers)
     }
 }

@@ -30,18 +30,20 @@
 
 mod link;
 mod packet;
+mod spec;
 mod stats;
 mod xdp;
 
 pub use link::Link;
-pub use stats::{NicCounters, NicStats};
+pub use spec::{NicSpec, NicSpecError, NicTarget};
+pub use stats::{nic_line, NicCounters, NicPortStats, NicStats};
 
 use crate::port::{Arm, Port};
+use crate::queues::QueueArea;
 use crate::ring::{Consumer, Producer};
 use std::os::fd::RawFd;
 use std::sync::Arc;
 use thiserror::Error;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use zc_proto::{BufferIndex, PoolView};
 
 /// Packets moved per step and direction.
@@ -137,45 +139,23 @@ pub struct NicParts {
     pub ingress: Option<Producer>,
     /// What to send.
     pub egress: Option<Consumer>,
+    /// Keeps the ring memory of the ends (and their bells) alive.
+    pub queues: Arc<QueueArea>,
+    /// Descriptors the ends' peers ring when this port sleeps on them
+    /// (the egress queue's consumer bell: a host process or an export
+    /// that sends rings it).
+    pub bells: Vec<RawFd>,
     pub buffers: Vec<BufferIndex>,
 }
 
-/// The two directions' cluster queue ends, and the bell their peers ring
-/// while the worker sleeps.
+/// The two directions' cluster queue ends, and the bells their peers ring
+/// while the worker sleeps. The ends ring their own peers' bells, as the
+/// queue area set them up.
 pub(crate) struct Ends {
     pub ingress: Option<Producer>,
     pub egress: Option<Consumer>,
-    pub bell: EventFd,
-}
-
-impl Ends {
-    fn new(
-        ifname: &str,
-        mut ingress: Option<Producer>,
-        mut egress: Option<Consumer>,
-    ) -> Result<Ends, NicError> {
-        let bell = EventFd::new(EFD_NONBLOCK).map_err(|source| NicError::Os {
-            ifname: ifname.into(),
-            what: "eventfd",
-            source,
-        })?;
-        use std::os::fd::AsRawFd;
-        // SAFETY: the bell lives in the same struct as the ends and is
-        // dropped after them (field order), so it outlives their use.
-        unsafe {
-            if let Some(p) = ingress.as_mut() {
-                p.set_peer_bell(bell.as_raw_fd());
-            }
-            if let Some(c) = egress.as_mut() {
-                c.set_peer_bell(bell.as_raw_fd());
-            }
-        }
-        Ok(Ends {
-            ingress,
-            egress,
-            bell,
-        })
-    }
+    pub bells: Vec<RawFd>,
+    _queues: Arc<QueueArea>,
 }
 
 enum Backend {
@@ -198,6 +178,8 @@ impl NicPort {
             pool,
             ingress,
             egress,
+            queues,
+            bells,
             buffers,
         } = parts;
         let fail = |e, b| Err((e, b));
@@ -223,9 +205,11 @@ impl NicPort {
                 buffers,
             );
         }
-        let ends = match Ends::new(&cfg.ifname, ingress, egress) {
-            Ok(e) => e,
-            Err(e) => return fail(e, buffers),
+        let ends = Ends {
+            ingress,
+            egress,
+            bells,
+            _queues: queues,
         };
         let counters = Arc::new(NicCounters::default());
         let backend = match cfg.mode {

@@ -520,7 +520,7 @@ impl PacketPort {
     }
 
     pub fn wake_fds(&self) -> Vec<RawFd> {
-        let mut v = vec![self.ends.bell.as_raw_fd()];
+        let mut v = self.ends.bells.clone();
         if let Some(rx) = &self.rx {
             v.push(rx.sock.as_raw_fd());
         }

@@ -111,3 +111,52 @@ impl NicCounters {
         }
     }
 }
+
+/// One running interface port in `zc-hostd stats`: what it serves, where
+/// it runs, and its counters (flattened into the same JSON object).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NicPortStats {
+    /// `nic:<ifname>@<queue>`, as `move` and `nic del` name it.
+    pub name: String,
+    pub ifname: String,
+    /// The interface's hardware receive queue.
+    pub queue: u32,
+    /// Cluster queue of what arrives (`zcount -i zc:IFNAME` consumes it).
+    pub ingress: Option<u16>,
+    /// Cluster queue of what leaves (`zsend -i zc:IFNAME` produces into it).
+    pub egress: Option<u16>,
+    /// The worker running it.
+    pub worker: Option<usize>,
+    #[serde(flatten)]
+    pub counters: NicStats,
+}
+
+/// The `stats` line of an interface port.
+pub fn nic_line(cluster: u32, s: &NicPortStats) -> String {
+    let q = |q: Option<u16>| q.map_or("-".to_string(), |q| format!("zc:{cluster}@{q}"));
+    let c = &s.counters;
+    format!(
+        "nic {}: ingress {} egress {} | {} ({}) | rx {} pkts {} B ({} zero-copy, {} copied) | \
+         tx {} pkts {} B ({} zero-copy, {} copied, {} errors) | drops: {} kernel ring full, \
+         {} fill ring empty, {} cluster queue full, {} too long | worker {}",
+        s.name,
+        q(s.ingress),
+        q(s.egress),
+        c.mode,
+        if c.zero_copy { "zero-copy" } else { "copy" },
+        c.rx_packets,
+        c.rx_bytes,
+        c.rx_zero_copy,
+        c.rx_copied,
+        c.tx_packets,
+        c.tx_bytes,
+        c.tx_zero_copy,
+        c.tx_copied,
+        c.tx_errors,
+        c.drop_kernel_ring_full,
+        c.drop_fill_ring_empty,
+        c.drop_queue_full,
+        c.drop_too_long,
+        s.worker.map_or("-".to_string(), |w| w.to_string()),
+    )
+}

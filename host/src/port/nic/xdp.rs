@@ -21,7 +21,7 @@ use aya::Ebpf;
 use std::ffi::CString;
 use std::io;
 use std::num::NonZeroU32;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::RawFd;
 use std::ptr::NonNull;
 use std::sync::Arc;
 use std::time::Duration;
@@ -575,7 +575,9 @@ impl XdpPort {
     }
 
     pub fn wake_fds(&self) -> Vec<RawFd> {
-        vec![self.fd, self.ends.bell.as_raw_fd()]
+        let mut v = vec![self.fd];
+        v.extend(&self.ends.bells);
+        v
     }
 
     pub fn held(&self) -> Vec<BufferIndex> {
