@@ -29,8 +29,10 @@ pub enum ClientError {
     NotRunning { cluster: u32, path: PathBuf },
     #[error("cluster {cluster} is not running: {} is left over from a zc-hostd that exited (start it again with: zc-hostd -c {cluster})", path.display())]
     Stale { cluster: u32, path: PathBuf },
-    #[error("permission denied on {}: run as root or as a member of the socket's group", path.display())]
-    Permission { path: PathBuf },
+    /// The socket's file mode kept this process out: the same line the
+    /// daemon gives a peer it refuses (`access::refusal_line`).
+    #[error("{0}")]
+    Permission(String),
     #[error("cannot reach zc-hostd at {}: {source}", path.display())]
     Connect { path: PathBuf, source: io::Error },
     #[error("{0}")]
@@ -49,9 +51,27 @@ pub fn connect(run_dir: &Path, cluster: u32) -> Result<UnixStream, ClientError> 
     UnixStream::connect(&path).map_err(|source| match source.kind() {
         io::ErrorKind::NotFound => ClientError::NotRunning { cluster, path },
         io::ErrorKind::ConnectionRefused => ClientError::Stale { cluster, path },
-        io::ErrorKind::PermissionDenied => ClientError::Permission { path },
+        io::ErrorKind::PermissionDenied => ClientError::Permission(permission_line(cluster, &path)),
         _ => ClientError::Connect { path, source },
     })
+}
+
+/// Why connecting to `path` was denied, as the daemon would say it: the
+/// group is the socket's (or, when even that cannot be read, its
+/// directory's: a directory closed to us).
+fn permission_line(cluster: u32, path: &Path) -> String {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    let meta =
+        std::fs::metadata(path).or_else(|_| std::fs::metadata(path.parent().unwrap_or(path)));
+    match meta {
+        Ok(m) => crate::access::refusal_line(cluster, uid, m.gid()),
+        Err(e) => format!(
+            "cluster {cluster}: uid {uid} may not attach: permission denied on {}: {e}; run as root or as a member of the socket's group",
+            path.display()
+        ),
+    }
 }
 
 /// One request, one reply.

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use zc::capture::CaptureReader;
 use zc::testpkt::{Template, MIN_LEN};
-use zc::tool::{self, CommonArgs, Counters, Reporter, Summary, BURST, IDLE_POLLS, IDLE_SLEEP};
-use zc::{BufferHandle, QueueEnd, Sender};
+use zc::tool::{self, CommonArgs, Counters, Reporter, Summary, BURST, IDLE_SLEEP};
+use zc::QueueEnd;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -96,36 +96,6 @@ fn check_rate(args: &Args) -> Result<(), String> {
         }
     }
     Ok(())
-}
-
-/// Sends `hand[..n]` whole, waiting for room; returns how many went (fewer
-/// only when stopped).
-#[inline]
-fn send_all(
-    tx: &mut zc::Tx,
-    hand: &mut [BufferHandle],
-    stop: &AtomicBool,
-    name: &str,
-) -> Result<usize, String> {
-    let mut done = 0;
-    let mut idle = 0u32;
-    while done < hand.len() {
-        let n = tx.send_burst(&mut hand[done..]);
-        done += n;
-        if n == 0 {
-            idle += 1;
-            if idle > IDLE_POLLS {
-                if stop.load(Ordering::Relaxed) {
-                    break;
-                }
-                if let Some(e) = tx.failure() {
-                    return Err(format!("{name}: {e}"));
-                }
-                tx.wait_send(IDLE_SLEEP);
-            }
-        }
-    }
-    Ok(done)
 }
 
 /// Ends a run: waits for a guest device to complete what is in flight,
@@ -237,7 +207,7 @@ fn replay(args: &Args, path: &std::path::Path) -> Result<(), String> {
             };
             if let Some(due) = due {
                 if due > Instant::now() {
-                    let n = send_all(&mut tx, &mut hand[..pending], stop, &args.name)?;
+                    let n = tool::send_all(&mut tx, &mut hand[..pending], stop, &args.name)?;
                     sent += n as u64;
                     bytes += pending_bytes;
                     pending = 0;
@@ -253,7 +223,7 @@ fn replay(args: &Args, path: &std::path::Path) -> Result<(), String> {
             pending += 1;
             pending_bytes += len as u64;
             if pending == BURST {
-                let n = send_all(&mut tx, &mut hand[..pending], stop, &args.name)?;
+                let n = tool::send_all(&mut tx, &mut hand[..pending], stop, &args.name)?;
                 sent += n as u64;
                 bytes += pending_bytes;
                 pending = 0;
@@ -262,7 +232,7 @@ fn replay(args: &Args, path: &std::path::Path) -> Result<(), String> {
             }
         }
     }
-    let n = send_all(&mut tx, &mut hand[..pending], stop, &args.name)?;
+    let n = tool::send_all(&mut tx, &mut hand[..pending], stop, &args.name)?;
     if n == pending {
         bytes += pending_bytes;
     }
@@ -337,7 +307,7 @@ fn generate(args: &Args) -> Result<(), String> {
         for (i, h) in hand[..want].iter_mut().enumerate() {
             template.stamp(&mut pool.packet_mut(h), sent + i as u64);
         }
-        let done = send_all(&mut tx, &mut hand[..want], stop, &args.name)?;
+        let done = tool::send_all(&mut tx, &mut hand[..want], stop, &args.name)?;
         // The buffers just swapped in are written next round: start fetching.
         for h in &hand[..done] {
             pool.prefetch(h);

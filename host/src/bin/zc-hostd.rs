@@ -11,6 +11,7 @@ use zc_host::client;
 use zc_host::control::{
     AttachmentInfo, ClusterInfo, NicRequest, ReflectRequest, Reply, Request, VmRef,
 };
+use zc_host::daemon::policy::Allow;
 use zc_host::daemon::registry::ExportConfig;
 use zc_host::daemon::server::{Daemon, DaemonOptions};
 use zc_host::daemon::vm::queues_text;
@@ -61,7 +62,10 @@ buffer owner table, which stay host-private. Give tenants that must not see each
 packets a cluster each, served by one zc-hostd each (systemd instance zc-hostd@<cluster>): \
 separate processes with their own options and lock, so a crash or restart of one does not \
 touch another, and a bug in one cluster's exports cannot reach another cluster's memory. \
-`zbridge -i zc:99@3 -o zc:100@0` moves packets across, with exactly one copy.\n\n\
+`zbridge -i zc:99@3 -o zc:100@0` moves packets across, with exactly one copy. \
+Who may attach: root, zc-hostd's own user and the members of the control socket's group \
+(--group, checked on each peer's credentials); --allow reserves a queue for a user or group; \
+attach, detach, nic and move are for root and zc-hostd's user only.\n\n\
 Stop the daemon with Ctrl-C or SIGTERM: it removes the cluster's files. A daemon that \
 was killed (or crashed) is replaced by starting zc-hostd again with the same options: it takes \
 the cluster over (same pool file, queues with the packets in them, exports on the same sockets), \
@@ -196,6 +200,29 @@ struct Args {
     /// Debian), so `--vm-group libvirt-qemu`.
     #[arg(long = "vm-group", value_name = "GROUP")]
     vm_group: Option<String>,
+
+    /// Give the control socket this group (name or id): its members may
+    /// attach to the cluster's queues. Everyone else is refused with a
+    /// line naming the cluster and this group, by the socket's file mode or,
+    /// when that lets them connect, by the daemon, which checks every
+    /// peer's credentials (SO_PEERCRED). Root and zc-hostd's own user may
+    /// always attach. Default: zc-hostd's group (root).
+    #[arg(long = "group", value_name = "GROUP")]
+    group: Option<String>,
+
+    /// The control socket's file mode, octal. 0666 lets anyone connect,
+    /// to be refused unless in --group (a clearer error than EACCES).
+    #[arg(long = "mode", value_name = "MODE", default_value = "0660")]
+    mode: String,
+
+    /// Reserve both roles of queue Q for user USER or the members of group
+    /// GROUP (names or ids; repeatable, several for one queue admit any of
+    /// them): another tenant's process, though let in by --group, cannot
+    /// take it. Root may always take it. Exports and interface ports of the
+    /// daemon's own command line are not checked.
+    #[arg(long = "allow", value_name = "Q=USER|Q=@GROUP")]
+    // Parsed in `run`: a bad one is one line.
+    allow: Vec<String>,
 
     /// Serve Prometheus metrics (text exposition) on http://ADDR:PORT/metrics:
     /// buffers, queues, exports, interface ports, reflectors and workers (port 0: any free port; the
@@ -697,8 +724,19 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         vm_group: args
             .vm_group
             .as_deref()
-            .map(zc_host::access::group_id)
+            .map(|g| zc_host::access::group_id("--vm-group", g))
             .transpose()?,
+        control_group: args
+            .group
+            .as_deref()
+            .map(|g| zc_host::access::group_id("--group", g))
+            .transpose()?,
+        control_mode: zc_host::access::parse_mode(&args.mode)?,
+        allow: args
+            .allow
+            .iter()
+            .map(|a| Allow::parse(a).map(|p| (a.clone(), p)))
+            .collect::<Result<Vec<_>, _>>()?,
     };
     // Bound first: a port in use fails before anything is created.
     let metrics = args

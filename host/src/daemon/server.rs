@@ -3,6 +3,7 @@
 
 use super::lock::{ClusterLock, LockError};
 use super::nics::{NicPortError, Nics};
+use super::policy::{Allow, AllowError, Policy};
 use super::reflectors::{ReflectPortError, Reflectors};
 use super::registry::{ExportConfig, ExportError, Registry};
 use super::vm::{VmError, Vms};
@@ -12,6 +13,7 @@ use crate::control::{self, NicRequest, ReflectRequest, Reply, Request, Role};
 pub use crate::control::{cluster_run_dir, control_path};
 use crate::cpu::{self, CoreError};
 use crate::paths::{self, Owned, PathError};
+use crate::peer::Peer;
 use crate::pool::PoolOptions;
 use crate::queues::{QueueGeometry, Side};
 use crate::worker::{WorkerError, Workers};
@@ -45,6 +47,10 @@ pub enum DaemonError {
     Nic(#[from] NicPortError),
     #[error(transparent)]
     Reflect(#[from] ReflectPortError),
+    #[error(transparent)]
+    Allow(#[from] AllowError),
+    #[error("--mode {mode:04o} gives the control socket's group no read and write, so members of {group} could not connect: give it both, e.g. --mode 0660")]
+    GroupShut { mode: u32, group: String },
     #[error("signal set-up failed: {0}")]
     Signals(io::Error),
     #[error("poll failed: {0}")]
@@ -72,6 +78,13 @@ pub struct DaemonOptions {
     /// The group of the export sockets and the pool file, so that a QEMU
     /// running as another user (libvirt's) may open them (`--vm-group`).
     pub vm_group: Option<u32>,
+    /// The control socket's group (`--group`; default the daemon's): its
+    /// members may attach.
+    pub control_group: Option<u32>,
+    /// The control socket's file mode (`--mode`, default 0660).
+    pub control_mode: u32,
+    /// Queues reserved for a uid or group (`--allow`), each with its text.
+    pub allow: Vec<(String, Allow)>,
 }
 
 /// Where libvirt finds the pool of `cluster`: its `<shmem name='zcpool<C>'>`
@@ -148,33 +161,13 @@ fn read_signal(fd: &OwnedFd) -> i32 {
     }
 }
 
-fn peer_pid(sock: &UnixStream) -> u32 {
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `cred`, which we own.
-    let rc = unsafe {
-        libc::getsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut cred as *mut libc::ucred).cast(),
-            &mut len,
-        )
-    };
-    if rc == 0 {
-        cred.pid as u32
-    } else {
-        0
-    }
-}
-
 struct Conn {
     sock: UnixStream,
     pid: u32,
+    peer: Peer,
+    /// Why this peer may not use the socket (`Policy::admit`): its first
+    /// request gets this line, then the connection closes.
+    refused: Option<String>,
 }
 
 pub struct Daemon {
@@ -191,6 +184,7 @@ pub struct Daemon {
     dir: PathBuf,
     conns: BTreeMap<ConnId, Conn>,
     next_conn: ConnId,
+    policy: Policy,
 }
 
 impl Daemon {
@@ -200,6 +194,20 @@ impl Daemon {
     pub fn start(opts: DaemonOptions) -> Result<Daemon, DaemonError> {
         let id = opts.pool.layout.cluster_id;
         cpu::check_cores(&opts.cores)?;
+        // SAFETY: plain getters without preconditions.
+        let (euid, egid) = unsafe { (libc::geteuid(), libc::getegid()) };
+        let group = opts.control_group.unwrap_or(egid);
+        if opts.control_mode & 0o060 != 0o060 && opts.control_group.is_some() {
+            return Err(DaemonError::GroupShut {
+                mode: opts.control_mode,
+                group: crate::access::group_text(group),
+            });
+        }
+        let policy = Policy::new(id, euid, group, opts.geometry.queue_count, &opts.allow)?;
+        let control_access = Access {
+            mode: opts.control_mode,
+            group: opts.control_group,
+        };
         let signals = signal_fd().map_err(DaemonError::Signals)?;
         let lock = ClusterLock::take(&opts.pool.fallback_dir, id, &opts.run_dir)?;
         let dir = match fs::create_dir_all(&opts.run_dir)
@@ -296,7 +304,7 @@ impl Daemon {
         }
         let path = control_path(&opts.run_dir, id);
         let listener =
-            paths::bind_socket("control socket", &path, Access::PRIVATE).and_then(|(l, owned)| {
+            paths::bind_socket("control socket", &path, control_access).and_then(|(l, owned)| {
                 files.ctl = Some(owned);
                 l.set_nonblocking(true)
                     .map(|()| l)
@@ -330,6 +338,7 @@ impl Daemon {
             dir,
             conns: BTreeMap::new(),
             next_conn: 1,
+            policy,
         })
     }
 
@@ -415,10 +424,28 @@ impl Daemon {
                     // A client that stalls mid-message must not freeze the daemon.
                     let _ = sock.set_read_timeout(Some(Duration::from_secs(2)));
                     let _ = sock.set_write_timeout(Some(Duration::from_secs(2)));
-                    let pid = peer_pid(&sock);
+                    let peer = match Peer::of(&sock) {
+                        Ok(p) => p,
+                        Err(e) => {
+                            log::warn!("control connection: cannot read its credentials: {e}");
+                            continue;
+                        }
+                    };
+                    let refused = self.policy.admit(&peer).err();
+                    if let Some(line) = &refused {
+                        log::warn!("pid {}: {line}", peer.pid);
+                    }
                     let id = self.next_conn;
                     self.next_conn += 1;
-                    self.conns.insert(id, Conn { sock, pid });
+                    self.conns.insert(
+                        id,
+                        Conn {
+                            sock,
+                            pid: peer.pid,
+                            peer,
+                            refused,
+                        },
+                    );
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) => {
@@ -441,6 +468,15 @@ impl Daemon {
             }
         };
         let pid = conn.pid;
+        if let Some(line) = self.refusal(&conn.peer, conn.refused.as_deref(), &req) {
+            let reply = Reply::Error { message: line };
+            if let Err(e) = control::send(&conn.sock, &reply, &[]) {
+                log::warn!("reply to pid {pid} failed: {e}");
+            }
+            // A peer that may not attach at all is done; a refused
+            // request leaves the connection as it was.
+            return conn.refused.is_none();
+        }
         // Lock order: the registry's export list before the cluster (an
         // attach holds the list while it starts an export).
         let stats = matches!(req, Request::Stats).then(|| self.registry.stats());
@@ -566,6 +602,27 @@ impl Daemon {
             return false;
         }
         true
+    }
+
+    /// Why `peer` may not have `req` served (`refused`: why it may not use
+    /// the socket at all), or `None`.
+    fn refusal(&self, peer: &Peer, refused: Option<&str>, req: &Request) -> Option<String> {
+        if let Some(line) = refused {
+            return Some(line.to_string());
+        }
+        let what = match req {
+            Request::Attach { queue, .. } => return self.policy.may_take(peer, *queue).err(),
+            Request::Alloc { .. } | Request::Info | Request::Stats => return None,
+            Request::Nic(NicRequest::Queues { .. }) => return None,
+            Request::Nic(NicRequest::Add { .. }) => "add interface ports",
+            Request::Nic(NicRequest::Del { .. }) => "remove interface ports",
+            Request::Reflect(ReflectRequest::Add { .. }) => "add reflectors",
+            Request::Reflect(ReflectRequest::Del { .. }) => "remove reflectors",
+            Request::AttachVm { .. } => "attach exports to VMs",
+            Request::DetachVm { .. } => "detach exports from VMs",
+            Request::MovePort { .. } => "move ports",
+        };
+        self.policy.may_administer(peer, what).err()
     }
 
     /// The interface port requests: answered without the cluster lock
