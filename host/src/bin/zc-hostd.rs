@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 use zc_host::client;
-use zc_host::control::{AttachmentInfo, ClusterInfo, NicRequest, Reply, Request, VmRef};
+use zc_host::control::{
+    AttachmentInfo, ClusterInfo, NicRequest, ReflectRequest, Reply, Request, VmRef,
+};
 use zc_host::daemon::policy::Allow;
 use zc_host::daemon::registry::ExportConfig;
 use zc_host::daemon::server::{Daemon, DaemonOptions};
@@ -18,6 +20,7 @@ use zc_host::port::export::qemu_args::QemuArgs;
 use zc_host::port::export::spec::{parse_mac, MacDisplay, QueueSpec};
 use zc_host::port::export::{ExportSpec, DEFAULT_STOCK};
 use zc_host::port::nic::{nic_line, NicPortStats, NicSpec, NicTarget};
+use zc_host::port::reflect::{reflect_line, ReflectPortStats, ReflectSpec, ReflectTarget};
 use zc_host::queues::QueueGeometry;
 use zc_host::stats::{format_line, worker_line, ExportStats, WorkerStats};
 use zc_proto::PoolLayout;
@@ -48,8 +51,8 @@ arrives on queue tx=Q. `zc-hostd -c ID --qemu-args SOCKET` prints the QEMU optio
 attach a VM at its start; `zc-hostd -c ID attach --qmp QMP --export rx=Q,tx=Q` hot-plugs an \
 export (and the pool) into a VM that is already running, `detach` removes it again; \
 `zc-hostd -c ID stats` shows per-export counters and the attachments.\n\n\
-The exports' packets are moved by --workers N poll threads (default 1), each serving many \
-exports: busy while any has traffic, asleep in epoll when all are idle (an idle daemon uses no \
+The ports' packets (exports, --nic interfaces, --reflect reflectors) are moved by --workers N \
+poll threads (default 1), each serving many ports: busy while any has traffic, asleep in epoll when all are idle (an idle daemon uses no \
 CPU). -g pins them; `zc-hostd -c ID move PORT WORKER` moves an export to another worker without \
 losing a packet; `stats` shows each worker's load and ports.\n\n\
 A cluster is a trust domain: every process and VM attached to it can read and modify \
@@ -106,6 +109,16 @@ struct Args {
     )]
     // Parsed in `run`, not by clap: a bad one is one line, not clap's three.
     nics: Vec<String>,
+
+    /// Run a reflector on the workers (repeatable): every packet consumed
+    /// from queue in=Q goes into queue out=Q with its destination and source
+    /// MACs swapped, in the buffer it arrived in (testpmd's macswap). With an
+    /// export of rx=OUT,tx=IN a VM's probes come back without leaving the
+    /// worker (`zping` from the guest measures the round trip); what does not
+    /// fit into the out queue is dropped and counted.
+    #[arg(long = "reflect", value_name = "in=Q,out=Q")]
+    // Parsed in `run`, as --nic.
+    reflectors: Vec<String>,
 
     /// Pool buffers each export's guest may hold (zero-copy; bounds buffers in flight).
     #[arg(long, value_name = "N", default_value_t = DEFAULT_STOCK)]
@@ -212,7 +225,7 @@ struct Args {
     allow: Vec<String>,
 
     /// Serve Prometheus metrics (text exposition) on http://ADDR:PORT/metrics:
-    /// buffers, queues, exports, interface ports and workers (port 0: any free port; the
+    /// buffers, queues, exports, interface ports, reflectors and workers (port 0: any free port; the
     /// address is logged at start).
     #[arg(long, value_name = "ADDR:PORT")]
     metrics: Option<String>,
@@ -245,7 +258,8 @@ shared RAM (-object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memd
 -qmp unix:PATH,server=on,wait=off. If a step fails, the steps before it are undone."
     )]
     Attach(VmArgs),
-    /// Run a port (an export: its socket's file name or path) on another worker.
+    /// Run a port (an export: its socket's file name or path; nic:IFNAME@N;
+    /// reflect:Q) on another worker.
     #[command(
         long_about = "Run a port on another worker, e.g. `zc-hostd -c 99 move vm1.sock 1`. \
 The port is taken off its worker between two of its steps, with every buffer it holds, and \
@@ -253,7 +267,8 @@ handed to the other: no packet is lost or reordered. `zc-hostd -c 99 stats` show
 runs which port and how busy each is."
     )]
     Move {
-        /// The export's socket file name (as `stats` shows it) or its path.
+        /// The port as `stats` names it: an export's socket file name (or
+        /// its path), nic:IFNAME@N, reflect:Q.
         port: String,
         /// The worker to run it on (0 .. --workers - 1).
         worker: usize,
@@ -267,6 +282,15 @@ runs which port and how busy each is."
 every buffer it or the kernel held comes back to the pool."
     )]
     Nic(NicCmd),
+    /// Add or remove a reflector on the running daemon.
+    #[command(
+        subcommand,
+        long_about = "Add or remove a reflector on the running daemon: \
+`zc-hostd -c 99 reflect add in=1,out=0` starts one as --reflect does, \
+`zc-hostd -c 99 reflect del in=1` (or the text given to add) stops it; \
+its buffers come back to the pool."
+    )]
+    Reflect(ReflectCmd),
     /// Remove an export from a running VM and return its buffers to the pool.
     #[command(
         long_about = "Remove an export that `attach` added: device_del (waiting for the \
@@ -289,6 +313,20 @@ enum NicCmd {
     /// Stop the interface port of IFNAME's receive queue N (default 0).
     Del {
         #[arg(value_name = "IFNAME[,queue=N]")]
+        target: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ReflectCmd {
+    /// Start a reflector (the same text as --reflect).
+    Add {
+        #[arg(value_name = "in=Q,out=Q")]
+        spec: String,
+    },
+    /// Stop the reflector consuming queue Q.
+    Del {
+        #[arg(value_name = "in=Q")]
         target: String,
     },
 }
@@ -331,6 +369,7 @@ struct Stats {
     attachments: Vec<AttachmentInfo>,
     workers: Vec<WorkerStats>,
     nics: Vec<NicPortStats>,
+    reflectors: Vec<ReflectPortStats>,
 }
 
 fn stats(run_dir: &Path, cluster: u32) -> Result<Stats, Box<dyn std::error::Error>> {
@@ -343,6 +382,7 @@ fn stats(run_dir: &Path, cluster: u32) -> Result<Stats, Box<dyn std::error::Erro
                 attachments,
                 workers,
                 nics,
+                reflectors,
             },
             _,
         ) => Ok(Stats {
@@ -351,6 +391,7 @@ fn stats(run_dir: &Path, cluster: u32) -> Result<Stats, Box<dyn std::error::Erro
             attachments,
             workers,
             nics,
+            reflectors,
         }),
         _ => Err("unexpected reply from zc-hostd".into()),
     }
@@ -382,6 +423,33 @@ fn nic_command(args: &Args, cluster: u32, cmd: &NicCmd) -> Result<(), Box<dyn st
             }
         }
         Reply::NicRemoved {
+            port,
+            returned,
+            spare,
+        } => println!("removed {port}; {returned} buffers back in the pool ({spare} spare)"),
+        _ => return Err("unexpected reply from zc-hostd".into()),
+    }
+    Ok(())
+}
+
+/// `reflect add` and `reflect del`.
+fn reflect_command(
+    args: &Args,
+    cluster: u32,
+    cmd: &ReflectCmd,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let req = match cmd {
+        ReflectCmd::Add { spec } => ReflectRequest::Add {
+            spec: spec.parse::<ReflectSpec>()?,
+        },
+        ReflectCmd::Del { target } => ReflectRequest::Del {
+            input: target.parse::<ReflectTarget>()?.input,
+        },
+    };
+    let sock = client::connect(&args.run_dir, cluster)?;
+    match client::call(&sock, &Request::Reflect(req))?.0 {
+        Reply::ReflectAdded(s) => println!("added: {}", reflect_line(cluster, &s)),
+        Reply::ReflectRemoved {
             port,
             returned,
             spare,
@@ -553,6 +621,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 attachments,
                 workers,
                 nics,
+                reflectors,
             } = stats(&args.run_dir, cluster)?;
             if *json {
                 println!(
@@ -563,6 +632,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                         "attachments": attachments,
                         "workers": workers,
                         "nics": nics,
+                        "reflectors": reflectors,
                     })
                 );
             } else {
@@ -578,6 +648,9 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 }
                 for n in &nics {
                     println!("{}", nic_line(info.cluster, n));
+                }
+                for r in &reflectors {
+                    println!("{}", reflect_line(info.cluster, r));
                 }
                 for w in &workers {
                     println!("{}", worker_line(w));
@@ -600,6 +673,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             return Ok(());
         }
         Some(Cmd::Nic(n)) => return nic_command(&args, cluster, n),
+        Some(Cmd::Reflect(r)) => return reflect_command(&args, cluster, r),
         Some(Cmd::Attach(v)) => return vm_command(&args, cluster, true, v),
         Some(Cmd::Detach(v)) => return vm_command(&args, cluster, false, v),
         None => {}
@@ -623,6 +697,11 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         .iter()
         .map(|s| s.parse::<NicSpec>())
         .collect::<Result<Vec<_>, _>>()?;
+    let reflectors = args
+        .reflectors
+        .iter()
+        .map(|s| s.parse::<ReflectSpec>())
+        .collect::<Result<Vec<_>, _>>()?;
     let layout = PoolLayout::new(cluster, args.buf_size, args.buffers)?;
     let opts = DaemonOptions {
         pool: PoolOptions {
@@ -638,6 +717,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         run_dir: args.run_dir.clone(),
         exports,
         nics,
+        reflectors,
         stock: args.stock,
         workers: usize::from(args.workers),
         cores: args.cores.clone(),
@@ -671,6 +751,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             let source = zc_host::daemon::metrics::DaemonSource::start(
                 daemon.registry().clone(),
                 daemon.nics().clone(),
+                daemon.reflectors().clone(),
             );
             match bound.serve(source) {
                 Ok(server) => {
@@ -750,6 +831,15 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 "zc:{cluster}@{q} (zsend -i zc:{})",
                 n.ifname
             )),
+        );
+    }
+    for r in daemon.reflectors().stats() {
+        say!(
+            Info,
+            "zc-hostd: reflector {} ready: zc:{cluster}@{} back into zc:{cluster}@{}, MACs swapped",
+            r.name,
+            r.input,
+            r.output,
         );
     }
     if args.verbose {

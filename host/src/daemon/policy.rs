@@ -5,8 +5,8 @@
 //!   socket's file mode lets connect;
 //! - take a queue reserved with `--allow Q=uid|@group`: root and the uids
 //!   and members of the groups it was reserved for;
-//! - change the daemon (hot-plug into VMs, add interface ports, move
-//!   ports): root and the daemon's user, since the daemon does these with
+//! - change the daemon (hot-plug into VMs, add interface ports or
+//!   reflectors, move ports): root and the daemon's user, since the daemon does these with
 //!   its own rights.
 //!
 //! Root always passes: it can read the pool file and every process's

@@ -4,11 +4,12 @@
 use super::lock::{ClusterLock, LockError};
 use super::nics::{NicPortError, Nics};
 use super::policy::{Allow, AllowError, Policy};
+use super::reflectors::{ReflectPortError, Reflectors};
 use super::registry::{ExportConfig, ExportError, Registry};
 use super::vm::{VmError, Vms};
 use crate::access::Access;
 use crate::cluster::{Adopted, Cluster, ConnId, CreateError};
-use crate::control::{self, NicRequest, Reply, Request, Role};
+use crate::control::{self, NicRequest, ReflectRequest, Reply, Request, Role};
 pub use crate::control::{cluster_run_dir, control_path};
 use crate::cpu::{self, CoreError};
 use crate::paths::{self, Owned, PathError};
@@ -45,6 +46,8 @@ pub enum DaemonError {
     #[error(transparent)]
     Nic(#[from] NicPortError),
     #[error(transparent)]
+    Reflect(#[from] ReflectPortError),
+    #[error(transparent)]
     Allow(#[from] AllowError),
     #[error("--mode {mode:04o} gives the control socket's group no read and write, so members of {group} could not connect: give it both, e.g. --mode 0660")]
     GroupShut { mode: u32, group: String },
@@ -65,6 +68,8 @@ pub struct DaemonOptions {
     pub exports: Vec<ExportConfig>,
     /// Host interfaces served as ports (`--nic`).
     pub nics: Vec<crate::port::nic::NicSpec>,
+    /// Reflectors (`--reflect`).
+    pub reflectors: Vec<crate::port::reflect::ReflectSpec>,
     /// `--stock` of exports attached to VMs at run time.
     pub stock: u32,
     /// Poll threads, and the cores they are pinned to.
@@ -171,6 +176,7 @@ pub struct Daemon {
     cluster: Arc<Mutex<Cluster>>,
     registry: Arc<Registry>,
     nics: Arc<Nics>,
+    reflectors: Arc<Reflectors>,
     vms: Arc<Vms>,
     listener: UnixListener,
     signals: OwnedFd,
@@ -289,6 +295,13 @@ impl Daemon {
             undo(files);
             return Err(e.into());
         }
+        let reflectors = Arc::new(Reflectors::new(registry.clone()));
+        if let Err(e) = reflectors.start_all(&opts.reflectors) {
+            nics.remove_all();
+            registry.remove_all();
+            undo(files);
+            return Err(e.into());
+        }
         let path = control_path(&opts.run_dir, id);
         let listener =
             paths::bind_socket("control socket", &path, control_access).and_then(|(l, owned)| {
@@ -304,6 +317,7 @@ impl Daemon {
         let listener = match listener {
             Ok(l) => l,
             Err(e) => {
+                reflectors.remove_all();
                 nics.remove_all();
                 registry.remove_all();
                 undo(files);
@@ -316,6 +330,7 @@ impl Daemon {
             cluster,
             registry,
             nics,
+            reflectors,
             vms,
             listener,
             signals,
@@ -344,6 +359,11 @@ impl Daemon {
     /// The interface ports.
     pub fn nics(&self) -> &Arc<Nics> {
         &self.nics
+    }
+
+    /// The reflector ports.
+    pub fn reflectors(&self) -> &Arc<Reflectors> {
+        &self.reflectors
     }
 
     pub fn control_path(&self) -> PathBuf {
@@ -461,6 +481,7 @@ impl Daemon {
         // attach holds the list while it starts an export).
         let stats = matches!(req, Request::Stats).then(|| self.registry.stats());
         let nics = matches!(req, Request::Stats).then(|| self.nics.stats());
+        let reflectors = matches!(req, Request::Stats).then(|| self.reflectors.stats());
         let mut cluster = lock_cluster(&self.cluster);
         let (reply, fds): (Reply, Vec<i32>) = match req {
             Request::Info => (Reply::Info(cluster.info()), vec![]),
@@ -473,6 +494,7 @@ impl Daemon {
                         attachments: self.vms.list(),
                         workers,
                         nics: nics.unwrap_or_default(),
+                        reflectors: reflectors.unwrap_or_default(),
                     },
                     vec![],
                 )
@@ -488,9 +510,24 @@ impl Daemon {
                     }
                 };
             }
+            Request::Reflect(r) => {
+                drop(cluster);
+                let reply = self.serve_reflect(r);
+                return match control::send(&self.conns[&id].sock, &reply, &[]) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        log::warn!("reply to pid {pid} failed: {e}");
+                        false
+                    }
+                };
+            }
             Request::MovePort { port, worker } => {
                 drop(cluster);
-                let moved = match self.nics.id_of(&port) {
+                let moved = match self
+                    .nics
+                    .id_of(&port)
+                    .or_else(|| self.reflectors.id_of(&port))
+                {
                     Some(nic) => self
                         .registry
                         .workers()
@@ -579,6 +616,8 @@ impl Daemon {
             Request::Nic(NicRequest::Queues { .. }) => return None,
             Request::Nic(NicRequest::Add { .. }) => "add interface ports",
             Request::Nic(NicRequest::Del { .. }) => "remove interface ports",
+            Request::Reflect(ReflectRequest::Add { .. }) => "add reflectors",
+            Request::Reflect(ReflectRequest::Del { .. }) => "remove reflectors",
             Request::AttachVm { .. } => "attach exports to VMs",
             Request::DetachVm { .. } => "detach exports from VMs",
             Request::MovePort { .. } => "move ports",
@@ -612,6 +651,34 @@ impl Daemon {
                 Err(e) => error(e),
             },
             NicRequest::Queues { ifname } => Reply::NicQueues(self.nics.of_interface(&ifname)),
+        }
+    }
+
+    /// The reflector requests, answered without the cluster lock (as
+    /// `serve_nic`).
+    fn serve_reflect(&self, req: ReflectRequest) -> Reply {
+        let error = |e: ReflectPortError| Reply::Error {
+            message: e.to_string(),
+        };
+        match req {
+            ReflectRequest::Add { spec } => match self.reflectors.add(spec) {
+                Ok(s) => {
+                    log::info!("reflector {} added", s.name);
+                    Reply::ReflectAdded(s)
+                }
+                Err(e) => error(e),
+            },
+            ReflectRequest::Del { input } => match self.reflectors.remove(input) {
+                Ok((port, returned)) => {
+                    log::info!("reflector {port} removed");
+                    Reply::ReflectRemoved {
+                        port,
+                        returned: returned as u32,
+                        spare: self.cluster().spare_count() as u32,
+                    }
+                }
+                Err(e) => error(e),
+            },
         }
     }
 
@@ -651,6 +718,7 @@ impl Daemon {
         // VMs must not keep devices of a cluster that is going away (a
         // later attach would find a stale pool in them).
         self.vms.detach_all(Duration::from_secs(10));
+        self.reflectors.remove_all();
         self.nics.remove_all();
         self.registry.remove_all();
         self.cluster().remove_files();
