@@ -166,6 +166,12 @@ pub struct Summary {
     pub seq_errors: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub checksum_errors: Option<u64>,
+    /// zcount --json: distinct flows, each direction of a flow counted once
+    /// together (`flows`) and apart (`flow_directions`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub flows: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub flow_directions: Option<u64>,
 }
 
 impl Summary {
@@ -185,6 +191,8 @@ impl Summary {
             gbps: gbps(bytes as f64, seconds),
             seq_errors: None,
             checksum_errors: None,
+            flows: None,
+            flow_directions: None,
         }
     }
 

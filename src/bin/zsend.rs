@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use zc::capture::CaptureReader;
-use zc::testpkt::{Template, MIN_LEN};
+use zc::testpkt::{Flows, Template, MIN_LEN};
 use zc::tool::{self, CommonArgs, Counters, Reporter, Summary, BURST, IDLE_SLEEP};
 use zc::QueueEnd;
 
@@ -28,7 +28,7 @@ over that interface's device); --vhost-user PATH runs that guest driver over the
 vhost-user socket without a VM.\n\n\
 Once a second zsend prints PF_RING-style `Absolute Stats` and `Actual Stats` lines to \
 stderr; at the end a summary (and with --json one JSON line on stdout).",
-    after_help = "Examples:\n  zsend -i zc:99@0 -f day.pcap -n 3   # replay a capture three times, at top speed\n  zsend -i zc:99@0 -f day.pcapng --timing original  # with the capture's own gaps\n  zsend -i zc:99@0                    # 60-byte packets, unlimited rate, until Ctrl-C\n  zsend -i zc:99@0 -l 1500 -n 1000000  # one million 1500-byte packets\n  zsend -i zc:99@0 -r 1000 -g 1        # 1000 packets/s from a thread pinned to core 1"
+    after_help = "Examples:\n  zsend -i zc:99@0 -f day.pcap -n 3   # replay a capture three times, at top speed\n  zsend -i zc:99@0 -f day.pcapng --timing original  # with the capture's own gaps\n  zsend -i zc:99@0                    # 60-byte packets, unlimited rate, until Ctrl-C\n  zsend -i zc:99@0 -l 1500 -n 1000000  # one million 1500-byte packets\n  zsend -i zc:99@0 -r 1000 -g 1        # 1000 packets/s from a thread pinned to core 1\n  zsend -i zc:99@0 --flows 1024 --seed 7 -n 1000000  # 1024 UDP flows, both directions"
 )]
 struct Args {
     /// Queue to send into, e.g. zc:99@0.
@@ -62,6 +62,18 @@ struct Args {
     /// (default: as fast as the queue takes them, or -r).
     #[arg(long, value_name = "original", requires = "file", value_parser = ["original"])]
     timing: Option<String>,
+
+    /// Spread the packets over N distinct UDP flows (IPv4 addresses in
+    /// 10.0.0.0/8 and ports from a generator seeded with --seed), in pairs:
+    /// one packet of a flow's forward direction, one back, then the next
+    /// flow; any 2N packets in a row carry both directions of every flow.
+    #[arg(long, value_name = "N", conflicts_with = "file",
+          value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
+    flows: Option<u32>,
+
+    /// With --flows: the generator's seed (the same seed, the same flows).
+    #[arg(long, value_name = "S", default_value_t = 1, requires = "flows")]
+    seed: u64,
 
     #[command(flatten)]
     common: CommonArgs,
@@ -285,6 +297,7 @@ fn generate(args: &Args) -> Result<(), String> {
         ));
     }
     let template = Template::new(args.len);
+    let flows = args.flows.map(|n| Flows::new(n as usize, args.seed));
     let mut hand = tx
         .take_buffers(BURST)
         .map_err(|e| format!("{}: {e}", args.name))?;
@@ -304,8 +317,17 @@ fn generate(args: &Args) -> Result<(), String> {
             std::thread::sleep(Duration::from_micros(200));
             continue;
         }
-        for (i, h) in hand[..want].iter_mut().enumerate() {
-            template.stamp(&mut pool.packet_mut(h), sent + i as u64);
+        match &flows {
+            Some(f) => {
+                for (i, h) in hand[..want].iter_mut().enumerate() {
+                    template.stamp_flow(&mut pool.packet_mut(h), sent + i as u64, f);
+                }
+            }
+            None => {
+                for (i, h) in hand[..want].iter_mut().enumerate() {
+                    template.stamp(&mut pool.packet_mut(h), sent + i as u64);
+                }
+            }
         }
         let done = tool::send_all(&mut tx, &mut hand[..want], stop, &args.name)?;
         // The buffers just swapped in are written next round: start fetching.

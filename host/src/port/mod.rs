@@ -10,6 +10,7 @@
 //! [`Port::step`] on each of its ports while any of them has traffic, and
 //! sleeps when none has, until one of the ports' wake-up descriptors fires.
 
+pub mod balancer;
 pub mod export;
 pub mod nic;
 pub mod reflect;
