@@ -137,25 +137,6 @@ impl Probe {
     }
 }
 
-/// The reflector's one change to a packet: destination and source MAC
-/// swapped, in the buffer it arrived in. False (nothing changed) for a
-/// packet too short to have both.
-#[inline(always)]
-pub fn swap_macs(p: &mut PacketMut<'_>, len: usize) -> bool {
-    if len < 12 {
-        return false;
-    }
-    let (Some(a), Some(b)) = (p.read_u64_le(0), p.read_u64_le(8)) else {
-        return false;
-    };
-    // a = dst[0..6] src[0..2], b = src[2..6] + 4 bytes after the MACs.
-    let (a, b) = (a.to_le_bytes(), b.to_le_bytes());
-    let mut head = [0u8; 12];
-    head[..6].copy_from_slice(&[a[6], a[7], b[0], b[1], b[2], b[3]]);
-    head[6..].copy_from_slice(&a[..6]);
-    p.write_at(0, &head).is_ok()
-}
-
 /// Which probes are out, back, or given up on. A probe is lost when no
 /// reply came within the timeout; a reply after that is late (and stays
 /// lost). Probes are tracked in a window of sequence numbers; one older
@@ -321,7 +302,7 @@ mod tests {
         assert_eq!(pool.packet(&h).to_vec(), probe.packet(7, 123_456_789));
         // Unreflected, it is not a reply.
         assert_eq!(probe.parse(&pool.packet(&h)), Reply::Bad);
-        assert!(swap_macs(&mut pool.packet_mut(&mut h), 64));
+        assert!(pool.packet_mut(&mut h).swap_macs());
         let bytes = pool.packet(&h).to_vec();
         assert_eq!(&bytes[0..6], &SRC_MAC);
         assert_eq!(&bytes[6..12], &DST_MAC);
@@ -353,14 +334,14 @@ mod tests {
         pool.packet_mut(&mut h)
             .fill(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11])
             .unwrap();
-        assert!(!swap_macs(&mut pool.packet_mut(&mut h), 11));
+        assert!(!pool.packet_mut(&mut h).swap_macs());
         assert_eq!(
             pool.packet(&h).to_vec(),
             [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]
         );
         let p: Vec<u8> = (1..=14).collect();
         pool.packet_mut(&mut h).fill(&p).unwrap();
-        assert!(swap_macs(&mut pool.packet_mut(&mut h), 14));
+        assert!(pool.packet_mut(&mut h).swap_macs());
         assert_eq!(
             pool.packet(&h).to_vec(),
             [7, 8, 9, 10, 11, 12, 1, 2, 3, 4, 5, 6, 13, 14]

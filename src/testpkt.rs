@@ -122,6 +122,185 @@ impl Template {
     }
 }
 
+/// One flow of `zsend --flows`: two UDP endpoints in 10.0.0.0/8.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowAddrs {
+    pub a: [u8; 4],
+    pub a_port: u16,
+    pub b: [u8; 4],
+    pub b_port: u16,
+}
+
+/// SplitMix64: a small, well-mixed generator, so `--seed` gives the same
+/// flows on every machine and in every version.
+fn splitmix(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// The flows of `zsend --flows N --seed S`, and which one packet `seq`
+/// belongs to: packets go in pairs, flow 0 forward then back, flow 1
+/// forward then back, ..., then flow 0 again, so any 2N consecutive
+/// packets carry both directions of every flow.
+#[derive(Clone, Debug)]
+pub struct Flows {
+    list: Vec<FlowAddrs>,
+}
+
+impl Flows {
+    /// `n` distinct flows (no two share both endpoints, in either order)
+    /// from `seed`.
+    pub fn new(n: usize, seed: u64) -> Flows {
+        let mut state = seed;
+        let mut seen = std::collections::HashSet::new();
+        let mut list = Vec::with_capacity(n);
+        while list.len() < n {
+            let x = splitmix(&mut state);
+            let y = splitmix(&mut state);
+            let f = FlowAddrs {
+                a: [10, (x >> 8) as u8, (x >> 16) as u8, (x >> 24) as u8],
+                a_port: 1024 + ((x >> 32) as u16 % 64512),
+                b: [10, (y >> 8) as u8, (y >> 16) as u8, (y >> 24) as u8],
+                b_port: 1024 + ((y >> 32) as u16 % 64512),
+            };
+            let (fwd, back) = (
+                (f.a, f.a_port, f.b, f.b_port),
+                (f.b, f.b_port, f.a, f.a_port),
+            );
+            if (f.a, f.a_port) != (f.b, f.b_port) && !seen.contains(&back) && seen.insert(fwd) {
+                list.push(f);
+            }
+        }
+        Flows { list }
+    }
+
+    pub fn len(&self) -> usize {
+        self.list.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    pub fn get(&self, i: usize) -> FlowAddrs {
+        self.list[i]
+    }
+
+    /// The flow of packet `seq` and whether it goes back (b to a).
+    #[inline(always)]
+    pub fn of(&self, seq: u64) -> (usize, bool) {
+        let n = self.list.len() as u64;
+        (((seq / 2) % n) as usize, seq % 2 == 1)
+    }
+
+    /// Source and destination (address, port) of packet `seq`.
+    #[inline(always)]
+    pub fn endpoints(&self, seq: u64) -> (([u8; 4], u16), ([u8; 4], u16)) {
+        let (i, back) = self.of(seq);
+        let f = &self.list[i];
+        if back {
+            ((f.b, f.b_port), (f.a, f.a_port))
+        } else {
+            ((f.a, f.a_port), (f.b, f.b_port))
+        }
+    }
+}
+
+impl Template {
+    /// As [`Template::stamp`], then gives the packet the addresses and ports
+    /// of packet `seq` of `flows` (and a matching IPv4 header checksum).
+    #[inline(always)]
+    pub fn stamp_flow(&self, p: &mut PacketMut<'_>, seq: u64, flows: &Flows) {
+        self.stamp(p, seq);
+        let ((src, sport), (dst, dport)) = flows.endpoints(seq);
+        let mut h = [0u8; 20];
+        h.copy_from_slice(&self.bytes[14..34]);
+        h[10..12].copy_from_slice(&[0, 0]);
+        h[12..16].copy_from_slice(&src);
+        h[16..20].copy_from_slice(&dst);
+        let csum = ipv4_checksum(&h);
+        let mut w = [0u8; 16];
+        w[0..2].copy_from_slice(&csum.to_be_bytes());
+        w[2..6].copy_from_slice(&src);
+        w[6..10].copy_from_slice(&dst);
+        w[10..12].copy_from_slice(&sport.to_be_bytes());
+        w[12..14].copy_from_slice(&dport.to_be_bytes());
+        // Bytes 38..40 (UDP length) stay the template's.
+        w[14..16].copy_from_slice(&self.bytes[38..40]);
+        // Capacity was checked at start-up (as in `stamp`).
+        let _ = p.write_at(24, &w);
+    }
+}
+
+/// A flow as zcount tells flows apart: protocol and both endpoints
+/// (address, port), in the direction of the packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowKey {
+    pub proto: u8,
+    pub src: ([u8; 16], u16),
+    pub dst: ([u8; 16], u16),
+}
+
+impl FlowKey {
+    /// The same key whichever way the packet went.
+    pub fn both_ways(self) -> FlowKey {
+        if self.src <= self.dst {
+            self
+        } else {
+            FlowKey {
+                proto: self.proto,
+                src: self.dst,
+                dst: self.src,
+            }
+        }
+    }
+}
+
+/// The flow of an Ethernet frame carrying IPv4 or IPv6 (VLAN tags skipped;
+/// ports for TCP, UDP, SCTP and UDP-Lite, 0 otherwise), or None.
+pub fn flow_of(p: &PacketRef<'_>) -> Option<FlowKey> {
+    let mut b = [0u8; 128];
+    let n = p.read_at(0, &mut b);
+    let b = &b[..n];
+    let mut at = 12;
+    let mut t = u16::from_be_bytes([*b.get(at)?, *b.get(at + 1)?]);
+    while matches!(t, 0x8100 | 0x88a8 | 0x9100) {
+        at += 4;
+        t = u16::from_be_bytes([*b.get(at)?, *b.get(at + 1)?]);
+    }
+    let ip = b.get(at + 2..)?;
+    let addr = |s: &[u8]| {
+        let mut a = [0u8; 16];
+        a[..s.len()].copy_from_slice(s);
+        a
+    };
+    let (proto, src, dst, l4) = match t {
+        0x0800 if ip.len() >= 20 => {
+            let ihl = usize::from(ip[0] & 0x0f) * 4;
+            let later = u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff != 0;
+            let l4 = if later { None } else { ip.get(ihl..) };
+            (ip[9], addr(&ip[12..16]), addr(&ip[16..20]), l4)
+        }
+        0x86dd if ip.len() >= 40 => (ip[6], addr(&ip[8..24]), addr(&ip[24..40]), ip.get(40..)),
+        _ => return None,
+    };
+    let ports = match (proto, l4) {
+        (6 | 17 | 132 | 136, Some(l)) if l.len() >= 4 => (
+            u16::from_be_bytes([l[0], l[1]]),
+            u16::from_be_bytes([l[2], l[3]]),
+        ),
+        _ => (0, 0),
+    };
+    Some(FlowKey {
+        proto,
+        src: (src, ports.0),
+        dst: (dst, ports.1),
+    })
+}
+
 /// What `verify` found wrong with a packet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Defect {
@@ -229,6 +408,42 @@ mod tests {
         let mut h = unsafe { BufferHandle::from_raw(BufferIndex::new(2), 0) };
         pool.packet_mut(&mut h).fill(&[0u8; 59]).unwrap();
         assert_eq!(verify(&pool.packet(&h)), Err(Defect::TooShort));
+    }
+
+    #[test]
+    fn flows_are_seeded_distinct_and_go_both_ways() {
+        let f = Flows::new(1024, 7);
+        assert_eq!(f.len(), 1024);
+        let again = Flows::new(1024, 7);
+        assert_eq!(
+            (0..1024).map(|i| f.get(i)).collect::<Vec<_>>(),
+            (0..1024).map(|i| again.get(i)).collect::<Vec<_>>(),
+            "the same seed gives the same flows"
+        );
+        assert_ne!(Flows::new(4, 8).get(0), f.get(0));
+        let (_mem, pool) = pool();
+        let t = Template::new(64);
+        // SAFETY: the only handle to buffer 1 of this test's pool.
+        let mut h = unsafe { BufferHandle::from_raw(BufferIndex::new(1), 0) };
+        let mut directed = std::collections::HashSet::new();
+        let mut undirected = std::collections::HashSet::new();
+        for seq in 0..2048u64 {
+            t.stamp_flow(&mut pool.packet_mut(&mut h), seq, &f);
+            let p = pool.packet(&h);
+            assert_eq!(verify(&p), Ok(seq), "the payload still verifies");
+            let bytes = p.to_vec();
+            assert_eq!(ipv4_checksum(&bytes[14..34]), 0, "a valid IPv4 header");
+            let k = flow_of(&p).unwrap();
+            assert_eq!(k.proto, 17);
+            let ((src, sp), (dst, dp)) = f.endpoints(seq);
+            assert_eq!(&k.src.0[..4], &src);
+            assert_eq!((k.src.1, k.dst.1), (sp, dp));
+            assert_eq!(&k.dst.0[..4], &dst);
+            directed.insert(k);
+            undirected.insert(k.both_ways());
+        }
+        assert_eq!(undirected.len(), 1024);
+        assert_eq!(directed.len(), 2048, "both directions of every flow");
     }
 
     #[test]

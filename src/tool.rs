@@ -1,5 +1,6 @@
 //! What zsend and zcount share: pinning, Ctrl-C, and PF_RING-style statistics.
 
+use crate::Sender;
 use serde::Serialize;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -165,6 +166,12 @@ pub struct Summary {
     pub seq_errors: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub checksum_errors: Option<u64>,
+    /// zcount --json: distinct flows, each direction of a flow counted once
+    /// together (`flows`) and apart (`flow_directions`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub flows: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub flow_directions: Option<u64>,
 }
 
 impl Summary {
@@ -184,6 +191,8 @@ impl Summary {
             gbps: gbps(bytes as f64, seconds),
             seq_errors: None,
             checksum_errors: None,
+            flows: None,
+            flow_directions: None,
         }
     }
 
@@ -213,6 +222,36 @@ impl Summary {
 pub const IDLE_POLLS: u32 = 20_000;
 /// How long one idle sleep lasts before stop conditions are re-checked.
 pub const IDLE_SLEEP: Duration = Duration::from_millis(50);
+
+/// Sends `hand` whole, waiting for room; returns how many went (fewer
+/// only when stopped).
+#[inline]
+pub fn send_all(
+    tx: &mut crate::Tx,
+    hand: &mut [crate::BufferHandle],
+    stop: &AtomicBool,
+    name: &str,
+) -> Result<usize, String> {
+    let mut done = 0;
+    let mut idle = 0u32;
+    while done < hand.len() {
+        let n = tx.send_burst(&mut hand[done..]);
+        done += n;
+        if n == 0 {
+            idle += 1;
+            if idle > IDLE_POLLS {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                if let Some(e) = tx.failure() {
+                    return Err(format!("{name}: {e}"));
+                }
+                tx.wait_send(IDLE_SLEEP);
+            }
+        }
+    }
+    Ok(done)
+}
 
 /// The flags zsend and zcount share.
 #[derive(clap::Args, Debug)]

@@ -1,7 +1,9 @@
 //! zping and its reflector as real processes: on the host through two
 //! cluster queues, and as the guest driver over vhost-user (no VM) through
 //! an export to a host reflector. Exact counts, every round trip in its own
-//! buffer, and a reflector killed mid-run is lost probes, not a hang.
+//! buffer, and a reflector killed mid-run is lost probes, not a hang. The
+//! daemon's own reflector port (`--reflect`, `reflect add|del`) in place of
+//! the process, on the host and behind an export.
 
 mod common;
 
@@ -256,4 +258,173 @@ fn guest_driver_zping_over_vhost_user_through_an_export_to_a_host_reflector() {
         .unwrap();
     assert_one_line_error(&out, "-o zc:");
     assert!(String::from_utf8_lossy(&out.stderr).contains("leave out -o"));
+}
+
+/// `zc-hostd stats --json` of `d`.
+fn stats_json(d: &Daemon) -> serde_json::Value {
+    let out = d
+        .tool("zc-hostd")
+        .args(["-c", &d.id.to_string(), "stats", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    json(&out)
+}
+
+/// `zc-hostd -c ID ARGS` against `d`: its stdout, which must be a success.
+fn hostd(d: &Daemon, args: &[&str]) -> String {
+    let out = d
+        .tool("zc-hostd")
+        .args(["-c", &d.id.to_string()])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn host_probes_through_the_daemons_reflector_port_come_back_exactly() {
+    let d = Daemon::start(&[
+        "-q",
+        "2",
+        "--buffers",
+        "8192",
+        "--no-hugepages",
+        "--reflect",
+        "in=0,out=1",
+    ]);
+    assert!(
+        d.log_text().contains(&format!(
+            "reflector reflect:0 ready: zc:{0}@0 back into zc:{0}@1",
+            d.id
+        )),
+        "{}",
+        d.log_text()
+    );
+    const N: u64 = 3000;
+    let mut c = d.tool("zping");
+    c.args(["-i", &d.name(0), "-o", &d.name(1), "-c", &N.to_string()])
+        .args(["-r", "5000", "-l", "64", "--json"]);
+    assert_all_back(&ping(c, Duration::from_secs(30)), N);
+    let v = stats_json(&d);
+    let r = &v["reflectors"][0];
+    assert_eq!(r["name"], "reflect:0", "{v}");
+    assert_eq!((r["in"].as_u64(), r["out"].as_u64()), (Some(0), Some(1)));
+    assert_eq!(r["reflected"], N, "{r}");
+    assert_eq!(r["bytes"], N * 64, "{r}");
+    assert_eq!(
+        (r["drop_queue_full"].as_u64(), r["drop_runt"].as_u64()),
+        (Some(0), Some(0))
+    );
+    assert_eq!(r["worker"], 0);
+    let text = hostd(&d, &["stats"]);
+    let want = format!(
+        "reflect reflect:0: in zc:{0}@0 out zc:{0}@1 | reflected {N} pkts {1} B | drops: 0 out queue full, 0 runts",
+        d.id,
+        N * 64
+    );
+    assert!(text.contains(&want), "{want:?} not in:\n{text}");
+    // The queue's consumer role is the port's while it runs.
+    let out = d
+        .tool("zping")
+        .args(["--reflect", "-i", &d.name(0), "-o", &d.name(1)])
+        .output()
+        .unwrap();
+    assert_one_line_error(&out, "is the consumer side of port reflect:0");
+    // Removed, its buffers are back; added again, it starts from zero.
+    let removed = hostd(&d, &["reflect", "del", "in=0"]);
+    let spare = d.info().spare_buffers;
+    assert_eq!(
+        removed.trim(),
+        format!("removed reflect:0; 32 buffers back in the pool ({spare} spare)")
+    );
+    let added = hostd(&d, &["reflect", "add", "in=0,out=1"]);
+    assert!(added.starts_with("added: reflect reflect:0: "), "{added}");
+    assert_eq!(d.info().spare_buffers, spare - 32);
+    let mut c = d.tool("zping");
+    c.args(["-i", &d.name(0), "-o", &d.name(1), "-c", "500"])
+        .args(["-r", "5000", "-l", "1500", "--json"]);
+    assert_all_back(&ping(c, Duration::from_secs(30)), 500);
+    let r = &stats_json(&d)["reflectors"][0];
+    assert_eq!(
+        (r["reflected"].as_u64(), r["bytes"].as_u64()),
+        (Some(500), Some(500 * 1500))
+    );
+    let out = d
+        .tool("zc-hostd")
+        .args(["-c", &d.id.to_string(), "reflect", "del", "in=1"])
+        .output()
+        .unwrap();
+    assert_one_line_error(
+        &out,
+        "zc-hostd: error: no reflector consumes queue 1; the reflectors: reflect:0 (in=0,out=1)",
+    );
+}
+
+#[test]
+fn guest_driver_zping_through_an_export_to_the_daemons_reflector_on_the_same_worker() {
+    // The bench's layout: guest driver -> export tx=1 -> reflector ->
+    // queue 0 -> export rx=0 -> guest driver, no host process in between.
+    let (d, sock) = Daemon::with_vm_export_and(&["--reflect", "in=1,out=0"]);
+    const N: u64 = 3000;
+    let mut c = d.tool("zping");
+    c.args([
+        "-i",
+        &d.name(1),
+        "-c",
+        &N.to_string(),
+        "-r",
+        "5000",
+        "--json",
+    ])
+    .arg("--vhost-user")
+    .arg(&sock);
+    assert_all_back(&ping(c, Duration::from_secs(30)), N);
+    let e = export_named(&d, &sock);
+    assert_eq!((e.tx.exchanged, e.tx.copied), (N, 0), "{e:?}");
+    assert_eq!((e.rx.exchanged, e.rx.copied), (N, 0), "{e:?}");
+    let v = stats_json(&d);
+    assert_eq!(v["reflectors"][0]["reflected"], N, "{v}");
+    assert_eq!(
+        (&v["exports"][0]["worker"], &v["reflectors"][0]["worker"]),
+        (&serde_json::json!(0), &serde_json::json!(0)),
+        "one worker runs both: {v}"
+    );
+}
+
+#[test]
+fn a_bad_reflect_spec_is_one_line_and_no_daemon_starts() {
+    let run_dir = tempfile::tempdir().unwrap();
+    for (spec, want) in [
+        (
+            "in=1,out=1",
+            "zc-hostd: error: --reflect in=1,out=1: in and out are both queue 1: every reply would come straight back to the reflector; use two queues",
+        ),
+        ("in=1", "zc-hostd: error: --reflect in=1: needs in=Q (the queue it consumes) and out=Q"),
+        ("in=1,out=0,to=2", "zc-hostd: error: --reflect in=1,out=0,to=2: unknown option \"to=2\""),
+        ("in=5,out=0", "zc-hostd: error: --reflect in=5,out=0: queue 5 does not exist: cluster "),
+    ] {
+        let id = unique_cluster();
+        let out = std::process::Command::new(bin("zc-hostd"))
+            .args(["-c", &id.to_string(), "-q", "2", "--buffers", "8192", "--no-hugepages"])
+            .arg("--run-dir")
+            .arg(run_dir.path())
+            .args(["--reflect", spec])
+            .output()
+            .unwrap();
+        assert_one_line_error(&out, want);
+        assert!(
+            !run_dir.path().join(id.to_string()).join("ctl").exists(),
+            "{spec}: no control socket is left"
+        );
+    }
 }

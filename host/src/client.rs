@@ -11,9 +11,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use thiserror::Error;
-use zc_proto::{
-    BufferHandle, BufferIndex, PoolHeader, PoolLayout, PoolView, QueueEnd, Receiver, Sender,
-};
+use zc_proto::{BufferHandle, BufferIndex, PoolLayout, PoolView, QueueEnd, Receiver, Sender};
 
 /// Default directory of the control sockets (`<run-dir>/<cluster>/ctl`).
 pub const DEFAULT_RUN_DIR: &str = "/run/zc";
@@ -29,8 +27,10 @@ pub enum ClientError {
     NotRunning { cluster: u32, path: PathBuf },
     #[error("cluster {cluster} is not running: {} is left over from a zc-hostd that exited (start it again with: zc-hostd -c {cluster})", path.display())]
     Stale { cluster: u32, path: PathBuf },
-    #[error("permission denied on {}: run as root or as a member of the socket's group", path.display())]
-    Permission { path: PathBuf },
+    /// The socket's file mode kept this process out: the same line the
+    /// daemon gives a peer it refuses (`access::refusal_line`).
+    #[error("{0}")]
+    Permission(String),
     #[error("cannot reach zc-hostd at {}: {source}", path.display())]
     Connect { path: PathBuf, source: io::Error },
     #[error("{0}")]
@@ -49,9 +49,27 @@ pub fn connect(run_dir: &Path, cluster: u32) -> Result<UnixStream, ClientError> 
     UnixStream::connect(&path).map_err(|source| match source.kind() {
         io::ErrorKind::NotFound => ClientError::NotRunning { cluster, path },
         io::ErrorKind::ConnectionRefused => ClientError::Stale { cluster, path },
-        io::ErrorKind::PermissionDenied => ClientError::Permission { path },
+        io::ErrorKind::PermissionDenied => ClientError::Permission(permission_line(cluster, &path)),
         _ => ClientError::Connect { path, source },
     })
+}
+
+/// Why connecting to `path` was denied, as the daemon would say it: the
+/// group is the socket's (or, when even that cannot be read, its
+/// directory's: a directory closed to us).
+fn permission_line(cluster: u32, path: &Path) -> String {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    let meta =
+        std::fs::metadata(path).or_else(|_| std::fs::metadata(path.parent().unwrap_or(path)));
+    match meta {
+        Ok(m) => crate::access::refusal_line(cluster, uid, m.gid()),
+        Err(e) => format!(
+            "cluster {cluster}: uid {uid} may not attach: permission denied on {}: {e}; run as root or as a member of the socket's group",
+            path.display()
+        ),
+    }
 }
 
 /// One request, one reply.
@@ -174,12 +192,19 @@ fn attach<E: PeerBell>(
     if size < zc_proto::layout::HEADER_SIZE {
         return Err(ClientError::Pool("smaller than its header".into()));
     }
+    // The geometry comes from the daemon, not from the pool's header: every
+    // guest of the cluster may write the header, and a scribbled one must
+    // not stop host processes from attaching.
+    let layout = PoolLayout::new(info.cluster, info.buf_size, info.buf_count)
+        .map_err(|e| ClientError::Pool(e.to_string()))?;
+    if layout.pool_size != info.pool_size || layout.pool_size > size {
+        return Err(ClientError::Pool(format!(
+            "zc-hostd says {} bytes, its geometry makes {}, the file has {size}",
+            info.pool_size, layout.pool_size
+        )));
+    }
     let pool_map = Mapping::map(pool_fd.as_fd(), size as usize, true)
         .map_err(|e| ClientError::Pool(e.to_string()))?;
-    // SAFETY: size >= HEADER_SIZE, so the header lies inside the mapping.
-    let header = unsafe { std::ptr::read_volatile(pool_map.as_ptr().cast::<PoolHeader>()) };
-    let layout =
-        PoolLayout::from_header(&header, size).map_err(|e| ClientError::Pool(e.to_string()))?;
     let view = PoolView::owning(std::sync::Arc::new(pool_map), layout)
         .ok_or_else(|| ClientError::Pool("smaller than its layout".into()))?;
     let queues = QueueArea::open(queue_fd, &layout)?;

@@ -87,6 +87,13 @@ pub enum AttachError {
         role: Role,
         port: String,
     },
+    #[error("queue {queue} of cluster {cluster} is the {role} side of port {port}; use another queue or remove that port")]
+    HeldByPort {
+        cluster: u32,
+        queue: u16,
+        role: Role,
+        port: String,
+    },
     #[error("cannot hand out {wanted} buffers: at most {MAX_ALLOC} per process")]
     AllocTooLarge { wanted: u32 },
     #[error(
@@ -112,6 +119,10 @@ enum Holder {
     },
     /// An interface port (`--nic`), named `nic:<ifname>@<queue>`.
     Nic {
+        name: String,
+    },
+    /// Another port on the workers (a reflector, `reflect:<in>`), by name.
+    Port {
         name: String,
     },
 }
@@ -466,6 +477,12 @@ impl Cluster {
                     role,
                     port: name.clone(),
                 },
+                Holder::Port { name } => AttachError::HeldByPort {
+                    cluster,
+                    queue,
+                    role,
+                    port: name.clone(),
+                },
                 Holder::Export { name } => AttachError::HeldByExport {
                     cluster,
                     queue,
@@ -621,6 +638,24 @@ impl Cluster {
             };
             let r = &mut slot[role_slot(role)];
             if matches!(r, Some(Holder::Nic { name: n }) if n == name) {
+                *r = None;
+            }
+        }
+    }
+
+    /// Port `name` takes `role` on `queue` until it is removed.
+    pub fn attach_port(&mut self, name: &str, queue: u16, role: Role) -> Result<(), AttachError> {
+        self.take_role(queue, role, Holder::Port { name: name.into() })
+    }
+
+    /// Port `name` no longer holds the roles it took (`(queue, role)`s).
+    pub fn detach_port(&mut self, name: &str, roles: &[(u16, Role)]) {
+        for &(q, role) in roles {
+            let Some(slot) = self.roles.get_mut(usize::from(q)) else {
+                continue;
+            };
+            let r = &mut slot[role_slot(role)];
+            if matches!(r, Some(Holder::Port { name: n }) if n == name) {
                 *r = None;
             }
         }

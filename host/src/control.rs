@@ -6,6 +6,7 @@
 //! role it held is released.
 
 use crate::port::nic::{NicPortStats, NicSpec};
+use crate::port::reflect::{ReflectPortStats, ReflectSpec};
 use crate::stats::{ExportStats, WorkerStats};
 use serde::{Deserialize, Serialize};
 use std::io::{self, Read, Write};
@@ -75,6 +76,17 @@ pub enum Request {
     /// Hand the cluster over to a new zc-hostd (the binary at the same
     /// path, with the same arguments) without losing a packet.
     Restart,
+    /// About reflector ports.
+    Reflect(ReflectRequest),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReflectRequest {
+    /// Start a reflector on the running daemon.
+    Add { spec: ReflectSpec },
+    /// Stop the reflector consuming queue `input`.
+    Del { input: u16 },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -167,6 +179,8 @@ pub enum Reply {
         workers: Vec<WorkerStats>,
         #[serde(default)]
         nics: Vec<NicPortStats>,
+        #[serde(default)]
+        reflectors: Vec<ReflectPortStats>,
     },
     /// An interface port started (`NicAdd`).
     NicAdded(NicPortStats),
@@ -178,6 +192,14 @@ pub enum Reply {
     },
     /// The interface ports of an interface (`NicQueues`); empty when none.
     NicQueues(Vec<NicPortStats>),
+    /// A reflector started.
+    ReflectAdded(ReflectPortStats),
+    /// A reflector stopped: every buffer it held is back.
+    ReflectRemoved {
+        port: String,
+        returned: u32,
+        spare: u32,
+    },
     VmAttached(AttachmentInfo),
     VmDetached(Detached),
     /// The port moved from worker `from` to worker `to`.

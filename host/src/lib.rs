@@ -10,7 +10,8 @@
 //! uses (`client`). Running VMs, over QEMU's QMP (`qmp`, `hotplug`) or
 //! libvirt (`libvirt`), behind one interface (`vmlink`). The daemon (`daemon`)
 //! composes all of these; nothing else depends on it.
-//! `access` says who may open the sockets and the pool; `paths` keeps the daemon from replacing or removing files that are not
+//! `access` says who may open the sockets and the pool, `peer` who is on the
+//! other end of a control connection; `paths` keeps the daemon from replacing or removing files that are not
 //! its own; `cpu` checks and applies `-g`; `handover` is what a daemon
 //! leaves its successor at a graceful restart.
 
@@ -28,6 +29,7 @@ pub mod libvirt;
 pub mod metrics;
 pub mod owner;
 pub mod paths;
+pub mod peer;
 pub mod pool;
 pub mod port;
 pub mod qmp;

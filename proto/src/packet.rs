@@ -275,6 +275,26 @@ impl PacketMut<'_> {
         })
     }
 
+    /// A reflector's one change to a packet: destination and source MAC
+    /// swapped, in place. False (nothing changed) for a packet too short
+    /// to hold both.
+    #[inline(always)]
+    pub fn swap_macs(&mut self) -> bool {
+        let len = self.handle.len() as usize;
+        if len < 12 {
+            return false;
+        }
+        let (Some(a), Some(b)) = (self.read_u64_le(0), self.read_u64_le(8)) else {
+            return false;
+        };
+        // a = dst[0..6] src[0..2], b = src[2..6] + 4 bytes after the MACs.
+        let (a, b) = (a.to_le_bytes(), b.to_le_bytes());
+        let mut head = [0u8; 12];
+        head[..6].copy_from_slice(&[a[6], a[7], b[0], b[1], b[2], b[3]]);
+        head[6..].copy_from_slice(&a[..6]);
+        self.write_at(0, &head).is_ok()
+    }
+
     /// Writes `bytes` as the whole packet.
     pub fn fill(&mut self, bytes: &[u8]) -> Result<(), CapacityError> {
         self.write_at(0, bytes)?;

@@ -4,11 +4,11 @@
 use clap::Parser;
 use serde::Serialize;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use zc::tool::{self, Counters, Reporter, Summary, BURST, IDLE_POLLS, IDLE_SLEEP};
-use zc::{BufferHandle, QueueEnd, Receiver, Sender};
+use zc::{QueueEnd, Receiver};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -72,35 +72,6 @@ struct BridgeSummary<'a> {
 fn main() -> ExitCode {
     let args = Args::parse();
     tool::exit("zbridge", run(&args))
-}
-
-/// Sends `hand` whole, waiting for room; returns how many went (fewer
-/// only when stopped).
-fn send_all(
-    tx: &mut zc::Tx,
-    hand: &mut [BufferHandle],
-    stop: &AtomicBool,
-    name: &str,
-) -> Result<usize, String> {
-    let mut done = 0;
-    let mut idle = 0u32;
-    while done < hand.len() {
-        let n = tx.send_burst(&mut hand[done..]);
-        done += n;
-        if n == 0 {
-            idle += 1;
-            if idle > IDLE_POLLS {
-                if stop.load(Ordering::Relaxed) {
-                    break;
-                }
-                if let Some(e) = tx.failure() {
-                    return Err(format!("{name}: {e}"));
-                }
-                tx.wait_send(IDLE_SLEEP);
-            }
-        }
-    }
-    Ok(done)
 }
 
 fn run(args: &Args) -> Result<(), String> {
@@ -168,7 +139,7 @@ fn run(args: &Args) -> Result<(), String> {
                 Err(_) => drops += 1,
             }
         }
-        let sent = send_all(&mut tx, &mut dst_hand[..filled], stop, &args.output)?;
+        let sent = tool::send_all(&mut tx, &mut dst_hand[..filled], stop, &args.output)?;
         packets += sent as u64;
         // Stopped while the destination was full: what did not go was not
         // copied across.

@@ -562,7 +562,7 @@ fn reflect(args: &Args, mut rx: Rx, mut tx: Tx) -> Result<(), String> {
         let mut k = 0;
         for i in 0..n {
             let len = hand[i].len() as usize;
-            if probe::swap_macs(&mut pool.packet_mut(&mut hand[i]), len) {
+            if pool.packet_mut(&mut hand[i]).swap_macs() {
                 bytes += len as u64;
                 hand.swap(i, k);
                 k += 1;

@@ -6,9 +6,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use zc::capture::CaptureReader;
-use zc::testpkt::{Template, MIN_LEN};
-use zc::tool::{self, CommonArgs, Counters, Reporter, Summary, BURST, IDLE_POLLS, IDLE_SLEEP};
-use zc::{BufferHandle, QueueEnd, Sender};
+use zc::testpkt::{Flows, Template, MIN_LEN};
+use zc::tool::{self, CommonArgs, Counters, Reporter, Summary, BURST, IDLE_SLEEP};
+use zc::QueueEnd;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -28,7 +28,7 @@ over that interface's device); --vhost-user PATH runs that guest driver over the
 vhost-user socket without a VM.\n\n\
 Once a second zsend prints PF_RING-style `Absolute Stats` and `Actual Stats` lines to \
 stderr; at the end a summary (and with --json one JSON line on stdout).",
-    after_help = "Examples:\n  zsend -i zc:99@0 -f day.pcap -n 3   # replay a capture three times, at top speed\n  zsend -i zc:99@0 -f day.pcapng --timing original  # with the capture's own gaps\n  zsend -i zc:99@0                    # 60-byte packets, unlimited rate, until Ctrl-C\n  zsend -i zc:99@0 -l 1500 -n 1000000  # one million 1500-byte packets\n  zsend -i zc:99@0 -r 1000 -g 1        # 1000 packets/s from a thread pinned to core 1"
+    after_help = "Examples:\n  zsend -i zc:99@0 -f day.pcap -n 3   # replay a capture three times, at top speed\n  zsend -i zc:99@0 -f day.pcapng --timing original  # with the capture's own gaps\n  zsend -i zc:99@0                    # 60-byte packets, unlimited rate, until Ctrl-C\n  zsend -i zc:99@0 -l 1500 -n 1000000  # one million 1500-byte packets\n  zsend -i zc:99@0 -r 1000 -g 1        # 1000 packets/s from a thread pinned to core 1\n  zsend -i zc:99@0 --flows 1024 --seed 7 -n 1000000  # 1024 UDP flows, both directions"
 )]
 struct Args {
     /// Queue to send into, e.g. zc:99@0.
@@ -63,6 +63,18 @@ struct Args {
     #[arg(long, value_name = "original", requires = "file", value_parser = ["original"])]
     timing: Option<String>,
 
+    /// Spread the packets over N distinct UDP flows (IPv4 addresses in
+    /// 10.0.0.0/8 and ports from a generator seeded with --seed), in pairs:
+    /// one packet of a flow's forward direction, one back, then the next
+    /// flow; any 2N packets in a row carry both directions of every flow.
+    #[arg(long, value_name = "N", conflicts_with = "file",
+          value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
+    flows: Option<u32>,
+
+    /// With --flows: the generator's seed (the same seed, the same flows).
+    #[arg(long, value_name = "S", default_value_t = 1, requires = "flows")]
+    seed: u64,
+
     #[command(flatten)]
     common: CommonArgs,
 }
@@ -96,36 +108,6 @@ fn check_rate(args: &Args) -> Result<(), String> {
         }
     }
     Ok(())
-}
-
-/// Sends `hand[..n]` whole, waiting for room; returns how many went (fewer
-/// only when stopped).
-#[inline]
-fn send_all(
-    tx: &mut zc::Tx,
-    hand: &mut [BufferHandle],
-    stop: &AtomicBool,
-    name: &str,
-) -> Result<usize, String> {
-    let mut done = 0;
-    let mut idle = 0u32;
-    while done < hand.len() {
-        let n = tx.send_burst(&mut hand[done..]);
-        done += n;
-        if n == 0 {
-            idle += 1;
-            if idle > IDLE_POLLS {
-                if stop.load(Ordering::Relaxed) {
-                    break;
-                }
-                if let Some(e) = tx.failure() {
-                    return Err(format!("{name}: {e}"));
-                }
-                tx.wait_send(IDLE_SLEEP);
-            }
-        }
-    }
-    Ok(done)
 }
 
 /// Ends a run: waits for a guest device to complete what is in flight,
@@ -237,7 +219,7 @@ fn replay(args: &Args, path: &std::path::Path) -> Result<(), String> {
             };
             if let Some(due) = due {
                 if due > Instant::now() {
-                    let n = send_all(&mut tx, &mut hand[..pending], stop, &args.name)?;
+                    let n = tool::send_all(&mut tx, &mut hand[..pending], stop, &args.name)?;
                     sent += n as u64;
                     bytes += pending_bytes;
                     pending = 0;
@@ -253,7 +235,7 @@ fn replay(args: &Args, path: &std::path::Path) -> Result<(), String> {
             pending += 1;
             pending_bytes += len as u64;
             if pending == BURST {
-                let n = send_all(&mut tx, &mut hand[..pending], stop, &args.name)?;
+                let n = tool::send_all(&mut tx, &mut hand[..pending], stop, &args.name)?;
                 sent += n as u64;
                 bytes += pending_bytes;
                 pending = 0;
@@ -262,7 +244,7 @@ fn replay(args: &Args, path: &std::path::Path) -> Result<(), String> {
             }
         }
     }
-    let n = send_all(&mut tx, &mut hand[..pending], stop, &args.name)?;
+    let n = tool::send_all(&mut tx, &mut hand[..pending], stop, &args.name)?;
     if n == pending {
         bytes += pending_bytes;
     }
@@ -315,6 +297,7 @@ fn generate(args: &Args) -> Result<(), String> {
         ));
     }
     let template = Template::new(args.len);
+    let flows = args.flows.map(|n| Flows::new(n as usize, args.seed));
     let mut hand = tx
         .take_buffers(BURST)
         .map_err(|e| format!("{}: {e}", args.name))?;
@@ -334,10 +317,19 @@ fn generate(args: &Args) -> Result<(), String> {
             std::thread::sleep(Duration::from_micros(200));
             continue;
         }
-        for (i, h) in hand[..want].iter_mut().enumerate() {
-            template.stamp(&mut pool.packet_mut(h), sent + i as u64);
+        match &flows {
+            Some(f) => {
+                for (i, h) in hand[..want].iter_mut().enumerate() {
+                    template.stamp_flow(&mut pool.packet_mut(h), sent + i as u64, f);
+                }
+            }
+            None => {
+                for (i, h) in hand[..want].iter_mut().enumerate() {
+                    template.stamp(&mut pool.packet_mut(h), sent + i as u64);
+                }
+            }
         }
-        let done = send_all(&mut tx, &mut hand[..want], stop, &args.name)?;
+        let done = tool::send_all(&mut tx, &mut hand[..want], stop, &args.name)?;
         // The buffers just swapped in are written next round: start fetching.
         for h in &hand[..done] {
             pool.prefetch(h);

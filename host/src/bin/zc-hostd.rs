@@ -8,7 +8,10 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 use zc_host::client;
-use zc_host::control::{AttachmentInfo, ClusterInfo, NicRequest, Reply, Request, VmRef};
+use zc_host::control::{
+    AttachmentInfo, ClusterInfo, NicRequest, ReflectRequest, Reply, Request, VmRef,
+};
+use zc_host::daemon::policy::Allow;
 use zc_host::daemon::registry::ExportConfig;
 use zc_host::daemon::server::{Daemon, DaemonOptions, Stopped};
 use zc_host::daemon::vm::queues_text;
@@ -17,6 +20,7 @@ use zc_host::port::export::qemu_args::QemuArgs;
 use zc_host::port::export::spec::{parse_mac, MacDisplay, QueueSpec};
 use zc_host::port::export::{ExportSpec, DEFAULT_STOCK};
 use zc_host::port::nic::{nic_line, NicPortStats, NicSpec, NicTarget};
+use zc_host::port::reflect::{reflect_line, ReflectPortStats, ReflectSpec, ReflectTarget};
 use zc_host::queues::QueueGeometry;
 use zc_host::stats::{format_line, worker_line, ExportStats, WorkerStats};
 use zc_proto::PoolLayout;
@@ -47,8 +51,8 @@ arrives on queue tx=Q. `zc-hostd -c ID --qemu-args SOCKET` prints the QEMU optio
 attach a VM at its start; `zc-hostd -c ID attach --qmp QMP --export rx=Q,tx=Q` hot-plugs an \
 export (and the pool) into a VM that is already running, `detach` removes it again; \
 `zc-hostd -c ID stats` shows per-export counters and the attachments.\n\n\
-The exports' packets are moved by --workers N poll threads (default 1), each serving many \
-exports: busy while any has traffic, asleep in epoll when all are idle (an idle daemon uses no \
+The ports' packets (exports, --nic interfaces, --reflect reflectors) are moved by --workers N \
+poll threads (default 1), each serving many ports: busy while any has traffic, asleep in epoll when all are idle (an idle daemon uses no \
 CPU). -g pins them; `zc-hostd -c ID move PORT WORKER` moves an export to another worker without \
 losing a packet; `stats` shows each worker's load and ports.\n\n\
 A cluster is a trust domain: every process and VM attached to it can read and modify \
@@ -58,10 +62,14 @@ buffer owner table, which stay host-private. Give tenants that must not see each
 packets a cluster each, served by one zc-hostd each (systemd instance zc-hostd@<cluster>): \
 separate processes with their own options and lock, so a crash or restart of one does not \
 touch another, and a bug in one cluster's exports cannot reach another cluster's memory. \
-`zbridge -i zc:99@3 -o zc:100@0` moves packets across, with exactly one copy.\n\n\
+`zbridge -i zc:99@3 -o zc:100@0` moves packets across, with exactly one copy. \
+Who may attach: root, zc-hostd's own user and the members of the control socket's group \
+(--group, checked on each peer's credentials); --allow reserves a queue for a user or group; \
+attach, detach, nic and move are for root and zc-hostd's user only.\n\n\
 Stop the daemon with Ctrl-C or SIGTERM: it removes the cluster's files. `zc-hostd -c ID \
 restart` or SIGHUP restarts it without losing a packet (the binary at the same path: an \
-upgrade). A daemon that was killed (or crashed) is replaced by starting zc-hostd again with the same options: it takes \
+upgrade). A daemon that \
+was killed (or crashed) is replaced by starting zc-hostd again with the same options: it takes \
 the cluster over (same pool file, queues with the packets in them, exports on the same sockets), \
 and VMs started with the --qemu-args options reconnect within a second; restart host processes \
 attached to the cluster. Other options make a new cluster.",
@@ -104,6 +112,16 @@ struct Args {
     // Parsed in `run`, not by clap: a bad one is one line, not clap's three.
     nics: Vec<String>,
 
+    /// Run a reflector on the workers (repeatable): every packet consumed
+    /// from queue in=Q goes into queue out=Q with its destination and source
+    /// MACs swapped, in the buffer it arrived in (testpmd's macswap). With an
+    /// export of rx=OUT,tx=IN a VM's probes come back without leaving the
+    /// worker (`zping` from the guest measures the round trip); what does not
+    /// fit into the out queue is dropped and counted.
+    #[arg(long = "reflect", value_name = "in=Q,out=Q")]
+    // Parsed in `run`, as --nic.
+    reflectors: Vec<String>,
+
     /// Pool buffers each export's guest may hold (zero-copy; bounds buffers in flight).
     #[arg(long, value_name = "N", default_value_t = DEFAULT_STOCK)]
     stock: u32,
@@ -113,6 +131,15 @@ struct Args {
     #[arg(long, value_name = "N", default_value_t = 1,
           value_parser = clap::value_parser!(u16).range(1..=64))]
     workers: u16,
+
+    /// Microseconds a worker keeps polling after its last packet before it
+    /// sleeps in epoll. Longer keeps it busy-polling through the gaps
+    /// between packets at low rates (lower latency: no wake-up on the path,
+    /// at the price of a busy core); 0 sleeps as soon as it is idle.
+    #[arg(long = "idle-spin", value_name = "USEC",
+          default_value_t = zc_host::worker::DEFAULT_IDLE_SPIN.as_micros() as u64,
+          value_parser = clap::value_parser!(u64).range(0..=60_000_000))]
+    idle_spin: u64,
 
     /// Pin the workers to these cores (worker i gets the i-th, cycling).
     #[arg(
@@ -185,8 +212,31 @@ struct Args {
     #[arg(long = "vm-group", value_name = "GROUP")]
     vm_group: Option<String>,
 
+    /// Give the control socket this group (name or id): its members may
+    /// attach to the cluster's queues. Everyone else is refused with a
+    /// line naming the cluster and this group, by the socket's file mode or,
+    /// when that lets them connect, by the daemon, which checks every
+    /// peer's credentials (SO_PEERCRED). Root and zc-hostd's own user may
+    /// always attach. Default: zc-hostd's group (root).
+    #[arg(long = "group", value_name = "GROUP")]
+    group: Option<String>,
+
+    /// The control socket's file mode, octal. 0666 lets anyone connect,
+    /// to be refused unless in --group (a clearer error than EACCES).
+    #[arg(long = "mode", value_name = "MODE", default_value = "0660")]
+    mode: String,
+
+    /// Reserve both roles of queue Q for user USER or the members of group
+    /// GROUP (names or ids; repeatable, several for one queue admit any of
+    /// them): another tenant's process, though let in by --group, cannot
+    /// take it. Root may always take it. Exports and interface ports of the
+    /// daemon's own command line are not checked.
+    #[arg(long = "allow", value_name = "Q=USER|Q=@GROUP")]
+    // Parsed in `run`: a bad one is one line.
+    allow: Vec<String>,
+
     /// Serve Prometheus metrics (text exposition) on http://ADDR:PORT/metrics:
-    /// buffers, queues, exports, interface ports and workers (port 0: any free port; the
+    /// buffers, queues, exports, interface ports, reflectors and workers (port 0: any free port; the
     /// address is logged at start).
     #[arg(long, value_name = "ADDR:PORT")]
     metrics: Option<String>,
@@ -219,7 +269,8 @@ shared RAM (-object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memd
 -qmp unix:PATH,server=on,wait=off. If a step fails, the steps before it are undone."
     )]
     Attach(VmArgs),
-    /// Run a port (an export: its socket's file name or path) on another worker.
+    /// Run a port (an export: its socket's file name or path; nic:IFNAME@N;
+    /// reflect:Q) on another worker.
     #[command(
         long_about = "Run a port on another worker, e.g. `zc-hostd -c 99 move vm1.sock 1`. \
 The port is taken off its worker between two of its steps, with every buffer it holds, and \
@@ -227,7 +278,8 @@ handed to the other: no packet is lost or reordered. `zc-hostd -c 99 stats` show
 runs which port and how busy each is."
     )]
     Move {
-        /// The export's socket file name (as `stats` shows it) or its path.
+        /// The port as `stats` names it: an export's socket file name (or
+        /// its path), nic:IFNAME@N, reflect:Q.
         port: String,
         /// The worker to run it on (0 .. --workers - 1).
         worker: usize,
@@ -256,6 +308,15 @@ second (their link goes down and up once). Host processes attached to the cluste
 stopped before and started again after. This command waits until the new daemon serves."
     )]
     Restart,
+    /// Add or remove a reflector on the running daemon.
+    #[command(
+        subcommand,
+        long_about = "Add or remove a reflector on the running daemon: \
+`zc-hostd -c 99 reflect add in=1,out=0` starts one as --reflect does, \
+`zc-hostd -c 99 reflect del in=1` (or the text given to add) stops it; \
+its buffers come back to the pool."
+    )]
+    Reflect(ReflectCmd),
     /// Remove an export from a running VM and return its buffers to the pool.
     #[command(
         long_about = "Remove an export that `attach` added: device_del (waiting for the \
@@ -278,6 +339,20 @@ enum NicCmd {
     /// Stop the interface port of IFNAME's receive queue N (default 0).
     Del {
         #[arg(value_name = "IFNAME[,queue=N]")]
+        target: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ReflectCmd {
+    /// Start a reflector (the same text as --reflect).
+    Add {
+        #[arg(value_name = "in=Q,out=Q")]
+        spec: String,
+    },
+    /// Stop the reflector consuming queue Q.
+    Del {
+        #[arg(value_name = "in=Q")]
         target: String,
     },
 }
@@ -320,6 +395,7 @@ struct Stats {
     attachments: Vec<AttachmentInfo>,
     workers: Vec<WorkerStats>,
     nics: Vec<NicPortStats>,
+    reflectors: Vec<ReflectPortStats>,
 }
 
 fn stats(run_dir: &Path, cluster: u32) -> Result<Stats, Box<dyn std::error::Error>> {
@@ -332,6 +408,7 @@ fn stats(run_dir: &Path, cluster: u32) -> Result<Stats, Box<dyn std::error::Erro
                 attachments,
                 workers,
                 nics,
+                reflectors,
             },
             _,
         ) => Ok(Stats {
@@ -340,6 +417,7 @@ fn stats(run_dir: &Path, cluster: u32) -> Result<Stats, Box<dyn std::error::Erro
             attachments,
             workers,
             nics,
+            reflectors,
         }),
         _ => Err("unexpected reply from zc-hostd".into()),
     }
@@ -371,6 +449,33 @@ fn nic_command(args: &Args, cluster: u32, cmd: &NicCmd) -> Result<(), Box<dyn st
             }
         }
         Reply::NicRemoved {
+            port,
+            returned,
+            spare,
+        } => println!("removed {port}; {returned} buffers back in the pool ({spare} spare)"),
+        _ => return Err("unexpected reply from zc-hostd".into()),
+    }
+    Ok(())
+}
+
+/// `reflect add` and `reflect del`.
+fn reflect_command(
+    args: &Args,
+    cluster: u32,
+    cmd: &ReflectCmd,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let req = match cmd {
+        ReflectCmd::Add { spec } => ReflectRequest::Add {
+            spec: spec.parse::<ReflectSpec>()?,
+        },
+        ReflectCmd::Del { target } => ReflectRequest::Del {
+            input: target.parse::<ReflectTarget>()?.input,
+        },
+    };
+    let sock = client::connect(&args.run_dir, cluster)?;
+    match client::call(&sock, &Request::Reflect(req))?.0 {
+        Reply::ReflectAdded(s) => println!("added: {}", reflect_line(cluster, &s)),
+        Reply::ReflectRemoved {
             port,
             returned,
             spare,
@@ -545,6 +650,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 attachments,
                 workers,
                 nics,
+                reflectors,
             } = stats(&args.run_dir, cluster)?;
             if *json {
                 println!(
@@ -555,6 +661,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                         "attachments": attachments,
                         "workers": workers,
                         "nics": nics,
+                        "reflectors": reflectors,
                     })
                 );
             } else {
@@ -570,6 +677,9 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 }
                 for n in &nics {
                     println!("{}", nic_line(info.cluster, n));
+                }
+                for r in &reflectors {
+                    println!("{}", reflect_line(info.cluster, r));
                 }
                 for w in &workers {
                     println!("{}", worker_line(w));
@@ -593,6 +703,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         }
         Some(Cmd::Nic(n)) => return nic_command(&args, cluster, n),
         Some(Cmd::Restart) => return restart(&args, cluster),
+        Some(Cmd::Reflect(r)) => return reflect_command(&args, cluster, r),
         Some(Cmd::Attach(v)) => return vm_command(&args, cluster, true, v),
         Some(Cmd::Detach(v)) => return vm_command(&args, cluster, false, v),
         None => {}
@@ -616,6 +727,11 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         .iter()
         .map(|s| s.parse::<NicSpec>())
         .collect::<Result<Vec<_>, _>>()?;
+    let reflectors = args
+        .reflectors
+        .iter()
+        .map(|s| s.parse::<ReflectSpec>())
+        .collect::<Result<Vec<_>, _>>()?;
     let layout = PoolLayout::new(cluster, args.buf_size, args.buffers)?;
     let opts = DaemonOptions {
         pool: PoolOptions {
@@ -631,14 +747,27 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         run_dir: args.run_dir.clone(),
         exports,
         nics,
+        reflectors,
         stock: args.stock,
         workers: usize::from(args.workers),
         cores: args.cores.clone(),
+        idle_spin: Duration::from_micros(args.idle_spin),
         vm_group: args
             .vm_group
             .as_deref()
-            .map(zc_host::access::group_id)
+            .map(|g| zc_host::access::group_id("--vm-group", g))
             .transpose()?,
+        control_group: args
+            .group
+            .as_deref()
+            .map(|g| zc_host::access::group_id("--group", g))
+            .transpose()?,
+        control_mode: zc_host::access::parse_mode(&args.mode)?,
+        allow: args
+            .allow
+            .iter()
+            .map(|a| Allow::parse(a).map(|p| (a.clone(), p)))
+            .collect::<Result<Vec<_>, _>>()?,
     };
     // Bound first: a port in use fails before anything is created.
     let metrics = args
@@ -654,6 +783,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             let source = zc_host::daemon::metrics::DaemonSource::start(
                 daemon.registry().clone(),
                 daemon.nics().clone(),
+                daemon.reflectors().clone(),
             );
             match bound.serve(source) {
                 Ok(server) => {
@@ -749,6 +879,15 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 "zc:{cluster}@{q} (zsend -i zc:{})",
                 n.ifname
             )),
+        );
+    }
+    for r in daemon.reflectors().stats() {
+        say!(
+            Info,
+            "zc-hostd: reflector {} ready: zc:{cluster}@{} back into zc:{cluster}@{}, MACs swapped",
+            r.name,
+            r.input,
+            r.output,
         );
     }
     if args.verbose {

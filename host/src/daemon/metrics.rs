@@ -4,6 +4,7 @@
 //! queues' indices, extended to 64 bits by a sampler once a second.
 
 use super::nics::Nics;
+use super::reflectors::Reflectors;
 use super::registry::Registry;
 use crate::metrics::{QueueTotals, Snapshot, Source};
 use crate::queues::QueueArea;
@@ -13,13 +14,18 @@ use std::time::Duration;
 pub struct DaemonSource {
     registry: Arc<Registry>,
     nics: Arc<Nics>,
+    reflectors: Arc<Reflectors>,
     queues: Arc<QueueArea>,
     totals: QueueTotals,
 }
 
 impl DaemonSource {
     /// The source, with its sampler thread (which ends with the source).
-    pub fn start(registry: Arc<Registry>, nics: Arc<Nics>) -> Arc<DaemonSource> {
+    pub fn start(
+        registry: Arc<Registry>,
+        nics: Arc<Nics>,
+        reflectors: Arc<Reflectors>,
+    ) -> Arc<DaemonSource> {
         let queues = registry
             .cluster()
             .lock()
@@ -29,6 +35,7 @@ impl DaemonSource {
         let source = Arc::new(DaemonSource {
             registry,
             nics,
+            reflectors,
             queues,
             totals: QueueTotals::default(),
         });
@@ -70,6 +77,7 @@ impl Source for DaemonSource {
             exports,
             workers,
             nics: self.nics.stats(),
+            reflectors: self.reflectors.stats(),
         }
     }
 }

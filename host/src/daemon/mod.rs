@@ -4,6 +4,8 @@
 pub mod lock;
 pub mod metrics;
 pub mod nics;
+pub mod policy;
+pub mod reflectors;
 pub mod registry;
 pub mod server;
 pub mod vm;

@@ -4,14 +4,17 @@
 
 use super::lock::{ClusterLock, LockError};
 use super::nics::{NicPortError, Nics};
+use super::policy::{Allow, AllowError, Policy};
+use super::reflectors::{ReflectPortError, Reflectors};
 use super::registry::{ExportConfig, ExportError, Registry};
 use super::vm::{VmError, Vms};
 use crate::access::Access;
 use crate::cluster::{Adopted, Cluster, ConnId, CreateError};
-use crate::control::{self, NicRequest, Reply, Request, Role};
+use crate::control::{self, NicRequest, ReflectRequest, Reply, Request, Role};
 pub use crate::control::{cluster_run_dir, control_path};
 use crate::cpu::{self, CoreError};
 use crate::paths::{self, Owned, PathError};
+use crate::peer::Peer;
 use crate::pool::PoolOptions;
 use crate::queues::{QueueGeometry, Side};
 use crate::worker::{WorkerError, Workers};
@@ -43,6 +46,12 @@ pub enum DaemonError {
     Workers(#[from] WorkerError),
     #[error(transparent)]
     Nic(#[from] NicPortError),
+    #[error(transparent)]
+    Reflect(#[from] ReflectPortError),
+    #[error(transparent)]
+    Allow(#[from] AllowError),
+    #[error("--mode {mode:04o} gives the control socket's group no read and write, so members of {group} could not connect: give it both, e.g. --mode 0660")]
+    GroupShut { mode: u32, group: String },
     #[error("signal set-up failed: {0}")]
     Signals(io::Error),
     #[error("poll failed: {0}")]
@@ -62,14 +71,25 @@ pub struct DaemonOptions {
     pub exports: Vec<ExportConfig>,
     /// Host interfaces served as ports (`--nic`).
     pub nics: Vec<crate::port::nic::NicSpec>,
+    /// Reflectors (`--reflect`).
+    pub reflectors: Vec<crate::port::reflect::ReflectSpec>,
     /// `--stock` of exports attached to VMs at run time.
     pub stock: u32,
     /// Poll threads, and the cores they are pinned to.
     pub workers: usize,
     pub cores: Vec<usize>,
+    /// How long a worker polls after its last packet before it sleeps.
+    pub idle_spin: Duration,
     /// The group of the export sockets and the pool file, so that a QEMU
     /// running as another user (libvirt's) may open them (`--vm-group`).
     pub vm_group: Option<u32>,
+    /// The control socket's group (`--group`; default the daemon's): its
+    /// members may attach.
+    pub control_group: Option<u32>,
+    /// The control socket's file mode (`--mode`, default 0660).
+    pub control_mode: u32,
+    /// Queues reserved for a uid or group (`--allow`), each with its text.
+    pub allow: Vec<(String, Allow)>,
 }
 
 /// Where libvirt finds the pool of `cluster`: its `<shmem name='zcpool<C>'>`
@@ -147,33 +167,13 @@ fn read_signal(fd: &OwnedFd) -> i32 {
     }
 }
 
-fn peer_pid(sock: &UnixStream) -> u32 {
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `cred`, which we own.
-    let rc = unsafe {
-        libc::getsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut cred as *mut libc::ucred).cast(),
-            &mut len,
-        )
-    };
-    if rc == 0 {
-        cred.pid as u32
-    } else {
-        0
-    }
-}
-
 struct Conn {
     sock: UnixStream,
     pid: u32,
+    peer: Peer,
+    /// Why this peer may not use the socket (`Policy::admit`): its first
+    /// request gets this line, then the connection closes.
+    refused: Option<String>,
 }
 
 /// Why `Daemon::run` returned.
@@ -193,6 +193,7 @@ pub struct Daemon {
     cluster: Arc<Mutex<Cluster>>,
     registry: Arc<Registry>,
     nics: Arc<Nics>,
+    reflectors: Arc<Reflectors>,
     vms: Arc<Vms>,
     listener: UnixListener,
     signals: OwnedFd,
@@ -204,6 +205,7 @@ pub struct Daemon {
     state_dir: PathBuf,
     /// A `restart` request was answered: hand over after this round.
     restart: bool,
+    policy: Policy,
 }
 
 impl Daemon {
@@ -213,6 +215,20 @@ impl Daemon {
     pub fn start(opts: DaemonOptions) -> Result<Daemon, DaemonError> {
         let id = opts.pool.layout.cluster_id;
         cpu::check_cores(&opts.cores)?;
+        // SAFETY: plain getters without preconditions.
+        let (euid, egid) = unsafe { (libc::geteuid(), libc::getegid()) };
+        let group = opts.control_group.unwrap_or(egid);
+        if opts.control_mode & 0o060 != 0o060 && opts.control_group.is_some() {
+            return Err(DaemonError::GroupShut {
+                mode: opts.control_mode,
+                group: crate::access::group_text(group),
+            });
+        }
+        let policy = Policy::new(id, euid, group, opts.geometry.queue_count, &opts.allow)?;
+        let control_access = Access {
+            mode: opts.control_mode,
+            group: opts.control_group,
+        };
         let signals = signal_fd().map_err(DaemonError::Signals)?;
         let lock = ClusterLock::take(&opts.pool.fallback_dir, id, &opts.run_dir)?;
         let dir = match fs::create_dir_all(&opts.run_dir)
@@ -275,7 +291,7 @@ impl Daemon {
                 return Err(e.into());
             }
         }
-        let workers = match Workers::start(opts.workers, &opts.cores) {
+        let workers = match Workers::start_spinning(opts.workers, &opts.cores, opts.idle_spin) {
             Ok(w) => Arc::new(w),
             Err(e) => {
                 undo(files);
@@ -304,9 +320,16 @@ impl Daemon {
             undo(files);
             return Err(e.into());
         }
+        let reflectors = Arc::new(Reflectors::new(registry.clone()));
+        if let Err(e) = reflectors.start_all(&opts.reflectors) {
+            nics.remove_all();
+            registry.remove_all();
+            undo(files);
+            return Err(e.into());
+        }
         let path = control_path(&opts.run_dir, id);
         let listener =
-            paths::bind_socket("control socket", &path, Access::PRIVATE).and_then(|(l, owned)| {
+            paths::bind_socket("control socket", &path, control_access).and_then(|(l, owned)| {
                 files.ctl = Some(owned);
                 l.set_nonblocking(true)
                     .map(|()| l)
@@ -319,6 +342,7 @@ impl Daemon {
         let listener = match listener {
             Ok(l) => l,
             Err(e) => {
+                reflectors.remove_all();
                 nics.remove_all();
                 registry.remove_all();
                 undo(files);
@@ -332,6 +356,7 @@ impl Daemon {
             cluster,
             registry,
             nics,
+            reflectors,
             vms,
             listener,
             signals,
@@ -341,6 +366,7 @@ impl Daemon {
             next_conn: 1,
             state_dir: crate::cluster::state_dir(&opts.pool),
             restart: false,
+            policy,
         })
     }
 
@@ -361,6 +387,11 @@ impl Daemon {
     /// The interface ports.
     pub fn nics(&self) -> &Arc<Nics> {
         &self.nics
+    }
+
+    /// The reflector ports.
+    pub fn reflectors(&self) -> &Arc<Reflectors> {
+        &self.reflectors
     }
 
     pub fn control_path(&self) -> PathBuf {
@@ -447,6 +478,10 @@ impl Daemon {
                 }
             })
             .collect::<Vec<_>>();
+        // Reflectors and interface ports stop and give their buffers back
+        // (the successor finds them spare); the ones of the command line
+        // start again.
+        self.reflectors.remove_all();
         self.nics.remove_all();
         let packets: usize = exports.iter().map(|e| e.hands.packets()).sum();
         let h = crate::handover::Handover { exports };
@@ -467,10 +502,28 @@ impl Daemon {
                     // A client that stalls mid-message must not freeze the daemon.
                     let _ = sock.set_read_timeout(Some(Duration::from_secs(2)));
                     let _ = sock.set_write_timeout(Some(Duration::from_secs(2)));
-                    let pid = peer_pid(&sock);
+                    let peer = match Peer::of(&sock) {
+                        Ok(p) => p,
+                        Err(e) => {
+                            log::warn!("control connection: cannot read its credentials: {e}");
+                            continue;
+                        }
+                    };
+                    let refused = self.policy.admit(&peer).err();
+                    if let Some(line) = &refused {
+                        log::warn!("pid {}: {line}", peer.pid);
+                    }
                     let id = self.next_conn;
                     self.next_conn += 1;
-                    self.conns.insert(id, Conn { sock, pid });
+                    self.conns.insert(
+                        id,
+                        Conn {
+                            sock,
+                            pid: peer.pid,
+                            peer,
+                            refused,
+                        },
+                    );
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) => {
@@ -493,10 +546,20 @@ impl Daemon {
             }
         };
         let pid = conn.pid;
+        if let Some(line) = self.refusal(&conn.peer, conn.refused.as_deref(), &req) {
+            let reply = Reply::Error { message: line };
+            if let Err(e) = control::send(&conn.sock, &reply, &[]) {
+                log::warn!("reply to pid {pid} failed: {e}");
+            }
+            // A peer that may not attach at all is done; a refused
+            // request leaves the connection as it was.
+            return conn.refused.is_none();
+        }
         // Lock order: the registry's export list before the cluster (an
         // attach holds the list while it starts an export).
         let stats = matches!(req, Request::Stats).then(|| self.registry.stats());
         let nics = matches!(req, Request::Stats).then(|| self.nics.stats());
+        let reflectors = matches!(req, Request::Stats).then(|| self.reflectors.stats());
         let mut cluster = lock_cluster(&self.cluster);
         let (reply, fds): (Reply, Vec<i32>) = match req {
             Request::Info => (Reply::Info(cluster.info()), vec![]),
@@ -509,6 +572,7 @@ impl Daemon {
                         attachments: self.vms.list(),
                         workers,
                         nics: nics.unwrap_or_default(),
+                        reflectors: reflectors.unwrap_or_default(),
                     },
                     vec![],
                 )
@@ -524,9 +588,24 @@ impl Daemon {
                     }
                 };
             }
+            Request::Reflect(r) => {
+                drop(cluster);
+                let reply = self.serve_reflect(r);
+                return match control::send(&self.conns[&id].sock, &reply, &[]) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        log::warn!("reply to pid {pid} failed: {e}");
+                        false
+                    }
+                };
+            }
             Request::MovePort { port, worker } => {
                 drop(cluster);
-                let moved = match self.nics.id_of(&port) {
+                let moved = match self
+                    .nics
+                    .id_of(&port)
+                    .or_else(|| self.reflectors.id_of(&port))
+                {
                     Some(nic) => self
                         .registry
                         .workers()
@@ -613,6 +692,28 @@ impl Daemon {
         true
     }
 
+    /// Why `peer` may not have `req` served (`refused`: why it may not use
+    /// the socket at all), or `None`.
+    fn refusal(&self, peer: &Peer, refused: Option<&str>, req: &Request) -> Option<String> {
+        if let Some(line) = refused {
+            return Some(line.to_string());
+        }
+        let what = match req {
+            Request::Attach { queue, .. } => return self.policy.may_take(peer, *queue).err(),
+            Request::Alloc { .. } | Request::Info | Request::Stats => return None,
+            Request::Nic(NicRequest::Queues { .. }) => return None,
+            Request::Nic(NicRequest::Add { .. }) => "add interface ports",
+            Request::Nic(NicRequest::Del { .. }) => "remove interface ports",
+            Request::Reflect(ReflectRequest::Add { .. }) => "add reflectors",
+            Request::Reflect(ReflectRequest::Del { .. }) => "remove reflectors",
+            Request::AttachVm { .. } => "attach exports to VMs",
+            Request::DetachVm { .. } => "detach exports from VMs",
+            Request::MovePort { .. } => "move ports",
+            Request::Restart => "restart the daemon",
+        };
+        self.policy.may_administer(peer, what).err()
+    }
+
     /// The interface port requests: answered without the cluster lock
     /// (the port list takes it itself, in the registry's order).
     fn serve_nic(&self, req: NicRequest) -> Reply {
@@ -639,6 +740,34 @@ impl Daemon {
                 Err(e) => error(e),
             },
             NicRequest::Queues { ifname } => Reply::NicQueues(self.nics.of_interface(&ifname)),
+        }
+    }
+
+    /// The reflector requests, answered without the cluster lock (as
+    /// `serve_nic`).
+    fn serve_reflect(&self, req: ReflectRequest) -> Reply {
+        let error = |e: ReflectPortError| Reply::Error {
+            message: e.to_string(),
+        };
+        match req {
+            ReflectRequest::Add { spec } => match self.reflectors.add(spec) {
+                Ok(s) => {
+                    log::info!("reflector {} added", s.name);
+                    Reply::ReflectAdded(s)
+                }
+                Err(e) => error(e),
+            },
+            ReflectRequest::Del { input } => match self.reflectors.remove(input) {
+                Ok((port, returned)) => {
+                    log::info!("reflector {port} removed");
+                    Reply::ReflectRemoved {
+                        port,
+                        returned: returned as u32,
+                        spare: self.cluster().spare_count() as u32,
+                    }
+                }
+                Err(e) => error(e),
+            },
         }
     }
 
@@ -678,6 +807,7 @@ impl Daemon {
         // VMs must not keep devices of a cluster that is going away (a
         // later attach would find a stale pool in them).
         self.vms.detach_all(Duration::from_secs(10));
+        self.reflectors.remove_all();
         self.nics.remove_all();
         self.registry.remove_all();
         self.cluster().remove_files();

@@ -5,12 +5,13 @@
 //! reports, the queues' indices); nothing on the packet path waits for it.
 //!
 //! Each kind of thing the daemon runs has one module that turns its
-//! snapshot into metric families (`cluster`, `export`, `nic`, `worker`); a new
+//! snapshot into metric families (`cluster`, `export`, `nic`, `reflect`, `worker`); a new
 //! kind of port adds its own module and a field to [`Snapshot`].
 
 mod cluster;
 mod export;
 mod nic;
+mod reflect;
 mod worker;
 
 pub use cluster::QueueTotals;
@@ -38,6 +39,7 @@ pub struct Snapshot {
     pub exports: Vec<ExportStats>,
     pub workers: Vec<WorkerStats>,
     pub nics: Vec<crate::port::nic::NicPortStats>,
+    pub reflectors: Vec<crate::port::reflect::ReflectPortStats>,
 }
 
 /// Where the snapshots come from (the daemon).
@@ -104,6 +106,7 @@ impl Collector for Scrape {
         cluster::encode(&mut enc, &c, info, &s.buffers, &s.queues)?;
         export::encode(&mut enc, &c, &s.exports)?;
         nic::encode(&mut enc, &c, &s.nics)?;
+        reflect::encode(&mut enc, &c, &s.reflectors)?;
         worker::encode(&mut enc, &c, &s.workers)
     }
 }

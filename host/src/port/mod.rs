@@ -1,7 +1,8 @@
 //! Ports: everything that moves packets between a cluster and the world
-//! outside it — a VM's virtio-net device over vhost-user (`export`), and
-//! the kinds the other issues add (a host interface, a balancer stage, a
-//! bridge into another cluster).
+//! outside it — a VM's virtio-net device over vhost-user (`export`), a
+//! host interface (`nic`), a reflector that sends every packet back with
+//! its MACs swapped (`reflect`), and the kinds the other issues add (a
+//! balancer stage, a bridge into another cluster).
 //!
 //! A port is handed what it needs when it is made (the pool, the queue ends
 //! it serves, the buffers it starts with) and knows nothing of the daemon
@@ -9,8 +10,10 @@
 //! [`Port::step`] on each of its ports while any of them has traffic, and
 //! sleeps when none has, until one of the ports' wake-up descriptors fires.
 
+pub mod balancer;
 pub mod export;
 pub mod nic;
+pub mod reflect;
 
 use std::os::fd::RawFd;
 use std::time::Duration;
