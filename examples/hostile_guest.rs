@@ -142,6 +142,15 @@ fn run(args: &Args) -> Result<(), String> {
     Ok(())
 }
 
+/// However the run goes (a daemon that vanished mid-test leaves the sender
+/// waiting for room forever), the process ends: it keeps a core busy.
+const LIFETIME: Duration = Duration::from_secs(120);
+
 fn main() -> ExitCode {
+    std::thread::spawn(|| {
+        std::thread::sleep(LIFETIME);
+        eprintln!("hostile_guest: still running after {LIFETIME:?}; giving up");
+        std::process::exit(2);
+    });
     tool::exit("hostile_guest", run(&Args::parse()))
 }

@@ -24,15 +24,30 @@ fn hostile_guest() -> PathBuf {
     p
 }
 
-fn spawn(mut c: Command) -> Child {
-    c.stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
+/// A child process that is killed if the test fails before it is waited
+/// for (a hostile guest left behind keeps a core busy).
+struct Running(Option<Child>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }
 
-fn success(what: &str, child: Child) -> serde_json::Value {
-    let out = wait_output(child, TIMEOUT);
+fn spawn(mut c: Command) -> Running {
+    Running(Some(
+        c.stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    ))
+}
+
+fn success(what: &str, mut child: Running) -> serde_json::Value {
+    let out = wait_output(child.0.take().unwrap(), TIMEOUT);
     assert!(
         out.status.success(),
         "{what}: {}",
@@ -178,7 +193,7 @@ fn rewritten_buffers_are_counted_and_nothing_else_is_affected() {
     let count = spawn(count);
     let mut send = d.tool("zsend");
     send.args(["-i", &d.name(0), "-n", "1000", "-l", "300"]);
-    let out = wait_output(spawn(send), TIMEOUT);
+    let out = wait_output(spawn(send).0.take().unwrap(), TIMEOUT);
     assert!(
         out.status.success(),
         "{}",
