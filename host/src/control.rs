@@ -73,6 +73,9 @@ pub enum Request {
     MovePort { port: String, worker: usize },
     /// About interface ports.
     Nic(NicRequest),
+    /// Hand the cluster over to a new zc-hostd (the binary at the same
+    /// path, with the same arguments) without losing a packet.
+    Restart,
     /// About reflector ports.
     Reflect(ReflectRequest),
 }
@@ -204,6 +207,10 @@ pub enum Reply {
         port: String,
         from: usize,
         to: usize,
+    },
+    /// A graceful restart begins: the daemon `pid` execs its successor.
+    Restarting {
+        pid: u32,
     },
     Error {
         message: String,
