@@ -3,25 +3,31 @@
 # and 1 Mpps, zc next to DPDK in the same invocation. Both sides run the
 # same prober, the zc guest driver's `zping --vhost-user` (busy-polling,
 # core 0); what differs is what sends the probes back:
-#   (zc)   zping --vhost-user -> zc-hostd export rx=0,tx=1 (its worker, core
-#          1) -> queue 1 -> host `zping --reflect` (swaps MACs, sends the
-#          buffer it received) -> queue 0 -> the export -> zping. Zero-copy
-#          all the way: every reply comes back in the buffer its probe left
-#          in (the `same` column). Three threads on two cores, so one of
-#          them must sleep: by default the reflector sleeps on its queue's
-#          futex and shares core 1 with the export's worker, which wakes it
-#          (on zping's core 0 its wake-ups came later, on an idle core a
-#          halted vCPU takes tens of microseconds to wake). REFLECT_CORE and
-#          REFLECT_MODE=busy (a busy-polling reflector) choose otherwise.
+#   (zc)   zping --vhost-user -> zc-hostd export rx=0,tx=1 -> queue 1 ->
+#          the daemon's reflector port (--reflect in=1,out=0: swaps MACs,
+#          sends the buffer it received) -> queue 0 -> the export -> zping.
+#          Export and reflector are ports of ONE worker (core 1), so the
+#          whole reflection happens in one busy-polling thread, as testpmd's
+#          macswap does in DPDK's: two threads on two cores. Zero-copy all
+#          the way: every reply comes back in the buffer its probe left in
+#          (the `same` column).
 #   (dpdk) zping --vhost-user -> testpmd's vhost PMD in --forward-mode=macswap
 #          (its forwarding lcore, core 1; the reflection happens inside the
 #          backend, copy path) -> zping. Two threads on two cores. zc-hostd
 #          runs only for the pool and the export directory the guest driver
 #          reads.
-#   (host) for scale: host zping (core 0) -> queue 0 -> busy-polling host
-#          reflector (core 1) -> queue 1 -> zping. zc's own queues with two
+#   (host) for scale: host zping (core 0) -> queue 0 -> the reflector port on
+#          the worker (core 1) -> queue 1 -> zping. zc's own queues with two
 #          threads on two cores, as DPDK has, but no export in the path.
-# REFLECT_PRIO=N runs the zc reflector real-time (chrt -f N), so that its
+# The worker busy-polls through the gaps between probes as testpmd's lcore
+# does (zc-hostd --idle-spin $IDLE_SPIN µs, default 1000000; zc-hostd's
+# own default is 200 µs, IDLE_SPIN=200 measures that).
+# REFLECT=process measures the earlier layout instead: a host process
+# `zping --reflect` as the reflector of zc and host runs, a third thread on
+# the zc path. It sleeps on its queue's futex (REFLECT_MODE=sleep, the
+# default) and shares core 1 with the export's worker, which wakes it;
+# REFLECT_CORE and REFLECT_MODE=busy (a busy-polling reflector) choose
+# otherwise, and REFLECT_PRIO=N runs it real-time (chrt -f N), so that its
 # wake-ups always preempt the worker it shares core 1 with.
 # Each figure is the median over RUNS runs of SECS seconds (the runs of each
 # kind alternate, so a noisy moment hits both alike); each run waits (up to
@@ -34,6 +40,7 @@
 # hugepages (reserved here if fewer).
 #   benches/latency.sh                          # RUNS=3 SECS=5
 #   RUNS=1 RATES=10000 benches/latency.sh
+#   REFLECT=process benches/latency.sh          # the host-process reflector
 set -euo pipefail
 declare -A last P99
 cd "$(dirname "$0")/.."
@@ -46,7 +53,13 @@ PING_CORE=0
 WORKER_CORE=1
 REFLECT_CORE=${REFLECT_CORE:-$WORKER_CORE}
 REFLECT_MODE=${REFLECT_MODE:-sleep}
+REFLECT=${REFLECT:-port}
+IDLE_SPIN=${IDLE_SPIN:-1000000}
 . benches/lib.sh
+case "$REFLECT" in
+    port | process) ;;
+    *) echo "latency: REFLECT is port or process, not $REFLECT" >&2; exit 1 ;;
+esac
 bench_setup latency 1100
 case "$REFLECT_MODE" in
     sleep) reflect_opt=(--sleep); reflect_desc="sleeps on its queue's futex when idle" ;;
@@ -108,14 +121,15 @@ measured() {
     RES="$a* $b"
 }
 
-# start_hostd [noexport]: cluster with two queues, by default exported on
-# $TMP/vm.sock (rx=0, tx=1) with its worker on WORKER_CORE.
+# start_hostd [noexport] [more zc-hostd options]: cluster with two queues,
+# by default exported on $TMP/vm.sock (rx=0, tx=1) with its worker on
+# WORKER_CORE.
 start_hostd() {
     local export=(--export "$TMP/vm.sock,rx=0,tx=1") ready=$TMP/vm.sock
-    if [ "${1:-}" = noexport ]; then export=(); ready=$ZC_RUN_DIR/$CLUSTER/ctl; fi
+    if [ "${1:-}" = noexport ]; then export=(); ready=$ZC_RUN_DIR/$CLUSTER/ctl; shift; fi
     rm -f "$TMP/vm.sock"
-    "$B/zc-hostd" -c "$CLUSTER" -q 2 --buffers 16384 "${export[@]}" \
-        -g "$WORKER_CORE" >"$TMP/hostd.log" 2>&1 &
+    "$B/zc-hostd" -c "$CLUSTER" -q 2 --buffers 16384 "${export[@]}" "$@" \
+        -g "$WORKER_CORE" --idle-spin "$IDLE_SPIN" >"$TMP/hostd.log" 2>&1 &
     HOSTD=$!
     PIDS+=("$HOSTD")
     for _ in $(seq 200); do [ -S "$ready" ] && break; sleep 0.05; done
@@ -137,24 +151,34 @@ probe() {
 }
 
 zc_run() {
-    start_hostd
-    "${reflect_run[@]}" "$B/zping" --reflect -i "zc:$CLUSTER@1" -o "zc:$CLUSTER@0" \
-        "${reflect_opt[@]}" -g "$REFLECT_CORE" >/dev/null 2>&1 &
-    local r=$!
-    sleep 0.5
+    local r=""
+    if [ "$REFLECT" = port ]; then
+        start_hostd --reflect in=1,out=0
+    else
+        start_hostd
+        "${reflect_run[@]}" "$B/zping" --reflect -i "zc:$CLUSTER@1" -o "zc:$CLUSTER@0" \
+            "${reflect_opt[@]}" -g "$REFLECT_CORE" >/dev/null 2>&1 &
+        r=$!
+        sleep 0.5
+    fi
     probe "$1" -i "zc:$CLUSTER@1" --vhost-user "$TMP/vm.sock"
-    kill -INT "$r" 2>/dev/null; wait "$r" 2>/dev/null || true
-    "$B/zc-hostd" -c "$CLUSTER" stats 2>&1 | grep '^export' >"$TMP/stats.$1" || true
+    if [ -n "$r" ]; then kill -INT "$r" 2>/dev/null; wait "$r" 2>/dev/null || true; fi
+    "$B/zc-hostd" -c "$CLUSTER" stats 2>&1 | grep -E '^(export|reflect)' | sed 's/ | / /g' >"$TMP/stats.$1" || true
     stop_hostd
 }
 
 host_run() {
-    start_hostd noexport
-    "$B/zping" --reflect -i "zc:$CLUSTER@0" -o "zc:$CLUSTER@1" -g "$WORKER_CORE" >/dev/null 2>&1 &
-    local r=$!
-    sleep 0.5
+    local r=""
+    if [ "$REFLECT" = port ]; then
+        start_hostd noexport --reflect in=0,out=1
+    else
+        start_hostd noexport
+        "$B/zping" --reflect -i "zc:$CLUSTER@0" -o "zc:$CLUSTER@1" -g "$WORKER_CORE" >/dev/null 2>&1 &
+        r=$!
+        sleep 0.5
+    fi
     probe "$1" -i "zc:$CLUSTER@0" -o "zc:$CLUSTER@1"
-    kill -INT "$r" 2>/dev/null; wait "$r" 2>/dev/null || true
+    if [ -n "$r" ]; then kill -INT "$r" 2>/dev/null; wait "$r" 2>/dev/null || true; fi
     stop_hostd
 }
 
@@ -178,12 +202,21 @@ dpdk_run() {
     stop_hostd
 }
 
-echo "thread-to-core layout (2 cores):"
-echo "  zc:   core $PING_CORE: zping --vhost-user (guest driver, busy-polls)$([ "$REFLECT_CORE" = "$PING_CORE" ] && echo ", zping --reflect ($reflect_desc)")"
-echo "        core $WORKER_CORE: zc-hostd worker (the export, busy-polls while probes flow)$([ "$REFLECT_CORE" = "$WORKER_CORE" ] && echo ", zping --reflect ($reflect_desc)")"
+echo "thread-to-core layout (2 cores), reflector: REFLECT=$REFLECT, zc-hostd --idle-spin $IDLE_SPIN:"
+if [ "$REFLECT" = port ]; then
+    echo "  zc:   core $PING_CORE: zping --vhost-user (guest driver, busy-polls)"
+    echo "        core $WORKER_CORE: zc-hostd worker 0: the export and the reflector port --reflect in=1,out=0 (busy-polls while probes flow)"
+else
+    echo "  zc:   core $PING_CORE: zping --vhost-user (guest driver, busy-polls)$([ "$REFLECT_CORE" = "$PING_CORE" ] && echo ", zping --reflect ($reflect_desc)")"
+    echo "        core $WORKER_CORE: zc-hostd worker (the export, busy-polls while probes flow)$([ "$REFLECT_CORE" = "$WORKER_CORE" ] && echo ", zping --reflect ($reflect_desc)")"
+fi
 echo "  dpdk: core $PING_CORE: zping --vhost-user (guest driver, busy-polls), testpmd main lcore (idle)"
 echo "        core $WORKER_CORE: testpmd forwarding lcore (vhost PMD, macswap, busy-polls)"
-echo "  host: core $PING_CORE: host zping (busy-polls) | core $WORKER_CORE: zping --reflect (busy-polls)"
+if [ "$REFLECT" = port ]; then
+    echo "  host: core $PING_CORE: host zping (busy-polls) | core $WORKER_CORE: zc-hostd worker 0, reflector port --reflect in=0,out=1"
+else
+    echo "  host: core $PING_CORE: host zping (busy-polls) | core $WORKER_CORE: zping --reflect (busy-polls)"
+fi
 echo "$LEN-byte probes, $SECS s per run, medians of $RUNS runs, round-trip times in microseconds"
 printf '%-12s %-5s %9s %9s %9s   %s\n' rate path p50 p99 p99.9 "replies (zc: in the probe's own buffer)"
 for rate in $RATES; do
@@ -212,6 +245,6 @@ for rate in $RATES; do
     done
     us() { awk '{ for (i = 1; i <= NF; i++) printf "%.1f ", $i / 1000 }'; }
     echo "             p99 zc/dpdk $(awk -v z="${P99[zc]}" -v d="${P99[dpdk]}" 'BEGIN { printf "%.2f", (d > 0 ? z / d : 0) }'); runs' p99: zc $(us <<<"${p99[zc]}")| dpdk $(us <<<"${p99[dpdk]}")| host $(us <<<"${p99[host]}")"
-    echo "             export counters after the last zc run: $(cat "$TMP/stats.$rate" 2>/dev/null)"
+    echo "             counters after the last zc run: $(tr '\n' ' ' <"$TMP/stats.$rate" 2>/dev/null)"
 done
 echo "'*': some run was disturbed by other processes in every attempt (the least disturbed counted)."

@@ -11,9 +11,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use thiserror::Error;
-use zc_proto::{
-    BufferHandle, BufferIndex, PoolHeader, PoolLayout, PoolView, QueueEnd, Receiver, Sender,
-};
+use zc_proto::{BufferHandle, BufferIndex, PoolLayout, PoolView, QueueEnd, Receiver, Sender};
 
 /// Default directory of the control sockets (`<run-dir>/<cluster>/ctl`).
 pub const DEFAULT_RUN_DIR: &str = "/run/zc";
@@ -194,12 +192,19 @@ fn attach<E: PeerBell>(
     if size < zc_proto::layout::HEADER_SIZE {
         return Err(ClientError::Pool("smaller than its header".into()));
     }
+    // The geometry comes from the daemon, not from the pool's header: every
+    // guest of the cluster may write the header, and a scribbled one must
+    // not stop host processes from attaching.
+    let layout = PoolLayout::new(info.cluster, info.buf_size, info.buf_count)
+        .map_err(|e| ClientError::Pool(e.to_string()))?;
+    if layout.pool_size != info.pool_size || layout.pool_size > size {
+        return Err(ClientError::Pool(format!(
+            "zc-hostd says {} bytes, its geometry makes {}, the file has {size}",
+            info.pool_size, layout.pool_size
+        )));
+    }
     let pool_map = Mapping::map(pool_fd.as_fd(), size as usize, true)
         .map_err(|e| ClientError::Pool(e.to_string()))?;
-    // SAFETY: size >= HEADER_SIZE, so the header lies inside the mapping.
-    let header = unsafe { std::ptr::read_volatile(pool_map.as_ptr().cast::<PoolHeader>()) };
-    let layout =
-        PoolLayout::from_header(&header, size).map_err(|e| ClientError::Pool(e.to_string()))?;
     let view = PoolView::owning(std::sync::Arc::new(pool_map), layout)
         .ok_or_else(|| ClientError::Pool("smaller than its layout".into()))?;
     let queues = QueueArea::open(queue_fd, &layout)?;

@@ -23,8 +23,10 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use zc_proto::BufferIndex;
 
-/// How long a worker keeps polling after the last packet before it sleeps.
-const IDLE_SPIN: Duration = Duration::from_micros(200);
+/// How long a worker keeps polling after the last packet before it sleeps,
+/// unless told otherwise (`zc-hostd --idle-spin`): long enough to poll
+/// through the gaps of steady traffic down to about 5 kpps.
+pub const DEFAULT_IDLE_SPIN: Duration = Duration::from_micros(200);
 /// Idle polls before the clock is even looked at.
 const IDLE_POLLS: u32 = 64;
 /// Longest sleep: every port is looked at again after it, wake-up or not.
@@ -199,13 +201,14 @@ struct Worker {
     window_busy: u64,
     window_len: u64,
     sleeps: u64,
+    idle_spin: Duration,
 }
 
 impl Worker {
     fn run(mut self) {
         let mut idle: u32 = 0;
         let mut idle_since: u64 = 0;
-        let idle_spin = clock::cycles(IDLE_SPIN);
+        let idle_spin = clock::cycles(self.idle_spin);
         loop {
             if self.shared.seq.load(Ordering::Acquire) != self.seen && !self.control() {
                 return;
@@ -399,6 +402,17 @@ impl Workers {
     /// when cores are given (checked by the caller with `cpu::check_cores`;
     /// `cpu::pin_to` refuses any other core without panicking).
     pub fn start(n: usize, cores: &[usize]) -> Result<Workers, WorkerError> {
+        Self::start_spinning(n, cores, DEFAULT_IDLE_SPIN)
+    }
+
+    /// As [`Workers::start`], each worker polling for `idle_spin` after its
+    /// last packet before it sleeps (longer: lower latency at low rates,
+    /// at the price of a busy core between packets).
+    pub fn start_spinning(
+        n: usize,
+        cores: &[usize],
+        idle_spin: Duration,
+    ) -> Result<Workers, WorkerError> {
         let mut handles = Vec::new();
         for index in 0..n.max(1) {
             let start = |source| WorkerError::Start {
@@ -429,6 +443,7 @@ impl Workers {
                 window_busy: 0,
                 window_len: clock::cycles(WINDOW),
                 sleeps: 0,
+                idle_spin,
             };
             let thread = std::thread::Builder::new()
                 .name(format!("zc-worker-{index}"))
@@ -765,6 +780,21 @@ mod tests {
         fb.push(0..7);
         fb.wait_for(7, Duration::from_secs(2));
         assert_eq!(fa.out(), (0..100).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_worker_told_to_spin_longer_polls_through_a_gap_instead_of_sleeping() {
+        let w = Workers::start_spinning(1, &[], Duration::from_secs(5)).unwrap();
+        let (a, fa) = fake("a", &[]);
+        w.add(PortId(1), a, None).unwrap();
+        fa.push(0..10);
+        fa.wait_for(10, Duration::from_secs(2));
+        // A gap far longer than the default spin, far shorter than this one.
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(w.stats()[0].sleeps, 0, "it kept polling");
+        fa.push(10..20);
+        fa.wait_for(20, Duration::from_secs(2));
+        assert_eq!(w.stats()[0].sleeps, 0);
     }
 
     #[test]

@@ -80,6 +80,8 @@ pub struct DaemonOptions {
     /// Poll threads, and the cores they are pinned to.
     pub workers: usize,
     pub cores: Vec<usize>,
+    /// How long a worker polls after its last packet before it sleeps.
+    pub idle_spin: Duration,
     /// The group of the export sockets and the pool file, so that a QEMU
     /// running as another user (libvirt's) may open them (`--vm-group`).
     pub vm_group: Option<u32>,
@@ -276,7 +278,7 @@ impl Daemon {
                 return Err(e.into());
             }
         }
-        let workers = match Workers::start(opts.workers, &opts.cores) {
+        let workers = match Workers::start_spinning(opts.workers, &opts.cores, opts.idle_spin) {
             Ok(w) => Arc::new(w),
             Err(e) => {
                 undo(files);

@@ -304,7 +304,10 @@ impl PacketPort {
         let max = self.pool.layout().max_packet() as usize;
         let (mut too_long, mut bad) = (0u64, 0u64);
         let mut bytes = 0u64;
-        while self.rx_batch.len() < BURST {
+        // Stop before taking a packet off the ring when there is no buffer
+        // to copy it into: it stays in the kernel's block until one is back
+        // (taking it first lost it without a count).
+        while self.rx_batch.len() < BURST && !self.spare.is_empty() {
             let blk = rx.block as usize * RX_BLOCK as usize;
             let status = rx.map.word(blk + BLK_STATUS);
             if status.load(Ordering::Acquire) & TP_STATUS_USER == 0 {
@@ -346,6 +349,7 @@ impl PacketPort {
                 too_long += 1;
                 continue;
             }
+            // Never empty here: the loop runs only while a spare is left.
             let Some(b) = self.spare.pop() else { break };
             // SAFETY: popped off the port's spares: ours, named by no handle.
             let mut h = unsafe { BufferHandle::from_raw(b, 0) };
