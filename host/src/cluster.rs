@@ -10,6 +10,7 @@
 //! (neither in a ring nor a guest's) and goes back to the spare list.
 
 use crate::control::{ClusterInfo, Role};
+use crate::handover::{HandedExport, Handover, PortHands};
 use crate::owner::OwnerTable;
 use crate::paths::{self, Owned};
 use crate::pool::{Backing, Pool, PoolError, PoolOptions};
@@ -52,6 +53,9 @@ pub struct Adopted {
     pub spare: usize,
     /// Ring slots that named no valid or an already counted buffer.
     pub repaired: usize,
+    /// A graceful restart: the predecessor handed over its exports' hands,
+    /// with this many buffers holding this many packets (`None`: it died).
+    pub handed: Option<(usize, usize)>,
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -154,6 +158,9 @@ pub struct Cluster {
     stranded: u64,
     /// The queue area's and owner table's files.
     state_files: Vec<Owned>,
+    /// What a predecessor's exports held at a graceful restart, until the
+    /// exports of those slots start again (`take_handed`).
+    handed: Vec<HandedExport>,
 }
 
 /// Where a cluster's host-private files live: beside its lock.
@@ -249,6 +256,7 @@ impl Cluster {
             active: Default::default(),
             stranded: 0,
             state_files,
+            handed: Vec::new(),
         }
     }
 
@@ -264,6 +272,7 @@ impl Cluster {
         match Self::adopt(pool_opts, geometry) {
             Some((c, a)) => Ok((c, Some(a))),
             None => {
+                Handover::remove(&state_dir(pool_opts));
                 if state_dir(pool_opts).join(QUEUES_FILE).exists() {
                     log::warn!(
                         "the cluster {} a zc-hostd that died left behind does not fit these options \
@@ -311,6 +320,34 @@ impl Cluster {
                 in_guests += 1;
             }
         }
+        // A graceful restart: the hands of the predecessor's exports, each
+        // taken whole or (naming a buffer out of range or counted already)
+        // not at all.
+        let handover = Handover::take(&dir);
+        let graceful = handover.is_some();
+        let mut handed = handover.map(|h| h.exports).unwrap_or_default();
+        let (mut in_hands, mut packets) = (0, 0);
+        for e in &mut handed {
+            let bufs: Vec<u32> = e.hands.buffers().collect();
+            let fits = bufs.iter().all(|&b| (b as usize) < count)
+                && bufs
+                    .iter()
+                    .enumerate()
+                    .all(|(i, b)| !used[*b as usize] && !bufs[..i].contains(b));
+            if !fits {
+                log::warn!(
+                    "the handover of export {} names buffers that are elsewhere; its hands are found by elimination",
+                    e.path.display()
+                );
+                e.hands = PortHands::default();
+                continue;
+            }
+            for b in bufs {
+                used[b as usize] = true;
+                in_hands += 1;
+            }
+            packets += e.hands.packets();
+        }
         let mut spare: Vec<BufferIndex> = (0..count as u32)
             .rev()
             .filter(|&i| !used[i as usize])
@@ -329,11 +366,11 @@ impl Cluster {
             in_guests,
             spare: spare.len(),
             repaired,
+            handed: graceful.then_some((in_hands, packets)),
         };
-        Some((
-            Self::assemble(pool, queues, owners, spare, geometry, state_files),
-            adopted,
-        ))
+        let mut c = Self::assemble(pool, queues, owners, spare, geometry, state_files);
+        c.handed = handed;
+        Some((c, adopted))
     }
 
     /// After an adoption, the exports that run again are known: buffers
@@ -349,6 +386,40 @@ impl Cluster {
             }
         }
         n
+    }
+
+    /// The hands the predecessor's export in `slot` on socket `path`
+    /// handed over (a graceful restart), for the export starting there.
+    pub fn take_handed(&mut self, slot: usize, path: &std::path::Path) -> Option<PortHands> {
+        let e = self
+            .handed
+            .iter_mut()
+            .find(|e| e.slot == slot && e.path == path)?;
+        Some(std::mem::take(&mut e.hands))
+    }
+
+    /// The exports `attach` had added before a graceful restart, to be
+    /// started again in their slots.
+    pub fn handed_attachments(&self) -> Vec<HandedExport> {
+        self.handed
+            .iter()
+            .filter(|e| e.attached.is_some())
+            .cloned()
+            .collect()
+    }
+
+    /// Hands that no export took over go back to the spare list (their
+    /// exports were not started again): returns (buffers, packets lost).
+    pub fn release_handed(&mut self) -> (usize, usize) {
+        let (mut n, mut lost) = (0, 0);
+        for e in std::mem::take(&mut self.handed) {
+            lost += e.hands.packets();
+            for b in e.hands.buffers() {
+                self.spare.push(BufferIndex::new(b));
+                n += 1;
+            }
+        }
+        (n, lost)
     }
 
     pub fn id(&self) -> u32 {
@@ -741,7 +812,8 @@ mod tests {
                 in_queues: 512,
                 in_guests: 3,
                 spare: 1024 - 512 - 3,
-                repaired: 0
+                repaired: 0,
+                handed: None
             }),
             "the process's buffers and the old spares are spare again"
         );
@@ -770,6 +842,55 @@ mod tests {
             !dir.path().join("zc/7").exists(),
             "pool, queue area and owner table are gone"
         );
+    }
+
+    #[test]
+    fn a_graceful_handover_keeps_the_hands_out_of_the_spare_list() {
+        use crate::handover::HandedExport;
+        let dir = tempfile::tempdir().unwrap();
+        let (opts, geometry) = options(dir.path());
+        let (mut c, _) = Cluster::open(&opts, geometry).unwrap();
+        let hands: Vec<u32> = c.take_spare(4).unwrap().iter().map(|b| b.get()).collect();
+        drop(c);
+        let exports = vec![
+            HandedExport {
+                slot: 0,
+                path: "/tmp/a.sock".into(),
+                hands: PortHands {
+                    rx_packets: vec![(hands[0], 60)],
+                    rx_empty: vec![hands[1]],
+                    tx_pending: vec![(hands[2], 70)],
+                    tx_empty: vec![],
+                },
+                attached: None,
+            },
+            // Names a buffer that is in a ring: not taken over.
+            HandedExport {
+                slot: 1,
+                path: "/tmp/b.sock".into(),
+                hands: PortHands {
+                    rx_empty: vec![hands[3], 0],
+                    ..Default::default()
+                },
+                attached: None,
+            },
+        ];
+        Handover { exports }.write(&state_dir(&opts)).unwrap();
+        let (mut c, adopted) = Cluster::open(&opts, geometry).unwrap();
+        let a = adopted.unwrap();
+        assert_eq!(a.handed, Some((3, 2)));
+        assert_eq!(c.spare_count(), 512 - 3);
+        assert!(!Handover::path(&state_dir(&opts)).exists(), "read once");
+        assert_eq!(c.take_handed(1, "/tmp/a.sock".as_ref()), None, "wrong slot");
+        let h = c.take_handed(0, "/tmp/a.sock".as_ref()).unwrap();
+        assert_eq!(h.rx_packets, [(hands[0], 60)]);
+        assert_eq!(c.release_handed(), (0, 0), "slot 1's hands were refused");
+        drop(c);
+        // A crash after this: no handover, the hands are spare again.
+        let (c, adopted) = Cluster::open(&opts, geometry).unwrap();
+        assert_eq!(adopted.unwrap().handed, None);
+        assert_eq!(c.spare_count(), 512);
+        c.remove_files();
     }
 
     #[test]

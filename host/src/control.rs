@@ -74,6 +74,9 @@ pub enum Request {
     MovePort { port: String, worker: usize },
     /// About interface ports.
     Nic(NicRequest),
+    /// Hand the cluster over to a new zc-hostd (the binary at the same
+    /// path, with the same arguments) without losing a packet.
+    Restart,
     /// About reflector ports.
     Reflect(ReflectRequest),
     /// About balancers.
@@ -226,6 +229,10 @@ pub enum Reply {
         port: String,
         from: usize,
         to: usize,
+    },
+    /// A graceful restart begins: the daemon `pid` execs its successor.
+    Restarting {
+        pid: u32,
     },
     Error {
         message: String,

@@ -12,7 +12,8 @@
 //! composes all of these; nothing else depends on it.
 //! `access` says who may open the sockets and the pool, `peer` who is on the
 //! other end of a control connection; `paths` keeps the daemon from replacing or removing files that are not
-//! its own; `cpu` checks and applies `-g`.
+//! its own; `cpu` checks and applies `-g`; `handover` is what a daemon
+//! leaves its successor at a graceful restart.
 
 pub mod access;
 pub mod client;
@@ -21,6 +22,7 @@ pub mod control;
 pub mod cpu;
 pub mod daemon;
 pub mod futex;
+pub mod handover;
 pub mod hotplug;
 pub mod journal;
 pub mod libvirt;

@@ -13,7 +13,7 @@ use zc_host::control::{
 };
 use zc_host::daemon::policy::Allow;
 use zc_host::daemon::registry::ExportConfig;
-use zc_host::daemon::server::{Daemon, DaemonOptions};
+use zc_host::daemon::server::{Daemon, DaemonOptions, Stopped};
 use zc_host::daemon::vm::queues_text;
 use zc_host::pool::PoolOptions;
 use zc_host::port::balancer::{balance_lines, BalancePortStats, BalanceSpec};
@@ -67,7 +67,9 @@ touch another, and a bug in one cluster's exports cannot reach another cluster's
 Who may attach: root, zc-hostd's own user and the members of the control socket's group \
 (--group, checked on each peer's credentials); --allow reserves a queue for a user or group; \
 attach, detach, nic and move are for root and zc-hostd's user only.\n\n\
-Stop the daemon with Ctrl-C or SIGTERM: it removes the cluster's files. A daemon that \
+Stop the daemon with Ctrl-C or SIGTERM: it removes the cluster's files. `zc-hostd -c ID \
+restart` or SIGHUP restarts it without losing a packet (the binary at the same path: an \
+upgrade). A daemon that \
 was killed (or crashed) is replaced by starting zc-hostd again with the same options: it takes \
 the cluster over (same pool file, queues with the packets in them, exports on the same sockets), \
 and VMs started with the --qemu-args options reconnect within a second; restart host processes \
@@ -315,6 +317,21 @@ runs which port and how busy each is."
 every buffer it or the kernel held comes back to the pool."
     )]
     Nic(NicCmd),
+    /// Restart the running daemon without losing a packet: it hands the
+    /// cluster over to the binary at its path (an upgrade: install the new
+    /// one first), with the same arguments; SIGHUP does the same.
+    #[command(
+        long_about = "Restart the running daemon gracefully, e.g. to upgrade it: `install` the new \
+zc-hostd over the old one, then `zc-hostd -c 99 restart` (or send it SIGHUP). The daemon stops \
+taking work, takes every export off its worker between two steps, writes what the exports hold \
+in their hands (with the packets in them) and the exports `attach` added beside the cluster's \
+files, gives up the cluster lock and execs the binary at its path with the same arguments, in \
+the same process. The new daemon takes the cluster over: the same pool, queues with their \
+packets, exports on the same sockets, the handed-over packets delivered; VMs reconnect within a \
+second (their link goes down and up once). Host processes attached to the cluster must be \
+stopped before and started again after. This command waits until the new daemon serves."
+    )]
+    Restart,
     /// Add or remove a reflector on the running daemon.
     #[command(
         subcommand,
@@ -716,6 +733,9 @@ fn print_libvirt_xml(
 }
 
 fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    // Where this binary is, before anyone replaces it: a graceful restart
+    // runs whatever is at that path then.
+    let exe = std::env::current_exe();
     let cluster = args
         .cluster
         .ok_or("the cluster id is required: -c ID (e.g. -c 99)")?;
@@ -786,6 +806,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             return Ok(());
         }
         Some(Cmd::Nic(n)) => return nic_command(&args, cluster, n),
+        Some(Cmd::Restart) => return restart(&args, cluster),
         Some(Cmd::Reflect(r)) => return reflect_command(&args, cluster, r),
         Some(Cmd::Balance(b)) => return balance_command(&args, cluster, b),
         Some(Cmd::Attach(v)) => return vm_command(&args, cluster, true, v),
@@ -869,6 +890,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         .as_deref()
         .map(zc_host::metrics::Bound::listen)
         .transpose()?;
+    let state_dir = zc_host::cluster::state_dir(&opts.pool);
     let daemon = Daemon::start(opts)?;
     let _metrics = match metrics {
         Some(bound) => {
@@ -893,7 +915,23 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     };
     let guard = daemon.cluster();
     let pool = guard.pool();
-    if let Some(a) = daemon.adopted() {
+    if let Some(
+        a @ zc_host::cluster::Adopted {
+            handed: Some((bufs, packets)),
+            ..
+        },
+    ) = daemon.adopted()
+    {
+        say!(
+            Info,
+            "zc-hostd: cluster {cluster} handed over by the zc-hostd before (graceful restart): same pool {}, \
+             {} buffers in the queues, {} held by guests, {bufs} in the exports' hands with {packets} packets, {} spare",
+            pool.path().display(),
+            a.in_queues,
+            a.in_guests,
+            a.spare,
+        );
+    } else if let Some(a) = daemon.adopted() {
         say!(
             Info,
             "zc-hostd: cluster {cluster} taken over from a zc-hostd that died: same pool {}, \
@@ -997,7 +1035,10 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             }
         });
     }
-    let sig = daemon.run()?;
+    let sig = match daemon.run()? {
+        Stopped::Signal(sig) => sig,
+        Stopped::Restart => return exec_successor(cluster, exe, &state_dir),
+    };
     let name = if sig == libc::SIGTERM {
         "SIGTERM"
     } else {
@@ -1008,4 +1049,63 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         "zc-hostd: cluster {cluster} stopped ({name}); its files are removed"
     );
     Ok(())
+}
+
+/// The end of a graceful restart: the binary at the path this one was
+/// started from (a new one, if it was replaced meanwhile: an upgrade) runs
+/// in this process, with the same arguments and environment, and takes
+/// the cluster over from the handover.
+fn exec_successor(
+    cluster: u32,
+    exe: std::io::Result<PathBuf>,
+    state_dir: &Path,
+) -> Result<(), Box<dyn std::error::Error>> {
+    use std::os::unix::process::CommandExt;
+    let keep = format!(
+        "the cluster's files stay: start zc-hostd -c {cluster} again with the same options to take it over"
+    );
+    let exe =
+        exe.map_err(|e| format!("cannot restart: where is this zc-hostd's binary? {e}; {keep}"))?;
+    say!(
+        Info,
+        "zc-hostd: cluster {cluster}: handed over; restarting as {}",
+        exe.display()
+    );
+    let mut args = std::env::args_os();
+    let mut cmd = std::process::Command::new(&exe);
+    if let Some(arg0) = args.next() {
+        cmd.arg0(arg0);
+    }
+    let e = cmd.args(args).exec();
+    zc_host::handover::Handover::remove(state_dir);
+    Err(format!("cannot restart as {}: {e}; {keep}", exe.display()).into())
+}
+
+/// `restart`: asks the daemon to hand over to a new one, then waits until
+/// the new one serves. The old one closes this connection once it stopped
+/// serving, and never answers again: an answer after that is the new one's.
+fn restart(args: &Args, cluster: u32) -> Result<(), Box<dyn std::error::Error>> {
+    let sock = client::connect(&args.run_dir, cluster)?;
+    let Reply::Restarting { pid } = client::call(&sock, &Request::Restart)?.0 else {
+        return Err("unexpected reply from zc-hostd".into());
+    };
+    sock.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let _ = std::io::Read::read(&mut &sock, &mut [0u8; 1]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(info) = client::cluster_info(&args.run_dir, cluster) {
+            println!(
+                "cluster {cluster} restarted: zc-hostd pid {} serves it ({} spare buffers)",
+                info.daemon_pid, info.spare_buffers
+            );
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "zc-hostd (pid {pid}) did not serve cluster {cluster} again within 30 s; see its log"
+            )
+            .into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

@@ -6,6 +6,7 @@
 use crate::access::Access;
 use crate::cluster::{AttachError, BufferHolder, Cluster, Held};
 use crate::control::Role;
+use crate::handover::{HandedExport, PortHands};
 use crate::port::export::shared::ExportShared;
 use crate::port::export::{backend, directory, ExportParts, ExportPort, ExportSpec, BURST};
 use crate::queues::Side;
@@ -23,6 +24,8 @@ use zc_proto::BufferIndex;
 pub enum ExportError {
     #[error("at most {MAX_EXPORTS} exports per cluster")]
     TooMany,
+    #[error("directory slot {0} is taken by another export")]
+    SlotTaken(usize),
     #[error("export {export}: {source}")]
     Attach { export: String, source: AttachError },
     #[error(transparent)]
@@ -93,6 +96,9 @@ struct Claim {
     rx_hand: Vec<BufferIndex>,
     tx_hand: Vec<BufferIndex>,
     stock: Vec<BufferIndex>,
+    /// Packets a predecessor's port held (a graceful restart).
+    rx_packets: Vec<(BufferIndex, u32)>,
+    tx_pending: Vec<(BufferIndex, u32)>,
     rx_end: Option<Consumer>,
     tx_end: Option<Producer>,
 }
@@ -103,8 +109,28 @@ impl Claim {
             .into_iter()
             .flatten()
             .copied()
+            .chain(self.rx_packets.iter().chain(&self.tx_pending).map(|p| p.0))
             .collect()
     }
+}
+
+/// Hands handed over for an export of `spec`, if they have its shape (a
+/// burst each way, none towards the guest without an rx queue).
+fn fitting_hands(c: &mut Cluster, slot: usize, spec: &ExportSpec) -> Option<PortHands> {
+    let h = c.take_handed(slot, &spec.path)?;
+    let rx = h.rx_packets.len() + h.rx_empty.len();
+    let tx = h.tx_pending.len() + h.tx_empty.len();
+    let want_rx = if spec.rx.is_some() { BURST } else { 0 };
+    if rx == want_rx && tx == BURST && (spec.tx.is_some() || h.tx_pending.is_empty()) {
+        return Some(h);
+    }
+    log::warn!(
+        "export {}: the hands handed over do not fit it; {} packets in them are lost",
+        spec.path.display(),
+        h.packets()
+    );
+    c.give_spare(h.buffers().map(BufferIndex::new).collect());
+    None
 }
 
 /// Takes queue roles, hands and stock for an export in `slot`, and writes
@@ -132,14 +158,24 @@ fn claim(
     // cluster was adopted) stays its stock; only the rest is new.
     let kept = c.owners().guest_buffers(slot);
     let new_stock = stock_n.saturating_sub(kept.len() as u32);
+    // After a graceful restart the hands are the predecessor's, packets
+    // and all.
+    let handed = fitting_hands(c, slot, spec);
+    let hands = if handed.is_some() { 0 } else { hands };
     let taken = spec
         .tx
         .map_or(Ok(()), |q| c.attach_export(name, q, Role::Producer))
         .and_then(|()| c.take_spare(new_stock + hands));
+    let give_back = |c: &mut Cluster, h: Option<PortHands>| {
+        if let Some(h) = h {
+            c.give_spare(h.buffers().map(BufferIndex::new).collect());
+        }
+    };
     let mut stock = match taken {
         Ok(b) => b,
         Err(e) => {
             c.detach_export(name, spec.rx, spec.tx);
+            give_back(c, handed);
             return Err(attach(e));
         }
     };
@@ -148,18 +184,37 @@ fn claim(
         Err(source) => {
             c.detach_export(name, spec.rx, spec.tx);
             c.give_spare(stock);
+            give_back(c, handed);
             return Err(ExportError::Io {
                 export: name.to_string(),
                 source,
             });
         }
     };
-    let rx_hand: Vec<BufferIndex> = if spec.rx.is_some() {
-        stock.drain(..BURST).collect()
-    } else {
-        Vec::new()
+    let index = |v: Vec<u32>| v.into_iter().map(BufferIndex::new).collect::<Vec<_>>();
+    let packets = |v: Vec<(u32, u32)>| {
+        v.into_iter()
+            .map(|(b, len)| (BufferIndex::new(b), len))
+            .collect::<Vec<_>>()
     };
-    let tx_hand: Vec<BufferIndex> = stock.drain(..BURST).collect();
+    let (rx_hand, tx_hand, rx_packets, tx_pending) = match handed {
+        Some(h) => (
+            index(h.rx_empty),
+            index(h.tx_empty),
+            packets(h.rx_packets),
+            packets(h.tx_pending),
+        ),
+        None => (
+            if spec.rx.is_some() {
+                stock.drain(..BURST).collect()
+            } else {
+                Vec::new()
+            },
+            stock.drain(..BURST).collect(),
+            Vec::new(),
+            Vec::new(),
+        ),
+    };
     for b in &stock {
         c.owners().give_to_guest(*b, slot);
     }
@@ -182,6 +237,8 @@ fn claim(
         rx_hand,
         tx_hand,
         stock,
+        rx_packets,
+        tx_pending,
         rx_end: spec.rx.map(|q| c.queues().consumer(q)),
         tx_end: spec.tx.map(|q| c.queues().producer(q)),
     })
@@ -259,41 +316,110 @@ impl Registry {
         (exports, self.workers.stats())
     }
 
-    /// Starts the exports of the command line, in slots 0, 1, ...
-    pub fn start_all(&self, configs: &[ExportConfig]) -> Result<(), ExportError> {
+    /// Starts the exports of the command line, in slots 0, 1, ..., then
+    /// those `attach` had added before a graceful restart, in their old
+    /// slots; returns the latter that started again (one that does not is
+    /// logged, not fatal: its VM loses that device, the daemon goes on).
+    pub fn start_all(
+        &self,
+        configs: &[ExportConfig],
+        restored: &[HandedExport],
+    ) -> Result<Vec<(HandedExport, Arc<ExportShared>)>, ExportError> {
         if configs.len() > MAX_EXPORTS {
             return Err(ExportError::TooMany);
         }
         for cfg in configs {
-            self.start(cfg.clone())?;
+            self.start(cfg.clone(), None)?;
+        }
+        let mut again = Vec::new();
+        for h in restored {
+            let Some(a) = &h.attached else { continue };
+            let spec = ExportSpec {
+                path: h.path.clone(),
+                rx: a.info.rx_queue,
+                tx: a.info.tx_queue,
+                mac: a.mac,
+            };
+            let cfg = ExportConfig {
+                spec,
+                stock: self.stock,
+            };
+            match self.start(cfg, Some(h.slot)) {
+                Ok(shared) => again.push((h.clone(), shared)),
+                Err(e) => log::warn!(
+                    "the export attach had added to VM {} does not start again: {e}",
+                    a.info.vm
+                ),
+            }
         }
         // Guests of slots that did not start again (after an adoption)
-        // hold nothing any more.
+        // hold nothing any more, nor do hands nobody took over.
         let slots: Vec<usize> = self.shared().iter().map(|s| s.slot).collect();
-        let n = lock(&self.cluster).release_guests_except(&slots);
+        let mut c = lock(&self.cluster);
+        let n = c.release_guests_except(&slots);
         if n > 0 {
             log::warn!(
                 "{n} buffers held by guests of exports that were not started again are back in the pool"
             );
         }
-        Ok(())
+        let (n, lost) = c.release_handed();
+        if n > 0 {
+            log::warn!(
+                "{n} buffers in the hands of exports that were not started again are back in the pool; {lost} packets in them are lost"
+            );
+        }
+        Ok(again)
+    }
+
+    /// A graceful restart: takes every export port off its worker and
+    /// returns what each holds in its hands, leaving the directory, the
+    /// owner table and the sockets as they are for the successor. The
+    /// exports are not usable afterwards (the process is about to exec).
+    pub fn hand_over(&self) -> Vec<(Arc<ExportShared>, Option<PortHands>)> {
+        let list = lock(&self.exports);
+        list.iter()
+            .map(|e| {
+                let hands = match self.workers.take(e.id) {
+                    Ok(port) => port.hands(),
+                    Err(err) => {
+                        log::warn!(
+                            "export {}: its worker did not give it up ({err}); its hands are found by elimination",
+                            e.shared.name
+                        );
+                        None
+                    }
+                };
+                (e.shared.clone(), hands)
+            })
+            .collect()
     }
 
     /// Starts an export of `spec` at run time, with the daemon's `--stock`.
     pub fn add(&self, spec: ExportSpec) -> Result<Arc<ExportShared>, ExportError> {
-        self.start(ExportConfig {
-            spec,
-            stock: self.stock,
-        })
+        self.start(
+            ExportConfig {
+                spec,
+                stock: self.stock,
+            },
+            None,
+        )
     }
 
-    /// Starts one export in the lowest free directory slot: claim, socket,
-    /// port on a worker, vhost-user thread. On failure nothing of it is left.
-    fn start(&self, cfg: ExportConfig) -> Result<Arc<ExportShared>, ExportError> {
+    /// Starts one export in directory slot `at`, or the lowest free one:
+    /// claim, socket, port on a worker, vhost-user thread. On failure
+    /// nothing of it is left.
+    fn start(
+        &self,
+        cfg: ExportConfig,
+        at: Option<usize>,
+    ) -> Result<Arc<ExportShared>, ExportError> {
         let mut list = lock(&self.exports);
-        let slot = (0..MAX_EXPORTS)
-            .find(|s| list.iter().all(|e| e.shared.slot != *s))
-            .ok_or(ExportError::TooMany)?;
+        let free = |s: &usize| list.iter().all(|e| e.shared.slot != *s);
+        let slot = match at {
+            Some(s) if s < MAX_EXPORTS && free(&s) => s,
+            Some(s) => return Err(ExportError::SlotTaken(s)),
+            None => (0..MAX_EXPORTS).find(free).ok_or(ExportError::TooMany)?,
+        };
         let spec = &cfg.spec;
         let name = spec.path.display().to_string();
         let io = |source| ExportError::Io {
@@ -328,6 +454,8 @@ impl Registry {
             bells,
             rx_hand: claimed.rx_hand,
             tx_hand: claimed.tx_hand,
+            rx_packets: claimed.rx_packets,
+            tx_pending: claimed.tx_pending,
         });
         let undo = |c: &mut Cluster| {
             closer.remove_socket();

@@ -1,5 +1,6 @@
 //! The daemon's control loop: one thread polling the control socket, the
-//! attached connections and a signalfd for Ctrl-C/SIGTERM.
+//! attached connections and a signalfd for Ctrl-C/SIGTERM (stop) and
+//! SIGHUP (graceful restart).
 
 use super::balancers::{BalancePortError, Balancers};
 use super::lock::{ClusterLock, LockError};
@@ -58,6 +59,8 @@ pub enum DaemonError {
     Signals(io::Error),
     #[error("poll failed: {0}")]
     Poll(io::Error),
+    #[error("cannot write the handover for the new zc-hostd: {0}")]
+    Handover(io::Error),
 }
 
 pub struct DaemonOptions {
@@ -139,6 +142,7 @@ fn signal_fd() -> io::Result<OwnedFd> {
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGHUP);
         if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
             return Err(io::Error::last_os_error());
         }
@@ -177,6 +181,17 @@ struct Conn {
     refused: Option<String>,
 }
 
+/// Why `Daemon::run` returned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stopped {
+    /// SIGINT or SIGTERM: the cluster's files are removed.
+    Signal(i32),
+    /// `restart` or SIGHUP: everything was handed over (the cluster's
+    /// files and a handover beside them) and the lock given up; the caller
+    /// execs the successor.
+    Restart,
+}
+
 pub struct Daemon {
     /// What was taken over from a daemon of the cluster that died.
     adopted: Option<Adopted>,
@@ -192,6 +207,10 @@ pub struct Daemon {
     dir: PathBuf,
     conns: BTreeMap<ConnId, Conn>,
     next_conn: ConnId,
+    /// Where the handover of a graceful restart goes (beside the lock).
+    state_dir: PathBuf,
+    /// A `restart` request was answered: hand over after this round.
+    restart: bool,
     policy: Policy,
 }
 
@@ -291,12 +310,16 @@ impl Daemon {
             opts.stock,
             vm_access,
         ));
-        if let Err(e) = registry.start_all(&opts.exports) {
-            // All or nothing: the ones started already go.
-            registry.remove_all();
-            undo(files);
-            return Err(e.into());
-        }
+        let restored = lock_cluster(&cluster).handed_attachments();
+        let again = match registry.start_all(&opts.exports, &restored) {
+            Ok(a) => a,
+            Err(e) => {
+                // All or nothing: the ones started already go.
+                registry.remove_all();
+                undo(files);
+                return Err(e.into());
+            }
+        };
         let nics = Arc::new(Nics::new(registry.clone()));
         if let Err(e) = nics.start_all(&opts.nics) {
             registry.remove_all();
@@ -342,6 +365,7 @@ impl Daemon {
             }
         };
         let vms = Arc::new(Vms::new(registry.clone(), dir.clone()));
+        vms.restore(again);
         Ok(Daemon {
             adopted,
             cluster,
@@ -356,6 +380,8 @@ impl Daemon {
             dir,
             conns: BTreeMap::new(),
             next_conn: 1,
+            state_dir: crate::cluster::state_dir(&opts.pool),
+            restart: false,
             policy,
         })
     }
@@ -393,8 +419,9 @@ impl Daemon {
         self.dir.join("ctl")
     }
 
-    /// Serves until SIGINT or SIGTERM; returns the signal number.
-    pub fn run(mut self) -> Result<i32, DaemonError> {
+    /// Serves until SIGINT or SIGTERM (stops and removes the cluster's
+    /// files) or SIGHUP or a `restart` request (hands over).
+    pub fn run(mut self) -> Result<Stopped, DaemonError> {
         loop {
             let ids: Vec<ConnId> = self.conns.keys().copied().collect();
             let mut fds = vec![
@@ -425,8 +452,12 @@ impl Daemon {
             }
             if fds[0].revents != 0 {
                 let sig = read_signal(&self.signals);
+                if sig == libc::SIGHUP {
+                    self.hand_over()?;
+                    return Ok(Stopped::Restart);
+                }
                 self.shutdown();
-                return Ok(sig);
+                return Ok(Stopped::Signal(sig));
             }
             if fds[1].revents != 0 {
                 self.accept();
@@ -437,7 +468,52 @@ impl Daemon {
                     self.cluster().release(id);
                 }
             }
+            if self.restart {
+                self.hand_over()?;
+                return Ok(Stopped::Restart);
+            }
         }
+    }
+
+    /// A graceful restart, up to the exec: no new work is taken (the
+    /// control socket is not served any more), every export port comes off
+    /// its worker between two steps, and what it holds in its hands (the
+    /// packets in them too) is written for the successor, with the exports
+    /// `attach` added; interface ports stop and give their buffers back.
+    /// Pool, queues, owner table, sockets and the export directory stay as
+    /// they are; the lock is given up last.
+    fn hand_over(&mut self) -> Result<(), DaemonError> {
+        self.conns.clear();
+        let mut attached = self.vms.handed();
+        let exports = self
+            .registry
+            .hand_over()
+            .into_iter()
+            .map(|(shared, hands)| {
+                let at = attached.iter().position(|(slot, _)| *slot == shared.slot);
+                crate::handover::HandedExport {
+                    slot: shared.slot,
+                    path: shared.spec.path.clone(),
+                    hands: hands.unwrap_or_default(),
+                    attached: at.map(|i| attached.swap_remove(i).1),
+                }
+            })
+            .collect::<Vec<_>>();
+        // Reflectors and interface ports stop and give their buffers back
+        // (the successor finds them spare); the ones of the command line
+        // start again.
+        self.reflectors.remove_all();
+        self.nics.remove_all();
+        let packets: usize = exports.iter().map(|e| e.hands.packets()).sum();
+        let h = crate::handover::Handover { exports };
+        h.write(&self.state_dir).map_err(DaemonError::Handover)?;
+        log::info!(
+            "handing over to a new zc-hostd: {} exports, {packets} packets in their hands",
+            h.exports.len()
+        );
+        // Dropping the lock file's descriptor unlocks; the file stays.
+        drop(self.files.take());
+        Ok(())
     }
 
     fn accept(&mut self) {
@@ -622,6 +698,16 @@ impl Daemon {
                 drop(cluster);
                 return self.serve_vm(id, move |v| v.detach(&vm, rx, tx).map(Reply::VmDetached));
             }
+            Request::Restart => {
+                // Answered first: the connection closes with the exec.
+                self.restart = true;
+                (
+                    Reply::Restarting {
+                        pid: std::process::id(),
+                    },
+                    vec![],
+                )
+            }
             Request::Alloc { count } => match cluster.alloc(id, count) {
                 Ok(indices) => (Reply::Buffers { indices }, vec![]),
                 Err(e) => (
@@ -660,6 +746,7 @@ impl Daemon {
             Request::AttachVm { .. } => "attach exports to VMs",
             Request::DetachVm { .. } => "detach exports from VMs",
             Request::MovePort { .. } => "move ports",
+            Request::Restart => "restart the daemon",
         };
         self.policy.may_administer(peer, what).err()
     }

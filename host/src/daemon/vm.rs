@@ -6,6 +6,7 @@
 
 use super::registry::{ExportError, Registry};
 pub use crate::control::{AttachmentInfo, Detached, VmRef};
+use crate::handover::{HandedAttachment, HandedExport};
 use crate::hotplug::{NetPlug, PoolPlug, UNPLUG_TIMEOUT};
 use crate::port::export::shared::ExportShared;
 use crate::port::export::spec::MacDisplay;
@@ -100,6 +101,52 @@ impl Vms {
             list: Mutex::new(Vec::new()),
             pools: Mutex::new(Vec::new()),
             op: Mutex::new(()),
+        }
+    }
+
+    /// The attachments, as a graceful restart hands them to the successor,
+    /// by the slot of their export.
+    pub fn handed(&self) -> Vec<(usize, HandedAttachment)> {
+        let pools = lock(&self.pools);
+        lock(&self.list)
+            .iter()
+            .map(|a| {
+                (
+                    a.export.slot,
+                    HandedAttachment {
+                        info: a.info.clone(),
+                        vm: a.vm.clone(),
+                        key: a.key.clone(),
+                        mac: a.export.spec.mac,
+                        pool_added: pools.contains(&a.key),
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// Takes back the attachments of a predecessor whose exports started
+    /// again: `detach` finds them as if this daemon had made them.
+    pub fn restore(&self, again: Vec<(HandedExport, Arc<ExportShared>)>) {
+        let mut list = lock(&self.list);
+        let mut pools = lock(&self.pools);
+        for (h, export) in again {
+            let Some(a) = h.attached else { continue };
+            log::info!(
+                "export {} attached to VM {} as device {} serves again",
+                queues_text(a.info.rx_queue, a.info.tx_queue),
+                a.info.vm,
+                a.info.device
+            );
+            if a.pool_added && !pools.contains(&a.key) {
+                pools.push(a.key.clone());
+            }
+            list.push(Attachment {
+                info: a.info,
+                vm: a.vm,
+                key: a.key,
+                export,
+            });
         }
     }
 

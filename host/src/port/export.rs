@@ -77,6 +77,11 @@ pub struct ExportParts {
     pub bells: Vec<RawFd>,
     pub rx_hand: Vec<BufferIndex>,
     pub tx_hand: Vec<BufferIndex>,
+    /// Packets a predecessor's port held (a graceful restart): delivered
+    /// before anything new is taken from the rx queue, and sent into the
+    /// tx queue first; they come on top of the hands' empties.
+    pub rx_packets: Vec<(BufferIndex, u32)>,
+    pub tx_pending: Vec<(BufferIndex, u32)>,
 }
 
 pub struct ExportPort {
@@ -141,8 +146,18 @@ impl ExportPort {
                 .map(|b| unsafe { BufferHandle::from_raw(b, 0) })
                 .collect::<Vec<_>>()
         };
-        let mut tx_pending = Vec::new();
-        tx_pending.reserve_exact(BURST);
+        let packets = |v: Vec<(BufferIndex, u32)>| {
+            v.into_iter()
+                // SAFETY: the cluster gave these buffers, holding packets of
+                // these lengths, to this export's hands alone.
+                .map(|(b, len)| unsafe { BufferHandle::from_raw(b, len) })
+                .collect::<Vec<_>>()
+        };
+        let rx_have = p.rx_packets.len();
+        let mut rx_hand = packets(p.rx_packets);
+        rx_hand.extend(handles(p.rx_hand));
+        let mut tx_pending = packets(p.tx_pending);
+        tx_pending.reserve(BURST);
         Ok(ExportPort {
             pool_id: FileId::of(p.pool.file())?,
             layout: *p.pool.layout(),
@@ -154,9 +169,9 @@ impl ExportPort {
             rx_end: p.rx_end,
             tx_end: p.tx_end,
             bells: p.bells,
-            rx_hand: handles(p.rx_hand),
+            rx_hand,
             rx_pos: 0,
-            rx_have: 0,
+            rx_have,
             rx_wait: None,
             tx_empties: handles(p.tx_hand),
             tx_pending,
@@ -562,6 +577,24 @@ impl Port for ExportPort {
 
     fn held(&self) -> Vec<BufferIndex> {
         self.held_buffers()
+    }
+
+    fn hands(&self) -> Option<crate::handover::PortHands> {
+        let packet = |h: &BufferHandle| (h.index().get(), h.len());
+        let (mut rx_empty, mut rx_packets) = (Vec::new(), Vec::new());
+        for (i, h) in self.rx_hand.iter().enumerate() {
+            if (self.rx_pos..self.rx_have).contains(&i) {
+                rx_packets.push(packet(h));
+            } else {
+                rx_empty.push(h.index().get());
+            }
+        }
+        Some(crate::handover::PortHands {
+            rx_packets,
+            rx_empty,
+            tx_pending: self.tx_pending.iter().map(packet).collect(),
+            tx_empty: self.tx_empties.iter().map(|h| h.index().get()).collect(),
+        })
     }
 
     /// The rings' state goes back to the frontend; the buffers go to

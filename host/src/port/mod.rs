@@ -80,6 +80,14 @@ pub trait Port: Send {
 
     /// Ends the port for good and returns every buffer it held.
     fn stop(self: Box<Self>) -> Vec<BufferIndex>;
+
+    /// What the port holds in its hands, for a successor daemon to take
+    /// over at a graceful restart (called with the port off its worker).
+    /// `None`: the port hands nothing over (its buffers are found by
+    /// elimination, as after a crash).
+    fn hands(&self) -> Option<crate::handover::PortHands> {
+        None
+    }
 }
 
 #[cfg(test)]
