@@ -5,6 +5,7 @@
 //! (SCM_RIGHTS). One connection is one attachment: when it closes, whatever
 //! role it held is released.
 
+use crate::port::balancer::{BalancePortStats, BalanceSpec};
 use crate::port::nic::{NicPortStats, NicSpec};
 use crate::port::reflect::{ReflectPortStats, ReflectSpec};
 use crate::stats::{ExportStats, WorkerStats};
@@ -78,6 +79,17 @@ pub enum Request {
     Restart,
     /// About reflector ports.
     Reflect(ReflectRequest),
+    /// About balancers.
+    Balance(BalanceRequest),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BalanceRequest {
+    /// Start a balancer on the running daemon.
+    Add { spec: BalanceSpec },
+    /// Stop the balancer reading exactly the queues `inputs`.
+    Del { inputs: Vec<u16> },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -181,6 +193,8 @@ pub enum Reply {
         nics: Vec<NicPortStats>,
         #[serde(default)]
         reflectors: Vec<ReflectPortStats>,
+        #[serde(default)]
+        balancers: Vec<BalancePortStats>,
     },
     /// An interface port started (`NicAdd`).
     NicAdded(NicPortStats),
@@ -196,6 +210,14 @@ pub enum Reply {
     ReflectAdded(ReflectPortStats),
     /// A reflector stopped: every buffer it held is back.
     ReflectRemoved {
+        port: String,
+        returned: u32,
+        spare: u32,
+    },
+    /// A balancer started.
+    BalanceAdded(BalancePortStats),
+    /// A balancer stopped: every buffer it held is back.
+    BalanceRemoved {
         port: String,
         returned: u32,
         spare: u32,

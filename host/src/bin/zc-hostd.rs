@@ -9,13 +9,14 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 use zc_host::client;
 use zc_host::control::{
-    AttachmentInfo, ClusterInfo, NicRequest, ReflectRequest, Reply, Request, VmRef,
+    AttachmentInfo, BalanceRequest, ClusterInfo, NicRequest, ReflectRequest, Reply, Request, VmRef,
 };
 use zc_host::daemon::policy::Allow;
 use zc_host::daemon::registry::ExportConfig;
 use zc_host::daemon::server::{Daemon, DaemonOptions, Stopped};
 use zc_host::daemon::vm::queues_text;
 use zc_host::pool::PoolOptions;
+use zc_host::port::balancer::{balance_lines, BalancePortStats, BalanceSpec};
 use zc_host::port::export::qemu_args::QemuArgs;
 use zc_host::port::export::spec::{parse_mac, MacDisplay, QueueSpec};
 use zc_host::port::export::{ExportSpec, DEFAULT_STOCK};
@@ -51,7 +52,7 @@ arrives on queue tx=Q. `zc-hostd -c ID --qemu-args SOCKET` prints the QEMU optio
 attach a VM at its start; `zc-hostd -c ID attach --qmp QMP --export rx=Q,tx=Q` hot-plugs an \
 export (and the pool) into a VM that is already running, `detach` removes it again; \
 `zc-hostd -c ID stats` shows per-export counters and the attachments.\n\n\
-The ports' packets (exports, --nic interfaces, --reflect reflectors) are moved by --workers N \
+The ports' packets (exports, --nic interfaces, --reflect reflectors, --balance balancers) are moved by --workers N \
 poll threads (default 1), each serving many ports: busy while any has traffic, asleep in epoll when all are idle (an idle daemon uses no \
 CPU). -g pins them; `zc-hostd -c ID move PORT WORKER` moves an export to another worker without \
 losing a packet; `stats` shows each worker's load and ports.\n\n\
@@ -121,6 +122,29 @@ struct Args {
     #[arg(long = "reflect", value_name = "in=Q,out=Q")]
     // Parsed in `run`, as --nic.
     reflectors: Vec<String>,
+
+    /// Run a balancer on the workers (repeatable), as zbalance_ipc does:
+    /// it reads the in queues (Q+Q merges them) and gives every packet to
+    /// every group of out (groups separated by /, a group is Q+Q+..., the
+    /// queues of one application); within a group the packet goes to one
+    /// queue. hash=5tuple (default) or ip: a symmetric hash, so both
+    /// directions of a flow reach the same queue: FNV-1a over the lower
+    /// endpoint (IPv4/IPv6 address, then for TCP/UDP/SCTP/UDP-Lite with
+    /// 5tuple its port), the higher one, then (5tuple) the protocol, modulo
+    /// the group's size. VLAN and QinQ tags (0x8100, 0x88a8, 0x9100) are
+    /// skipped; IPv6 extension headers are walked; fragments after the first
+    /// go by their addresses alone; non-IP frames by their two MAC addresses.
+    /// hash=rr: in turn within each group; hash=fanout: every queue of every
+    /// group. full=drop (default): a full out queue drops for that queue
+    /// only, counted in stats; full=wait (one group only): hold the inputs
+    /// back until it has room. A packet's last destination gets its buffer;
+    /// the others get copies (counted as copied in stats).
+    #[arg(
+        long = "balance",
+        value_name = "in=Q[+Q...],out=G[/G...][,hash=rr|ip|5tuple|fanout][,full=drop|wait]"
+    )]
+    // Parsed in `run`, as --nic.
+    balancers: Vec<String>,
 
     /// Pool buffers each export's guest may hold (zero-copy; bounds buffers in flight).
     #[arg(long, value_name = "N", default_value_t = DEFAULT_STOCK)]
@@ -317,6 +341,15 @@ stopped before and started again after. This command waits until the new daemon 
 its buffers come back to the pool."
     )]
     Reflect(ReflectCmd),
+    /// Add or remove a balancer on the running daemon.
+    #[command(
+        subcommand,
+        long_about = "Add or remove a balancer on the running daemon: \
+`zc-hostd -c 99 balance add in=0,out=1+2+3/4,hash=5tuple` starts one as --balance does, \
+`zc-hostd -c 99 balance del in=0` (or the text given to add) stops the one reading those \
+queues; its buffers come back to the pool."
+    )]
+    Balance(BalanceCmd),
     /// Remove an export from a running VM and return its buffers to the pool.
     #[command(
         long_about = "Remove an export that `attach` added: device_del (waiting for the \
@@ -353,6 +386,20 @@ enum ReflectCmd {
     /// Stop the reflector consuming queue Q.
     Del {
         #[arg(value_name = "in=Q")]
+        target: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum BalanceCmd {
+    /// Start a balancer (the same text as --balance).
+    Add {
+        #[arg(value_name = "in=Q[+Q...],out=G[/G...][,hash=..][,full=..]")]
+        spec: String,
+    },
+    /// Stop the balancer reading the queues in=Q[+Q...].
+    Del {
+        #[arg(value_name = "in=Q[+Q...]")]
         target: String,
     },
 }
@@ -396,6 +443,7 @@ struct Stats {
     workers: Vec<WorkerStats>,
     nics: Vec<NicPortStats>,
     reflectors: Vec<ReflectPortStats>,
+    balancers: Vec<BalancePortStats>,
 }
 
 fn stats(run_dir: &Path, cluster: u32) -> Result<Stats, Box<dyn std::error::Error>> {
@@ -409,6 +457,7 @@ fn stats(run_dir: &Path, cluster: u32) -> Result<Stats, Box<dyn std::error::Erro
                 workers,
                 nics,
                 reflectors,
+                balancers,
             },
             _,
         ) => Ok(Stats {
@@ -418,6 +467,7 @@ fn stats(run_dir: &Path, cluster: u32) -> Result<Stats, Box<dyn std::error::Erro
             workers,
             nics,
             reflectors,
+            balancers,
         }),
         _ => Err("unexpected reply from zc-hostd".into()),
     }
@@ -476,6 +526,53 @@ fn reflect_command(
     match client::call(&sock, &Request::Reflect(req))?.0 {
         Reply::ReflectAdded(s) => println!("added: {}", reflect_line(cluster, &s)),
         Reply::ReflectRemoved {
+            port,
+            returned,
+            spare,
+        } => println!("removed {port}; {returned} buffers back in the pool ({spare} spare)"),
+        _ => return Err("unexpected reply from zc-hostd".into()),
+    }
+    Ok(())
+}
+
+/// The `in=` queues of `balance del`'s target: `in=Q[+Q...]`, or the
+/// whole text given to add.
+fn balance_target(t: &str) -> Result<Vec<u16>, String> {
+    let bad = || {
+        format!("balance del {t}: give the queues the balancer reads, in=Q[+Q...] (as stats shows them)")
+    };
+    let t = t.strip_prefix("balance:").unwrap_or(t);
+    let v = t
+        .split(',')
+        .find_map(|o| o.strip_prefix("in="))
+        .ok_or_else(bad)?;
+    v.split('+')
+        .map(|q| q.parse::<u16>().map_err(|_| bad()))
+        .collect()
+}
+
+/// `balance add` and `balance del`.
+fn balance_command(
+    args: &Args,
+    cluster: u32,
+    cmd: &BalanceCmd,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let req = match cmd {
+        BalanceCmd::Add { spec } => BalanceRequest::Add {
+            spec: spec.parse::<BalanceSpec>()?,
+        },
+        BalanceCmd::Del { target } => BalanceRequest::Del {
+            inputs: balance_target(target)?,
+        },
+    };
+    let sock = client::connect(&args.run_dir, cluster)?;
+    match client::call(&sock, &Request::Balance(req))?.0 {
+        Reply::BalanceAdded(s) => {
+            for l in balance_lines(cluster, &s) {
+                println!("added: {l}");
+            }
+        }
+        Reply::BalanceRemoved {
             port,
             returned,
             spare,
@@ -651,6 +748,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 workers,
                 nics,
                 reflectors,
+                balancers,
             } = stats(&args.run_dir, cluster)?;
             if *json {
                 println!(
@@ -662,6 +760,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                         "workers": workers,
                         "nics": nics,
                         "reflectors": reflectors,
+                        "balancers": balancers,
                     })
                 );
             } else {
@@ -680,6 +779,11 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 }
                 for r in &reflectors {
                     println!("{}", reflect_line(info.cluster, r));
+                }
+                for b in &balancers {
+                    for l in balance_lines(info.cluster, b) {
+                        println!("{l}");
+                    }
                 }
                 for w in &workers {
                     println!("{}", worker_line(w));
@@ -704,6 +808,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         Some(Cmd::Nic(n)) => return nic_command(&args, cluster, n),
         Some(Cmd::Restart) => return restart(&args, cluster),
         Some(Cmd::Reflect(r)) => return reflect_command(&args, cluster, r),
+        Some(Cmd::Balance(b)) => return balance_command(&args, cluster, b),
         Some(Cmd::Attach(v)) => return vm_command(&args, cluster, true, v),
         Some(Cmd::Detach(v)) => return vm_command(&args, cluster, false, v),
         None => {}
@@ -732,6 +837,15 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         .iter()
         .map(|s| s.parse::<ReflectSpec>())
         .collect::<Result<Vec<_>, _>>()?;
+    let balancers = args
+        .balancers
+        .iter()
+        .map(|s| s.parse::<BalanceSpec>())
+        .collect::<Result<Vec<_>, _>>()?;
+    // Before anything is created: a queue the cluster will not have.
+    for b in &balancers {
+        b.check_queues(cluster, args.queues)?;
+    }
     let layout = PoolLayout::new(cluster, args.buf_size, args.buffers)?;
     let opts = DaemonOptions {
         pool: PoolOptions {
@@ -748,6 +862,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         exports,
         nics,
         reflectors,
+        balancers,
         stock: args.stock,
         workers: usize::from(args.workers),
         cores: args.cores.clone(),
@@ -889,6 +1004,9 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             r.input,
             r.output,
         );
+    }
+    for b in daemon.balancers().stats() {
+        say!(Info, "zc-hostd: balancer {} ready: {}", b.name, b.spec);
     }
     if args.verbose {
         // Exports come and go (attach, detach): list them every second.

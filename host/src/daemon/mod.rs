@@ -1,6 +1,7 @@
 //! zc-hostd: composes a cluster, its ports and the workers that step them,
 //! and serves the control socket. Nothing outside depends on it.
 
+pub mod balancers;
 pub mod lock;
 pub mod metrics;
 pub mod nics;

@@ -2,6 +2,7 @@
 //! attached connections and a signalfd for Ctrl-C/SIGTERM (stop) and
 //! SIGHUP (graceful restart).
 
+use super::balancers::{BalancePortError, Balancers};
 use super::lock::{ClusterLock, LockError};
 use super::nics::{NicPortError, Nics};
 use super::policy::{Allow, AllowError, Policy};
@@ -10,7 +11,7 @@ use super::registry::{ExportConfig, ExportError, Registry};
 use super::vm::{VmError, Vms};
 use crate::access::Access;
 use crate::cluster::{Adopted, Cluster, ConnId, CreateError};
-use crate::control::{self, NicRequest, ReflectRequest, Reply, Request, Role};
+use crate::control::{self, BalanceRequest, NicRequest, ReflectRequest, Reply, Request, Role};
 pub use crate::control::{cluster_run_dir, control_path};
 use crate::cpu::{self, CoreError};
 use crate::paths::{self, Owned, PathError};
@@ -49,6 +50,8 @@ pub enum DaemonError {
     #[error(transparent)]
     Reflect(#[from] ReflectPortError),
     #[error(transparent)]
+    Balance(#[from] BalancePortError),
+    #[error(transparent)]
     Allow(#[from] AllowError),
     #[error("--mode {mode:04o} gives the control socket's group no read and write, so members of {group} could not connect: give it both, e.g. --mode 0660")]
     GroupShut { mode: u32, group: String },
@@ -73,6 +76,8 @@ pub struct DaemonOptions {
     pub nics: Vec<crate::port::nic::NicSpec>,
     /// Reflectors (`--reflect`).
     pub reflectors: Vec<crate::port::reflect::ReflectSpec>,
+    /// Balancers (`--balance`).
+    pub balancers: Vec<crate::port::balancer::BalanceSpec>,
     /// `--stock` of exports attached to VMs at run time.
     pub stock: u32,
     /// Poll threads, and the cores they are pinned to.
@@ -194,6 +199,7 @@ pub struct Daemon {
     registry: Arc<Registry>,
     nics: Arc<Nics>,
     reflectors: Arc<Reflectors>,
+    balancers: Arc<Balancers>,
     vms: Arc<Vms>,
     listener: UnixListener,
     signals: OwnedFd,
@@ -327,6 +333,14 @@ impl Daemon {
             undo(files);
             return Err(e.into());
         }
+        let balancers = Arc::new(Balancers::new(registry.clone()));
+        if let Err(e) = balancers.start_all(&opts.balancers) {
+            reflectors.remove_all();
+            nics.remove_all();
+            registry.remove_all();
+            undo(files);
+            return Err(e.into());
+        }
         let path = control_path(&opts.run_dir, id);
         let listener =
             paths::bind_socket("control socket", &path, control_access).and_then(|(l, owned)| {
@@ -342,6 +356,7 @@ impl Daemon {
         let listener = match listener {
             Ok(l) => l,
             Err(e) => {
+                balancers.remove_all();
                 reflectors.remove_all();
                 nics.remove_all();
                 registry.remove_all();
@@ -357,6 +372,7 @@ impl Daemon {
             registry,
             nics,
             reflectors,
+            balancers,
             vms,
             listener,
             signals,
@@ -392,6 +408,11 @@ impl Daemon {
     /// The reflector ports.
     pub fn reflectors(&self) -> &Arc<Reflectors> {
         &self.reflectors
+    }
+
+    /// The balancers.
+    pub fn balancers(&self) -> &Arc<Balancers> {
+        &self.balancers
     }
 
     pub fn control_path(&self) -> PathBuf {
@@ -560,6 +581,7 @@ impl Daemon {
         let stats = matches!(req, Request::Stats).then(|| self.registry.stats());
         let nics = matches!(req, Request::Stats).then(|| self.nics.stats());
         let reflectors = matches!(req, Request::Stats).then(|| self.reflectors.stats());
+        let balancers = matches!(req, Request::Stats).then(|| self.balancers.stats());
         let mut cluster = lock_cluster(&self.cluster);
         let (reply, fds): (Reply, Vec<i32>) = match req {
             Request::Info => (Reply::Info(cluster.info()), vec![]),
@@ -573,6 +595,7 @@ impl Daemon {
                         workers,
                         nics: nics.unwrap_or_default(),
                         reflectors: reflectors.unwrap_or_default(),
+                        balancers: balancers.unwrap_or_default(),
                     },
                     vec![],
                 )
@@ -580,6 +603,17 @@ impl Daemon {
             Request::Nic(r) => {
                 drop(cluster);
                 let reply = self.serve_nic(r);
+                return match control::send(&self.conns[&id].sock, &reply, &[]) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        log::warn!("reply to pid {pid} failed: {e}");
+                        false
+                    }
+                };
+            }
+            Request::Balance(r) => {
+                drop(cluster);
+                let reply = self.serve_balance(r);
                 return match control::send(&self.conns[&id].sock, &reply, &[]) {
                     Ok(()) => true,
                     Err(e) => {
@@ -605,6 +639,7 @@ impl Daemon {
                     .nics
                     .id_of(&port)
                     .or_else(|| self.reflectors.id_of(&port))
+                    .or_else(|| self.balancers.id_of(&port))
                 {
                     Some(nic) => self
                         .registry
@@ -706,6 +741,8 @@ impl Daemon {
             Request::Nic(NicRequest::Del { .. }) => "remove interface ports",
             Request::Reflect(ReflectRequest::Add { .. }) => "add reflectors",
             Request::Reflect(ReflectRequest::Del { .. }) => "remove reflectors",
+            Request::Balance(BalanceRequest::Add { .. }) => "add balancers",
+            Request::Balance(BalanceRequest::Del { .. }) => "remove balancers",
             Request::AttachVm { .. } => "attach exports to VMs",
             Request::DetachVm { .. } => "detach exports from VMs",
             Request::MovePort { .. } => "move ports",
@@ -740,6 +777,34 @@ impl Daemon {
                 Err(e) => error(e),
             },
             NicRequest::Queues { ifname } => Reply::NicQueues(self.nics.of_interface(&ifname)),
+        }
+    }
+
+    /// The balancer requests, answered without the cluster lock (as
+    /// `serve_nic`).
+    fn serve_balance(&self, req: BalanceRequest) -> Reply {
+        let error = |e: BalancePortError| Reply::Error {
+            message: e.to_string(),
+        };
+        match req {
+            BalanceRequest::Add { spec } => match self.balancers.add(spec) {
+                Ok(s) => {
+                    log::info!("balancer {} added", s.name);
+                    Reply::BalanceAdded(s)
+                }
+                Err(e) => error(e),
+            },
+            BalanceRequest::Del { inputs } => match self.balancers.remove(&inputs) {
+                Ok((port, returned)) => {
+                    log::info!("balancer {port} removed");
+                    Reply::BalanceRemoved {
+                        port,
+                        returned: returned as u32,
+                        spare: self.cluster().spare_count() as u32,
+                    }
+                }
+                Err(e) => error(e),
+            },
         }
     }
 
@@ -807,6 +872,7 @@ impl Daemon {
         // VMs must not keep devices of a cluster that is going away (a
         // later attach would find a stale pool in them).
         self.vms.detach_all(Duration::from_secs(10));
+        self.balancers.remove_all();
         self.reflectors.remove_all();
         self.nics.remove_all();
         self.registry.remove_all();
