@@ -899,6 +899,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 daemon.registry().clone(),
                 daemon.nics().clone(),
                 daemon.reflectors().clone(),
+                daemon.balancers().clone(),
             );
             match bound.serve(source) {
                 Ok(server) => {

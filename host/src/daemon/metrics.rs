@@ -3,6 +3,7 @@
 //! hold of the cluster lock, which the workers never take), and the
 //! queues' indices, extended to 64 bits by a sampler once a second.
 
+use super::balancers::Balancers;
 use super::nics::Nics;
 use super::reflectors::Reflectors;
 use super::registry::Registry;
@@ -15,6 +16,7 @@ pub struct DaemonSource {
     registry: Arc<Registry>,
     nics: Arc<Nics>,
     reflectors: Arc<Reflectors>,
+    balancers: Arc<Balancers>,
     queues: Arc<QueueArea>,
     totals: QueueTotals,
 }
@@ -25,6 +27,7 @@ impl DaemonSource {
         registry: Arc<Registry>,
         nics: Arc<Nics>,
         reflectors: Arc<Reflectors>,
+        balancers: Arc<Balancers>,
     ) -> Arc<DaemonSource> {
         let queues = registry
             .cluster()
@@ -36,6 +39,7 @@ impl DaemonSource {
             registry,
             nics,
             reflectors,
+            balancers,
             queues,
             totals: QueueTotals::default(),
         });
@@ -78,6 +82,7 @@ impl Source for DaemonSource {
             workers,
             nics: self.nics.stats(),
             reflectors: self.reflectors.stats(),
+            balancers: self.balancers.stats(),
         }
     }
 }

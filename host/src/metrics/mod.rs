@@ -8,6 +8,7 @@
 //! snapshot into metric families (`cluster`, `export`, `nic`, `reflect`, `worker`); a new
 //! kind of port adds its own module and a field to [`Snapshot`].
 
+mod balance;
 mod cluster;
 mod export;
 mod nic;
@@ -40,6 +41,7 @@ pub struct Snapshot {
     pub workers: Vec<WorkerStats>,
     pub nics: Vec<crate::port::nic::NicPortStats>,
     pub reflectors: Vec<crate::port::reflect::ReflectPortStats>,
+    pub balancers: Vec<crate::port::balancer::BalancePortStats>,
 }
 
 /// Where the snapshots come from (the daemon).
@@ -107,6 +109,7 @@ impl Collector for Scrape {
         export::encode(&mut enc, &c, &s.exports)?;
         nic::encode(&mut enc, &c, &s.nics)?;
         reflect::encode(&mut enc, &c, &s.reflectors)?;
+        balance::encode(&mut enc, &c, &s.balancers)?;
         worker::encode(&mut enc, &c, &s.workers)
     }
 }
