@@ -215,6 +215,23 @@ impl Drop for Daemon {
         if std::thread::panicking() {
             eprintln!("--- zc-hostd -c {} log ---\n{}", self.id, self.log_text());
         }
+        remove_dead_cluster_state(self.id);
+    }
+}
+
+/// Deletes what a killed daemon of test cluster `id` left in /dev/shm/zc
+/// (a daemon stopped by a signal it can handle removes it itself). Only
+/// when nobody holds the cluster's lock: a successor started in the same
+/// test may still serve it.
+fn remove_dead_cluster_state(id: u32) {
+    use std::os::fd::AsRawFd;
+    let dir = Path::new("/dev/shm/zc").join(id.to_string());
+    let Ok(lock) = std::fs::File::open(dir.join("lock")) else {
+        return;
+    };
+    // SAFETY: flock on a descriptor we own; released when `lock` closes.
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
 
