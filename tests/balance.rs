@@ -251,3 +251,50 @@ fn bad_balance_specs_are_one_line_and_no_daemon_starts() {
         );
     }
 }
+
+#[test]
+fn balance_add_and_del_on_a_running_daemon_split_round_robin_and_give_every_buffer_back() {
+    const N: u64 = 2_000;
+    let d = Daemon::start(&[
+        "-q",
+        "3",
+        "--queue-len",
+        "4096",
+        "--buffers",
+        "32768",
+        "--no-hugepages",
+    ]);
+    let spare = d.info().spare_buffers;
+    let hostd = |args: &[&str]| {
+        d.tool("zc-hostd")
+            .args(["-c", &d.id.to_string()])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let added = hostd(&["balance", "add", "in=0,out=1+2,hash=rr"]);
+    assert!(added.status.success(), "{added:?}");
+    assert_eq!(balancers(&d).len(), 1);
+    let counters = [count(&d, 1, N / 2, true), count(&d, 2, N / 2, true)];
+    wait_consumers(&counters);
+    send(&d, 0, N, 10, 1);
+    // Round-robin within the group: exactly half each, intact.
+    for c in counters {
+        let v = json(&wait_output(c, TIMEOUT));
+        assert_eq!(v["packets"], N / 2, "{v}");
+        assert_eq!(v["checksum_errors"], 0, "{v}");
+    }
+    let b = &balancers(&d)[0];
+    assert_eq!(b.counters.packets_in, N, "{b:?}");
+    let del = hostd(&["balance", "del", "in=0"]);
+    assert!(del.status.success(), "{del:?}");
+    assert!(balancers(&d).is_empty());
+    assert_eq!(d.info().spare_buffers, spare, "every buffer back after del");
+    // Deleting what is not there is one line that names what is.
+    let again = hostd(&["balance", "del", "in=0"]);
+    assert!(!again.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&again.stderr),
+        "zc-hostd: error: no balancer reads in=0; the balancers: none\n"
+    );
+}
