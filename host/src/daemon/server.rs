@@ -499,9 +499,10 @@ impl Daemon {
                 }
             })
             .collect::<Vec<_>>();
-        // Reflectors and interface ports stop and give their buffers back
-        // (the successor finds them spare); the ones of the command line
-        // start again.
+        // Balancers, reflectors and interface ports stop and give their
+        // buffers back (the successor finds them spare); the ones of the
+        // command line start again.
+        self.balancers.remove_all();
         self.reflectors.remove_all();
         self.nics.remove_all();
         let packets: usize = exports.iter().map(|e| e.hands.packets()).sum();
