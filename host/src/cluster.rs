@@ -107,6 +107,16 @@ pub enum AttachError {
     },
 }
 
+/// What kind of port on the workers holds a queue role: it names the
+/// holder in the refusal another attacher gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PortKind {
+    /// An interface port (`--nic`).
+    Interface,
+    /// A reflector or a balancer.
+    Other,
+}
+
 #[derive(Clone, Debug)]
 enum Holder {
     Process {
@@ -121,7 +131,7 @@ enum Holder {
     Nic {
         name: String,
     },
-    /// Another port on the workers (a reflector, `reflect:<in>`), by name.
+    /// Another port on the workers (`reflect:<in>`, `balance:...`), by name.
     Port {
         name: String,
     },
@@ -624,28 +634,27 @@ impl Cluster {
         self.take_role(queue, role, Holder::Export { name: name.into() })
     }
 
-    /// An interface port takes `role` on `queue` until it is removed
-    /// (ingress: producer, egress: consumer).
-    pub fn attach_nic(&mut self, name: &str, queue: u16, role: Role) -> Result<(), AttachError> {
-        self.take_role(queue, role, Holder::Nic { name: name.into() })
-    }
-
-    /// The interface port `name` no longer holds its queue roles.
-    pub fn detach_nic(&mut self, name: &str, ingress: Option<u16>, egress: Option<u16>) {
-        for (q, role) in [(ingress, Role::Producer), (egress, Role::Consumer)] {
-            let Some(slot) = q.and_then(|q| self.roles.get_mut(usize::from(q))) else {
-                continue;
+    /// Port `name` (of `kind`) takes every `(queue, role)` of `roles` and
+    /// `buffers` spare buffers: all or nothing.
+    pub fn claim_port(
+        &mut self,
+        kind: PortKind,
+        name: &str,
+        roles: &[(u16, Role)],
+        buffers: u32,
+    ) -> Result<Vec<BufferIndex>, AttachError> {
+        for (i, &(q, role)) in roles.iter().enumerate() {
+            let holder = match kind {
+                PortKind::Interface => Holder::Nic { name: name.into() },
+                PortKind::Other => Holder::Port { name: name.into() },
             };
-            let r = &mut slot[role_slot(role)];
-            if matches!(r, Some(Holder::Nic { name: n }) if n == name) {
-                *r = None;
+            if let Err(e) = self.take_role(q, role, holder) {
+                self.detach_port(name, &roles[..i]);
+                return Err(e);
             }
         }
-    }
-
-    /// Port `name` takes `role` on `queue` until it is removed.
-    pub fn attach_port(&mut self, name: &str, queue: u16, role: Role) -> Result<(), AttachError> {
-        self.take_role(queue, role, Holder::Port { name: name.into() })
+        self.take_spare(buffers)
+            .inspect_err(|_| self.detach_port(name, roles))
     }
 
     /// Port `name` no longer holds the roles it took (`(queue, role)`s).
@@ -655,7 +664,7 @@ impl Cluster {
                 continue;
             };
             let r = &mut slot[role_slot(role)];
-            if matches!(r, Some(Holder::Port { name: n }) if n == name) {
+            if matches!(r, Some(Holder::Nic { name: n } | Holder::Port { name: n }) if n == name) {
                 *r = None;
             }
         }

@@ -6,6 +6,7 @@ pub mod lock;
 pub mod metrics;
 pub mod nics;
 pub mod policy;
+pub mod port_set;
 pub mod reflectors;
 pub mod registry;
 pub mod server;

@@ -1,21 +1,21 @@
 //! The daemon's reflector ports (`--reflect`, `reflect add|del`) on its
 //! workers: what each claims from the cluster (the consumer role of its
-//! `in` queue, the producer role of its `out` queue, a burst of buffers),
-//! the port made with that claim, and giving it all back.
+//! `in` queue, the producer role of its `out` queue, a burst of buffers)
+//! and the port made with that claim.
 
+use super::port_set::{Claim, PlaceError, Placed, PortSet};
 use super::registry::Registry;
-use crate::cluster::{AttachError, Cluster};
+use crate::cluster::{AttachError, PortKind};
 use crate::control::Role;
 use crate::port::reflect::{
     ReflectCounters, ReflectParts, ReflectPort, ReflectPortStats, ReflectSpec, ReflectSpecError,
     BURST,
 };
 use crate::queues::Side;
-use crate::worker::{PortId, WorkerError};
+use crate::worker::PortId;
 use std::os::fd::AsRawFd;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use thiserror::Error;
-use zc_proto::BufferIndex;
 
 #[derive(Debug, Error)]
 pub enum ReflectPortError {
@@ -25,57 +25,30 @@ pub enum ReflectPortError {
     Claim { spec: String, source: AttachError },
     #[error("no reflector consumes queue {input}; the reflectors: {ports}")]
     NoPort { input: u16, ports: String },
-    #[error("{port}: its worker did not give it back in time; it keeps its buffers")]
-    Stuck { port: String },
-    #[error("{port}: {source}")]
-    Worker { port: String, source: WorkerError },
+    #[error(transparent)]
+    Place(#[from] PlaceError),
 }
 
-struct Running {
-    spec: ReflectSpec,
-    name: String,
-    id: PortId,
-    counters: Arc<ReflectCounters>,
-}
+type Running = Placed<ReflectSpec, Arc<ReflectCounters>>;
 
-impl Running {
-    fn roles(&self) -> [(u16, Role); 2] {
-        roles(&self.spec)
-    }
-}
-
-fn roles(spec: &ReflectSpec) -> [(u16, Role); 2] {
-    [(spec.input, Role::Consumer), (spec.output, Role::Producer)]
-}
-
-/// Lock order: the port list, then the cluster (as the registry's).
 pub struct Reflectors {
-    registry: Arc<Registry>,
-    ports: Mutex<Vec<Running>>,
+    set: PortSet<ReflectSpec, Arc<ReflectCounters>, ReflectPortStats>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Takes the queue roles and buffers of `spec`'s port; all or nothing.
-fn claim(c: &mut Cluster, spec: &ReflectSpec, name: &str) -> Result<Vec<BufferIndex>, AttachError> {
-    let all = roles(spec);
-    for (i, &(q, role)) in all.iter().enumerate() {
-        if let Err(e) = c.attach_port(name, q, role) {
-            c.detach_port(name, &all[..i]);
-            return Err(e);
-        }
+fn stats_of(p: &Running, worker: Option<usize>) -> ReflectPortStats {
+    ReflectPortStats {
+        name: p.name.clone(),
+        input: p.spec.input,
+        output: p.spec.output,
+        worker,
+        counters: p.counters.snapshot(),
     }
-    c.take_spare(BURST as u32)
-        .inspect_err(|_| c.detach_port(name, &all))
 }
 
 impl Reflectors {
     pub fn new(registry: Arc<Registry>) -> Reflectors {
         Reflectors {
-            registry,
-            ports: Mutex::new(Vec::new()),
+            set: PortSet::new(registry, stats_of),
         }
     }
 
@@ -97,132 +70,59 @@ impl Reflectors {
         // A spec that came over the control socket obeys the command
         // line's rules too (two distinct queues).
         let spec: ReflectSpec = spec.to_string().parse()?;
-        let mut list = lock(&self.ports);
         let name = spec.port_name();
-        let cluster = self.registry.cluster();
-        let mut c = lock(cluster);
-        let buffers = claim(&mut c, &spec, &name).map_err(|source| ReflectPortError::Claim {
+        let claim = Claim {
+            kind: PortKind::Other,
+            name: name.clone(),
+            roles: vec![(spec.input, Role::Consumer), (spec.output, Role::Producer)],
+            buffers: BURST as u32,
+        };
+        let claim_error = |source| ReflectPortError::Claim {
             spec: spec.to_string(),
             source,
-        })?;
-        let queues = c.queues().clone();
-        let bell = queues
-            .bell(spec.input, Side::Consumer)
-            .expect("the daemon's queue area has every bell")
-            .as_raw_fd();
-        let port = ReflectPort::new(ReflectParts {
-            name: name.clone(),
-            pool: c.pool().view().clone(),
-            input: queues.consumer(spec.input),
-            output: queues.producer(spec.output),
-            queues: queues.clone(),
-            bell,
-            buffers,
-        });
-        drop(c);
-        let counters = port.counters();
-        let id = self.registry.port_id();
-        if let Err(e) = self.registry.workers().add(id, Box::new(port), None) {
-            let mut c = lock(cluster);
-            match e.port {
-                Some(p) => {
-                    c.give_spare(p.stop());
-                    c.detach_port(&name, &roles(&spec));
-                }
-                // The worker kept it (and its buffers): the roles stay
-                // taken too, so nothing else uses what it may still touch.
-                None => log::error!("{name}: {:?}", e.error),
-            }
-            return Err(ReflectPortError::Worker {
-                port: name,
-                source: e.error,
-            });
-        }
-        let running = Running {
-            spec,
-            name,
-            id,
-            counters,
         };
-        let stats = self.stats_of(&running);
-        list.push(running);
-        Ok(stats)
+        self.set.add(spec, claim, claim_error, |spec, c, buffers| {
+            let queues = c.queues().clone();
+            let bell = queues
+                .bell(spec.input, Side::Consumer)
+                .expect("the daemon's queue area has every bell")
+                .as_raw_fd();
+            let port = ReflectPort::new(ReflectParts {
+                name,
+                pool: c.pool().view().clone(),
+                input: queues.consumer(spec.input),
+                output: queues.producer(spec.output),
+                queues: queues.clone(),
+                bell,
+                buffers,
+            });
+            let counters = port.counters();
+            Ok((Box::new(port), counters))
+        })
     }
 
     /// Stops the reflector consuming queue `input`; returns its name and
     /// how many buffers came back to the cluster.
     pub fn remove(&self, input: u16) -> Result<(String, usize), ReflectPortError> {
-        let mut list = lock(&self.ports);
-        let Some(i) = list.iter().position(|p| p.spec.input == input) else {
-            return Err(ReflectPortError::NoPort {
-                input,
-                ports: Self::names(&list),
-            });
-        };
-        let p = list.swap_remove(i);
-        let n = self.stop(&p)?;
-        Ok((p.name, n))
-    }
-
-    fn names(list: &[Running]) -> String {
-        if list.is_empty() {
-            return "none".into();
-        }
-        list.iter()
-            .map(|p| format!("{} ({})", p.name, p.spec))
-            .collect::<Vec<_>>()
-            .join(", ")
-    }
-
-    fn stop(&self, p: &Running) -> Result<usize, ReflectPortError> {
-        // The cluster stays locked from the take to the return, so that no
-        // reclaim counts the port's buffers as lost in between.
-        let mut c = lock(self.registry.cluster());
-        let port = self
-            .registry
-            .workers()
-            .take(p.id)
-            .map_err(|_| ReflectPortError::Stuck {
-                port: p.name.clone(),
-            })?;
-        let back = port.stop();
-        let n = back.len();
-        c.give_spare(back);
-        c.detach_port(&p.name, &p.roles());
-        Ok(n)
+        self.set.remove(
+            |s| s.input == input,
+            |p| format!("{} ({})", p.name, p.spec),
+            |ports| ReflectPortError::NoPort { input, ports },
+        )
     }
 
     /// Stops every reflector (at shutdown, or when a start fails).
     pub fn remove_all(&self) {
-        let mut list = lock(&self.ports);
-        for p in list.drain(..) {
-            if let Err(e) = self.stop(&p) {
-                log::warn!("{e}");
-            }
-        }
-    }
-
-    fn stats_of(&self, p: &Running) -> ReflectPortStats {
-        ReflectPortStats {
-            name: p.name.clone(),
-            input: p.spec.input,
-            output: p.spec.output,
-            worker: self.registry.workers().placement_of(p.id),
-            counters: p.counters.snapshot(),
-        }
+        self.set.remove_all()
     }
 
     /// Every reflector's counters, in the order they were added.
     pub fn stats(&self) -> Vec<ReflectPortStats> {
-        let list = lock(&self.ports);
-        list.iter().map(|p| self.stats_of(p)).collect()
+        self.set.stats()
     }
 
     /// The reflector named `name` (`reflect:<in>`), for `move`.
     pub fn id_of(&self, name: &str) -> Option<PortId> {
-        lock(&self.ports)
-            .iter()
-            .find(|p| p.name == name)
-            .map(|p| p.id)
+        self.set.id_of(name)
     }
 }
