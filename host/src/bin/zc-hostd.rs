@@ -897,9 +897,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             let addr = bound.addr();
             let source = zc_host::daemon::metrics::DaemonSource::start(
                 daemon.registry().clone(),
-                daemon.nics().clone(),
-                daemon.reflectors().clone(),
-                daemon.balancers().clone(),
+                daemon.ports().clone(),
             );
             match bound.serve(source) {
                 Ok(server) => {
@@ -976,7 +974,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             e.spec.path.display(),
         );
     }
-    for n in daemon.nics().stats() {
+    for n in daemon.ports().nics.stats() {
         say!(
             Info,
             "zc-hostd: interface port {} ready: {} ({}), ingress {} egress {}",
@@ -997,7 +995,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             )),
         );
     }
-    for r in daemon.reflectors().stats() {
+    for r in daemon.ports().reflectors.stats() {
         say!(
             Info,
             "zc-hostd: reflector {} ready: zc:{cluster}@{} back into zc:{cluster}@{}, MACs swapped",
@@ -1006,7 +1004,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             r.output,
         );
     }
-    for b in daemon.balancers().stats() {
+    for b in daemon.ports().balancers.stats() {
         say!(Info, "zc-hostd: balancer {} ready: {}", b.name, b.spec);
     }
     if args.verbose {

@@ -3,10 +3,8 @@
 //! hold of the cluster lock, which the workers never take), and the
 //! queues' indices, extended to 64 bits by a sampler once a second.
 
-use super::balancers::Balancers;
-use super::nics::Nics;
-use super::reflectors::Reflectors;
 use super::registry::Registry;
+use super::worker_ports::WorkerPorts;
 use crate::metrics::{QueueTotals, Snapshot, Source};
 use crate::queues::QueueArea;
 use std::sync::{Arc, Weak};
@@ -14,21 +12,14 @@ use std::time::Duration;
 
 pub struct DaemonSource {
     registry: Arc<Registry>,
-    nics: Arc<Nics>,
-    reflectors: Arc<Reflectors>,
-    balancers: Arc<Balancers>,
+    ports: Arc<WorkerPorts>,
     queues: Arc<QueueArea>,
     totals: QueueTotals,
 }
 
 impl DaemonSource {
     /// The source, with its sampler thread (which ends with the source).
-    pub fn start(
-        registry: Arc<Registry>,
-        nics: Arc<Nics>,
-        reflectors: Arc<Reflectors>,
-        balancers: Arc<Balancers>,
-    ) -> Arc<DaemonSource> {
+    pub fn start(registry: Arc<Registry>, ports: Arc<WorkerPorts>) -> Arc<DaemonSource> {
         let queues = registry
             .cluster()
             .lock()
@@ -37,9 +28,7 @@ impl DaemonSource {
             .clone();
         let source = Arc::new(DaemonSource {
             registry,
-            nics,
-            reflectors,
-            balancers,
+            ports,
             queues,
             totals: QueueTotals::default(),
         });
@@ -80,9 +69,9 @@ impl Source for DaemonSource {
             queues: self.queue_counts(),
             exports,
             workers,
-            nics: self.nics.stats(),
-            reflectors: self.reflectors.stats(),
-            balancers: self.balancers.stats(),
+            nics: self.ports.nics.stats(),
+            reflectors: self.ports.reflectors.stats(),
+            balancers: self.ports.balancers.stats(),
         }
     }
 }

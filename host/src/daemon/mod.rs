@@ -11,3 +11,4 @@ pub mod reflectors;
 pub mod registry;
 pub mod server;
 pub mod vm;
+pub mod worker_ports;

@@ -2,13 +2,14 @@
 //! attached connections and a signalfd for Ctrl-C/SIGTERM (stop) and
 //! SIGHUP (graceful restart).
 
-use super::balancers::{BalancePortError, Balancers};
+use super::balancers::BalancePortError;
 use super::lock::{ClusterLock, LockError};
-use super::nics::{NicPortError, Nics};
+use super::nics::NicPortError;
 use super::policy::{Allow, AllowError, Policy};
-use super::reflectors::{ReflectPortError, Reflectors};
+use super::reflectors::ReflectPortError;
 use super::registry::{ExportConfig, ExportError, Registry};
 use super::vm::{VmError, Vms};
+use super::worker_ports::WorkerPorts;
 use crate::access::Access;
 use crate::cluster::{Adopted, Cluster, ConnId, CreateError};
 use crate::control::{self, BalanceRequest, NicRequest, ReflectRequest, Reply, Request, Role};
@@ -197,9 +198,7 @@ pub struct Daemon {
     adopted: Option<Adopted>,
     cluster: Arc<Mutex<Cluster>>,
     registry: Arc<Registry>,
-    nics: Arc<Nics>,
-    reflectors: Arc<Reflectors>,
-    balancers: Arc<Balancers>,
+    ports: Arc<WorkerPorts>,
     vms: Arc<Vms>,
     listener: UnixListener,
     signals: OwnedFd,
@@ -320,27 +319,14 @@ impl Daemon {
                 return Err(e.into());
             }
         };
-        let nics = Arc::new(Nics::new(registry.clone()));
-        if let Err(e) = nics.start_all(&opts.nics) {
-            registry.remove_all();
-            undo(files);
-            return Err(e.into());
-        }
-        let reflectors = Arc::new(Reflectors::new(registry.clone()));
-        if let Err(e) = reflectors.start_all(&opts.reflectors) {
-            nics.remove_all();
-            registry.remove_all();
-            undo(files);
-            return Err(e.into());
-        }
-        let balancers = Arc::new(Balancers::new(registry.clone()));
-        if let Err(e) = balancers.start_all(&opts.balancers) {
-            reflectors.remove_all();
-            nics.remove_all();
-            registry.remove_all();
-            undo(files);
-            return Err(e.into());
-        }
+        let ports = match WorkerPorts::start(&registry, &opts) {
+            Ok(p) => Arc::new(p),
+            Err(e) => {
+                registry.remove_all();
+                undo(files);
+                return Err(e);
+            }
+        };
         let path = control_path(&opts.run_dir, id);
         let listener =
             paths::bind_socket("control socket", &path, control_access).and_then(|(l, owned)| {
@@ -356,9 +342,7 @@ impl Daemon {
         let listener = match listener {
             Ok(l) => l,
             Err(e) => {
-                balancers.remove_all();
-                reflectors.remove_all();
-                nics.remove_all();
+                ports.remove_all();
                 registry.remove_all();
                 undo(files);
                 return Err(e.into());
@@ -370,9 +354,7 @@ impl Daemon {
             adopted,
             cluster,
             registry,
-            nics,
-            reflectors,
-            balancers,
+            ports,
             vms,
             listener,
             signals,
@@ -400,19 +382,9 @@ impl Daemon {
         &self.registry
     }
 
-    /// The interface ports.
-    pub fn nics(&self) -> &Arc<Nics> {
-        &self.nics
-    }
-
-    /// The reflector ports.
-    pub fn reflectors(&self) -> &Arc<Reflectors> {
-        &self.reflectors
-    }
-
-    /// The balancers.
-    pub fn balancers(&self) -> &Arc<Balancers> {
-        &self.balancers
+    /// The ports on the workers other than exports.
+    pub fn ports(&self) -> &Arc<WorkerPorts> {
+        &self.ports
     }
 
     pub fn control_path(&self) -> PathBuf {
@@ -502,9 +474,7 @@ impl Daemon {
         // Balancers, reflectors and interface ports stop and give their
         // buffers back (the successor finds them spare); the ones of the
         // command line start again.
-        self.balancers.remove_all();
-        self.reflectors.remove_all();
-        self.nics.remove_all();
+        self.ports.remove_all();
         let packets: usize = exports.iter().map(|e| e.hands.packets()).sum();
         let h = crate::handover::Handover { exports };
         h.write(&self.state_dir).map_err(DaemonError::Handover)?;
@@ -580,9 +550,9 @@ impl Daemon {
         // Lock order: the registry's export list before the cluster (an
         // attach holds the list while it starts an export).
         let stats = matches!(req, Request::Stats).then(|| self.registry.stats());
-        let nics = matches!(req, Request::Stats).then(|| self.nics.stats());
-        let reflectors = matches!(req, Request::Stats).then(|| self.reflectors.stats());
-        let balancers = matches!(req, Request::Stats).then(|| self.balancers.stats());
+        let nics = matches!(req, Request::Stats).then(|| self.ports.nics.stats());
+        let reflectors = matches!(req, Request::Stats).then(|| self.ports.reflectors.stats());
+        let balancers = matches!(req, Request::Stats).then(|| self.ports.balancers.stats());
         let mut cluster = lock_cluster(&self.cluster);
         let (reply, fds): (Reply, Vec<i32>) = match req {
             Request::Info => (Reply::Info(cluster.info()), vec![]),
@@ -636,12 +606,7 @@ impl Daemon {
             }
             Request::MovePort { port, worker } => {
                 drop(cluster);
-                let moved = match self
-                    .nics
-                    .id_of(&port)
-                    .or_else(|| self.reflectors.id_of(&port))
-                    .or_else(|| self.balancers.id_of(&port))
-                {
+                let moved = match self.ports.id_of(&port) {
                     Some(nic) => self
                         .registry
                         .workers()
@@ -759,14 +724,14 @@ impl Daemon {
             message: e.to_string(),
         };
         match req {
-            NicRequest::Add { spec } => match self.nics.add(spec) {
+            NicRequest::Add { spec } => match self.ports.nics.add(spec) {
                 Ok(s) => {
                     log::info!("interface port {} added", s.name);
                     Reply::NicAdded(s)
                 }
                 Err(e) => error(e),
             },
-            NicRequest::Del { ifname, queue } => match self.nics.remove(&ifname, queue) {
+            NicRequest::Del { ifname, queue } => match self.ports.nics.remove(&ifname, queue) {
                 Ok((port, returned)) => {
                     log::info!("interface port {port} removed");
                     Reply::NicRemoved {
@@ -777,7 +742,9 @@ impl Daemon {
                 }
                 Err(e) => error(e),
             },
-            NicRequest::Queues { ifname } => Reply::NicQueues(self.nics.of_interface(&ifname)),
+            NicRequest::Queues { ifname } => {
+                Reply::NicQueues(self.ports.nics.of_interface(&ifname))
+            }
         }
     }
 
@@ -788,14 +755,14 @@ impl Daemon {
             message: e.to_string(),
         };
         match req {
-            BalanceRequest::Add { spec } => match self.balancers.add(spec) {
+            BalanceRequest::Add { spec } => match self.ports.balancers.add(spec) {
                 Ok(s) => {
                     log::info!("balancer {} added", s.name);
                     Reply::BalanceAdded(s)
                 }
                 Err(e) => error(e),
             },
-            BalanceRequest::Del { inputs } => match self.balancers.remove(&inputs) {
+            BalanceRequest::Del { inputs } => match self.ports.balancers.remove(&inputs) {
                 Ok((port, returned)) => {
                     log::info!("balancer {port} removed");
                     Reply::BalanceRemoved {
@@ -816,14 +783,14 @@ impl Daemon {
             message: e.to_string(),
         };
         match req {
-            ReflectRequest::Add { spec } => match self.reflectors.add(spec) {
+            ReflectRequest::Add { spec } => match self.ports.reflectors.add(spec) {
                 Ok(s) => {
                     log::info!("reflector {} added", s.name);
                     Reply::ReflectAdded(s)
                 }
                 Err(e) => error(e),
             },
-            ReflectRequest::Del { input } => match self.reflectors.remove(input) {
+            ReflectRequest::Del { input } => match self.ports.reflectors.remove(input) {
                 Ok((port, returned)) => {
                     log::info!("reflector {port} removed");
                     Reply::ReflectRemoved {
@@ -873,9 +840,7 @@ impl Daemon {
         // VMs must not keep devices of a cluster that is going away (a
         // later attach would find a stale pool in them).
         self.vms.detach_all(Duration::from_secs(10));
-        self.balancers.remove_all();
-        self.reflectors.remove_all();
-        self.nics.remove_all();
+        self.ports.remove_all();
         self.registry.remove_all();
         self.cluster().remove_files();
         if let Some(f) = self.files.take() {
