@@ -65,17 +65,8 @@ pub(super) fn encode(
 
 #[cfg(test)]
 mod tests {
-    use crate::control::ClusterInfo;
-    use crate::metrics::{render, Snapshot, Source};
+    use crate::metrics::{render_for_test, Snapshot};
     use crate::port::balancer::{BalancePortStats, BalanceStats, OutputStats};
-    use std::sync::Arc;
-
-    struct Fixed(Snapshot);
-    impl Source for Fixed {
-        fn snapshot(&self) -> Snapshot {
-            self.0.clone()
-        }
-    }
 
     #[test]
     fn every_output_queue_is_a_labelled_sample() {
@@ -101,22 +92,10 @@ mod tests {
         );
         assert_eq!(p.groups[0].forwarded, 10);
         assert_eq!((p.groups[1].forwarded, p.groups[1].dropped), (7, 3));
-        let text = render(Arc::new(Fixed(Snapshot {
-            info: Some(ClusterInfo {
-                cluster: 7,
-                queues: 4,
-                ring_size: 64,
-                buf_size: 2048,
-                buf_count: 1024,
-                pool_size: 1 << 21,
-                pool_path: "/dev/shm/zc-7".into(),
-                hugepages: false,
-                daemon_pid: 1,
-                spare_buffers: 64,
-            }),
+        let text = render_for_test(Snapshot {
             balancers: vec![p],
             ..Default::default()
-        })));
+        });
         let l = "cluster=\"7\",balance=\"balance:in=0,out=1+2/3\"";
         for line in [
             format!("zc_balance_in_packets_total{{{l}}} 10"),

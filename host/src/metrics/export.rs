@@ -80,17 +80,8 @@ pub(super) fn encode(
 
 #[cfg(test)]
 mod tests {
-    use crate::control::ClusterInfo;
-    use crate::metrics::{render, Snapshot, Source};
+    use crate::metrics::{render_for_test, Snapshot};
     use crate::stats::ExportStats;
-    use std::sync::Arc;
-
-    struct Fixed(Snapshot);
-    impl Source for Fixed {
-        fn snapshot(&self) -> Snapshot {
-            self.0.clone()
-        }
-    }
 
     #[test]
     fn every_drop_reason_of_stats_is_a_labelled_sample() {
@@ -104,22 +95,10 @@ mod tests {
         e.tx.drop_no_queue = 4;
         e.tx.drop_bad_len = 5;
         e.tx.invalid_desc = 6;
-        let text = render(Arc::new(Fixed(Snapshot {
-            info: Some(ClusterInfo {
-                cluster: 7,
-                queues: 1,
-                ring_size: 64,
-                buf_size: 2048,
-                buf_count: 64,
-                pool_size: 1 << 17,
-                pool_path: "/dev/shm/zc-7".into(),
-                hugepages: false,
-                daemon_pid: 1,
-                spare_buffers: 64,
-            }),
+        let text = render_for_test(Snapshot {
             exports: vec![e],
             ..Default::default()
-        })));
+        });
         for (dir, reason, n) in [
             ("rx", "too_big", 1),
             ("rx", "no_room", 2),

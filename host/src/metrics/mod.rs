@@ -124,6 +124,34 @@ pub fn render(source: Arc<dyn Source>) -> String {
     out
 }
 
+/// What the renderers' tests check: `snapshot` rendered as the metrics of
+/// cluster 7.
+#[cfg(test)]
+fn render_for_test(snapshot: Snapshot) -> String {
+    struct Fixed(Snapshot);
+    impl Source for Fixed {
+        fn snapshot(&self) -> Snapshot {
+            self.0.clone()
+        }
+    }
+    let info = crate::control::ClusterInfo {
+        cluster: 7,
+        queues: 4,
+        ring_size: 64,
+        buf_size: 2048,
+        buf_count: 1024,
+        pool_size: 1 << 21,
+        pool_path: "/dev/shm/zc-7".into(),
+        hugepages: false,
+        daemon_pid: 1,
+        spare_buffers: 64,
+    };
+    render(Arc::new(Fixed(Snapshot {
+        info: Some(info),
+        ..snapshot
+    })))
+}
+
 /// The HTTP server; stops when dropped.
 pub struct MetricsServer {
     server: Arc<tiny_http::Server>,

@@ -102,17 +102,8 @@ pub(super) fn encode(
 
 #[cfg(test)]
 mod tests {
-    use crate::control::ClusterInfo;
-    use crate::metrics::{render, Snapshot, Source};
+    use crate::metrics::{render_for_test, Snapshot};
     use crate::port::nic::{NicPortStats, NicStats};
-    use std::sync::Arc;
-
-    struct Fixed(Snapshot);
-    impl Source for Fixed {
-        fn snapshot(&self) -> Snapshot {
-            self.0.clone()
-        }
-    }
 
     #[test]
     fn every_counter_of_stats_is_a_labelled_sample() {
@@ -135,22 +126,10 @@ mod tests {
             },
             ..Default::default()
         };
-        let text = render(Arc::new(Fixed(Snapshot {
-            info: Some(ClusterInfo {
-                cluster: 7,
-                queues: 1,
-                ring_size: 64,
-                buf_size: 2048,
-                buf_count: 64,
-                pool_size: 1 << 17,
-                pool_path: "/dev/shm/zc-7".into(),
-                hugepages: false,
-                daemon_pid: 1,
-                spare_buffers: 64,
-            }),
+        let text = render_for_test(Snapshot {
             nics: vec![n],
             ..Default::default()
-        })));
+        });
         let l = "cluster=\"7\",nic=\"nic:eth1@0\"";
         for line in [
             format!("zc_nic_rx_packets_total{{{l}}} 10"),

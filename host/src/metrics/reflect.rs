@@ -48,17 +48,8 @@ pub(super) fn encode(
 
 #[cfg(test)]
 mod tests {
-    use crate::control::ClusterInfo;
-    use crate::metrics::{render, Snapshot, Source};
+    use crate::metrics::{render_for_test, Snapshot};
     use crate::port::reflect::{ReflectPortStats, ReflectStats};
-    use std::sync::Arc;
-
-    struct Fixed(Snapshot);
-    impl Source for Fixed {
-        fn snapshot(&self) -> Snapshot {
-            self.0.clone()
-        }
-    }
 
     #[test]
     fn every_counter_of_stats_is_a_labelled_sample() {
@@ -75,22 +66,10 @@ mod tests {
                 bad_slots: 0,
             },
         };
-        let text = render(Arc::new(Fixed(Snapshot {
-            info: Some(ClusterInfo {
-                cluster: 7,
-                queues: 2,
-                ring_size: 64,
-                buf_size: 2048,
-                buf_count: 256,
-                pool_size: 1 << 19,
-                pool_path: "/dev/shm/zc-7".into(),
-                hugepages: false,
-                daemon_pid: 1,
-                spare_buffers: 64,
-            }),
+        let text = render_for_test(Snapshot {
             reflectors: vec![p],
             ..Default::default()
-        })));
+        });
         let l = "cluster=\"7\",reflect=\"reflect:1\"";
         for line in [
             format!("zc_reflect_packets_total{{{l}}} 10"),
