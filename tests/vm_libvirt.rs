@@ -112,7 +112,7 @@ impl Domain {
     /// Defines and starts a TCG domain running `run` from the guest
     /// image; `extra_domain` goes into <domain>, `devices` into <devices>.
     fn start(dir: &Path, tag: &str, run: &str, extra_domain: &str, devices: &str) -> Domain {
-        let img = image();
+        let img = readable_image(dir);
         let name = unique::name(&format!("zc-test-{tag}"));
         let serial = dir.join(format!("{name}.serial"));
         let kind = if vm::accel() == "kvm" { "kvm" } else { "qemu" };
@@ -200,6 +200,25 @@ impl Drop for Domain {
 
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The guest image copied into `dir` (one of [`open_dir`]'s), files 0644:
+/// libvirt's QEMU runs as libvirt-qemu and cannot open the image where the
+/// checkout is private (a clone under `mktemp -d`, mode 0700).
+fn readable_image(dir: &Path) -> vm::Image {
+    let img = image();
+    let copy = |from: &Path| {
+        let to = dir.join(from.file_name().expect("image files have names"));
+        if !to.exists() {
+            std::fs::copy(from, &to).unwrap();
+            std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+        to
+    };
+    vm::Image {
+        kernel: copy(&img.kernel),
+        initrd: copy(&img.initrd),
+    }
 }
 
 /// A directory libvirt's QEMU (user libvirt-qemu) can reach: the export
